@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""Start, stop and inspect a local Kafka (KRaft) + Redis stack without Docker.
+
+Standard library only, so it runs before the project's virtualenv exists.  Kafka comes from its
+Maven Central jars (deploy/kafka/pom.xml), Redis from Debian's ``redis-server`` package.  Every
+file it writes (jars, data, logs, pid files) lives under ``$MIRSTREAM_HOME`` (default
+``~/.cache/mirstream``), never in the repository.
+
+    python3 deploy/stack.py up       # idempotent: reuses jars, data and running processes
+    python3 deploy/stack.py status
+    python3 deploy/stack.py down [--wipe]
+
+``up`` prints ``KAFKA_BOOTSTRAP_SERVERS=...`` and ``REDIS_URL=...`` lines that a shell can eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+KAFKA_VERSION = "3.9.2"
+REPO_DEPLOY = Path(__file__).resolve().parent
+HOME = Path(os.environ.get("MIRSTREAM_HOME", Path.home() / ".cache" / "mirstream"))
+LIBS = HOME / f"kafka-{KAFKA_VERSION}" / "libs"
+RUN = HOME / "stack"
+
+
+class StackError(RuntimeError):
+    """A one-line, user-facing reason the stack could not be brought up."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists"; read its state to tell.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _read_pid(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def _wait(predicate, timeout: float, what: str, logfile: Path | None = None, pid: int | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if pid is not None and not _pid_alive(pid):
+            tail = _tail(logfile) if logfile else ""
+            raise StackError(f"{what} exited during start-up; last log lines:\n{tail}")
+        time.sleep(0.25)
+    raise StackError(f"{what} not ready after {timeout:.0f}s" + (f"; see {logfile}" if logfile else ""))
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _spawn(cmd: list[str], logfile: Path, pidfile: Path) -> int:
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    pidfile.write_text(str(proc.pid))
+    return proc.pid
+
+
+def _stop(pidfile: Path, name: str, timeout: float = 30.0) -> bool:
+    pid = _read_pid(pidfile)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _pid_alive(pid):
+        print(f"{name} did not stop in {timeout:.0f}s; killing it", file=sys.stderr)
+        os.killpg(pid, signal.SIGKILL)
+    _reap(pid)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def kafka_metadata_ok(port: int, host: str = "127.0.0.1") -> bool:
+    """True when the broker answers a Metadata (v1) request listing at least one broker."""
+    client = b"mirstream-stack"
+    body = struct.pack(">i", -1)  # v1: null topic array = all topics
+    header = struct.pack(">hhih", 3, 1, 7, len(client)) + client
+    request = header + body
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.sendall(struct.pack(">i", len(request)) + request)
+            size = struct.unpack(">i", _recv_exact(s, 4))[0]
+            payload = _recv_exact(s, size)
+    except (OSError, struct.error):
+        return False
+    correlation, n_brokers = struct.unpack(">ii", payload[:8])
+    return correlation == 7 and n_brokers >= 1
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise OSError("connection closed")
+        buf += chunk
+    return buf
+
+
+def ensure_kafka_jars() -> None:
+    if (LIBS / f"kafka_2.13-{KAFKA_VERSION}.jar").exists():
+        return
+    if shutil.which("mvn") is None:
+        raise StackError(
+            "Maven ('mvn') is needed to fetch the Kafka jars from Maven Central; install it (apt-get install maven)"
+        )
+    print(f"fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {LIBS} ...", file=sys.stderr)
+    tmp = LIBS.with_name("libs.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        "mvn", "-q", "-B", "-f", str(REPO_DEPLOY / "kafka" / "pom.xml"),
+        "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
+    ]  # fmt: skip
+    if subprocess.run(cmd).returncode != 0:
+        raise StackError("mvn could not resolve the Kafka jars (see its output above)")
+    shutil.rmtree(LIBS, ignore_errors=True)
+    tmp.rename(LIBS)
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """One KRaft node acting as broker and controller on loopback."""
+
+    port: int
+
+    @property
+    def controller_port(self) -> int:
+        return self.port + 1
+
+    @property
+    def dir(self) -> Path:
+        return RUN / f"kafka-{self.port}"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "kafka.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return self.dir / "kafka.out"
+
+    def properties(self) -> str:
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={self.dir / 'data'}",
+                "num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=8",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=true",
+                "message.max.bytes=1048588",
+                "log.retention.hours=24",
+                "",
+            ]
+        )
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        log4j = self.dir / "log4j.properties"
+        return [
+            "java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{log4j}", f"-Dkafka.logs.dir={self.dir}",
+            "-cp", f"{LIBS}/*", main, *args,
+        ]  # fmt: skip
+
+    def up(self) -> None:
+        pid = _read_pid(self.pidfile)
+        if pid is not None and kafka_metadata_ok(self.port):
+            print(f"kafka already running (pid {pid}) on 127.0.0.1:{self.port}", file=sys.stderr)
+            return
+        if pid is None and (_port_open(self.port) or _port_open(self.controller_port)):
+            if kafka_metadata_ok(self.port):
+                raise StackError(
+                    f"a Kafka broker not started by this script answers on 127.0.0.1:{self.port}; "
+                    f"use it with KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{self.port} or pick another --kafka-port"
+                )
+            raise StackError(f"port {self.port} or {self.controller_port} is busy; pick another --kafka-port")
+        if shutil.which("java") is None:
+            raise StackError(
+                "Java 17+ ('java') is needed to run Kafka; install it (apt-get install openjdk-17-jre-headless)"
+            )
+        ensure_kafka_jars()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        props = self.dir / "server.properties"
+        props.write_text(self.properties())
+        (self.dir / "log4j.properties").write_text(
+            "log4j.rootLogger=INFO, file\n"
+            "log4j.appender.file=org.apache.log4j.FileAppender\n"
+            f"log4j.appender.file.File={self.dir / 'server.log'}\n"
+            "log4j.appender.file.layout=org.apache.log4j.PatternLayout\n"
+            "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
+            "log4j.logger.kafka.request.logger=WARN\n"
+            "log4j.logger.state.change.logger=WARN\n"
+        )
+        if not (self.dir / "data" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            fmt = subprocess.run(
+                self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                capture_output=True,
+                text=True,
+            )
+            if fmt.returncode != 0:
+                raise StackError(f"kafka storage format failed: {fmt.stderr.strip() or fmt.stdout.strip()}")
+        pid = _spawn(self._java("kafka.Kafka", str(props)), self.logfile, self.pidfile)
+        _wait(lambda: kafka_metadata_ok(self.port), 90, f"kafka on 127.0.0.1:{self.port}", self.dir / "server.log", pid)
+        print(f"kafka {KAFKA_VERSION} up (pid {pid}) on 127.0.0.1:{self.port}", file=sys.stderr)
+
+    def down(self) -> None:
+        if _stop(self.pidfile, "kafka", timeout=40):
+            print(f"kafka on 127.0.0.1:{self.port} stopped", file=sys.stderr)
+
+    def status(self) -> str:
+        pid = _read_pid(self.pidfile)
+        if pid is None:
+            return "stopped"
+        return f"running (pid {pid}, {'ready' if kafka_metadata_ok(self.port) else 'not answering'})"
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def redis_ping(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def ensure_redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise StackError("redis-server is missing; install Debian's package: sudo apt-get install redis-server")
+    print("installing redis-server from Debian's packages ...", file=sys.stderr)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+        if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            raise StackError(f"'{' '.join(cmd)}' failed")
+    found = shutil.which("redis-server")
+    if not found:
+        raise StackError("redis-server still not found after apt-get install")
+    return found
+
+
+@dataclass(frozen=True)
+class RedisNode:
+    """A redis-server with AOF persistence (appendfsync everysec) in a data dir this script owns."""
+
+    port: int
+
+    @property
+    def dir(self) -> Path:
+        return RUN / f"redis-{self.port}"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "redis.pid"
+
+    def command(self, binary: str) -> list[str]:
+        return [
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir / "data"),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+            "--protected-mode", "no", "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+
+    def up(self) -> None:
+        pid = _read_pid(self.pidfile)
+        if pid is not None and redis_ping(self.port):
+            print(f"redis already running (pid {pid}) on 127.0.0.1:{self.port}", file=sys.stderr)
+            return
+        if _port_open(self.port):
+            raise StackError(
+                f"port {self.port} is busy (not a redis started by this script); pick another --redis-port"
+            )
+        binary = ensure_redis_server()
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        pid = _spawn(self.command(binary), self.dir / "redis.out", self.pidfile)
+        _wait(lambda: redis_ping(self.port), 20, f"redis on 127.0.0.1:{self.port}", self.dir / "redis.log", pid)
+        print(f"redis up (pid {pid}) on 127.0.0.1:{self.port}", file=sys.stderr)
+
+    def down(self) -> None:
+        if _stop(self.pidfile, "redis", timeout=20):
+            print(f"redis on 127.0.0.1:{self.port} stopped", file=sys.stderr)
+
+    def status(self) -> str:
+        pid = _read_pid(self.pidfile)
+        if pid is None:
+            return "stopped"
+        return f"running (pid {pid}, {'ready' if redis_ping(self.port) else 'not answering'})"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def env_lines(kafka: KafkaNode, redis: RedisNode) -> str:
+    return f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka.port}\nREDIS_URL=redis://127.0.0.1:{redis.port}/0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deploy/stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--kafka-port", type=int, default=int(os.environ.get("MIRSTREAM_KAFKA_PORT", 9092)))
+    parser.add_argument("--redis-port", type=int, default=int(os.environ.get("MIRSTREAM_REDIS_PORT", 6379)))
+    parser.add_argument("--wipe", action="store_true", help="with down: delete the data and logs too")
+    args = parser.parse_args(argv)
+    kafka, redis = KafkaNode(args.kafka_port), RedisNode(args.redis_port)
+    try:
+        if args.action == "up":
+            redis.up()
+            kafka.up()
+            print(env_lines(kafka, redis))
+        elif args.action == "down":
+            kafka.down()
+            redis.down()
+            if args.wipe:
+                shutil.rmtree(kafka.dir, ignore_errors=True)
+                shutil.rmtree(redis.dir, ignore_errors=True)
+        else:
+            print(f"kafka 127.0.0.1:{kafka.port}: {kafka.status()}")
+            print(f"redis 127.0.0.1:{redis.port}: {redis.status()}")
+    except StackError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""``mirstream`` command line: one entry point, Faust/Kafka-style sub-commands.
+
+mirstream worker            run a Faust worker (the streaming pipeline)
+mirstream topics            create/check the topics
+mirstream smoke             prove Kafka → Faust agent → Redis works on this stack
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from streams.settings import Settings
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection (flags override MIRSTREAM_* / KAFKA_BOOTSTRAP_SERVERS / REDIS_URL)")
+    g.add_argument("--bootstrap-servers", help="Kafka bootstrap servers host:port[,host:port]")
+    g.add_argument("--redis-url", help="Redis URL, e.g. redis://127.0.0.1:6379/0")
+    g.add_argument("--prefix", help="prefix of topics and Redis keys")
+    g.add_argument("--partitions", type=int, help="partitions per topic")
+
+
+def _settings(args: argparse.Namespace, **extra: object) -> Settings:
+    return Settings.from_env(
+        bootstrap_servers=args.bootstrap_servers, redis_url=args.redis_url, prefix=args.prefix,
+        partitions=args.partitions, **extra,
+    )  # fmt: skip
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.workerproc import settings_env
+
+    settings = _settings(args, web_port=args.web_port)
+    os.environ.update(settings_env(settings))  # the app module reads Settings.from_env() on import
+    if args.app == "smoke":
+        from streams.smoke import app
+    else:
+        from streams.pipeline import app
+    sys.argv = [f"mirstream-{args.app}", "worker", "--loglevel", args.loglevel]
+    app.main()
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from streams.topics import all_topics, ensure_topics
+
+    settings = _settings(args)
+    counts = ensure_topics(settings, all_topics(settings))
+    for name, n in sorted(counts.items()):
+        print(f"{name}\t{n} partitions")
+    return 0
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    import orjson
+    import redis
+    from kafka import KafkaProducer
+
+    from streams.smoke import smoke_key
+    from streams.topics import ensure_topics
+    from streams.workerproc import WorkerProcess
+
+    settings = _settings(args, web_port=0)
+    topic = f"{settings.prefix}.smoke"
+    ensure_topics(settings, [topic])
+    r = redis.Redis.from_url(settings.redis_url)
+    run = f"{time.time_ns():x}"
+    keys = [f"{run}-{i}" for i in range(args.messages)]
+    r.delete(*(smoke_key(settings.prefix, k) for k in keys))
+    with WorkerProcess(settings, app="smoke"):
+        producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        t0 = time.monotonic()
+        for i, key in enumerate(keys):
+            producer.send(topic, key=key.encode(), value=orjson.dumps({"n": i, "run": run}))
+        producer.flush()
+        producer.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and r.exists(*(smoke_key(settings.prefix, k) for k in keys)) < len(keys):
+            time.sleep(0.1)
+        elapsed = time.monotonic() - t0
+    got = [r.get(smoke_key(settings.prefix, k)) for k in keys]
+    print(f"{'key':<24} {'partition':>9} {'offset':>7}  value")
+    for key, raw in zip(keys, got, strict=False):
+        rec = orjson.loads(raw) if raw else None
+        if rec:
+            print(f"{key:<24} {rec['partition']:>9} {rec['offset']:>7}  {orjson.dumps(rec['value']).decode()}")
+    arrived = sum(raw is not None for raw in got)
+    print(f"{arrived}/{len(keys)} messages went Kafka → Faust agent → Redis in {elapsed:.2f}s")
+    return 0 if arrived == len(keys) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirstream", description="Fresh multi-interest user vectors from Kafka to Redis."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="run a Faust worker")
+    _add_connection_flags(p)
+    p.add_argument("--app", choices=["pipeline", "smoke"], default="pipeline")
+    p.add_argument("--web-port", type=int, help="Faust web port (metrics, lookups); 0 disables")
+    p.add_argument("-l", "--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("topics", help="create the topics (same partition count for every scenario)")
+    _add_connection_flags(p)
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("demo", help="the README's main job: run the stack's demo end to end")
+    _add_connection_flags(p)
+    p.add_argument("--messages", type=int, default=8)
+    p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("smoke", help="send messages through Kafka → a Faust agent → Redis and print them")
+    _add_connection_flags(p)
+    p.add_argument("--messages", type=int, default=8)
+    p.set_defaults(func=cmd_smoke)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Builds Faust apps with the settings every worker of this project shares.
+
+Raw codecs only (we parse JSON ourselves with orjson, so a malformed message reaches our
+validation instead of crashing Faust's decoder), no Tables (state lives in Redis), earliest
+offset for new groups.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from streams.settings import Settings
+
+
+def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
+    return faust.App(
+        app_id or settings.app_id,
+        broker=settings.kafka_url,
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        consumer_auto_offset_reset="earliest",
+        datadir=settings.datadir,
+        web_enabled=settings.web_port > 0,
+        web_port=settings.web_port or 6066,
+        web_host="127.0.0.1",
+        # Refinement runs in an executor; give slow batches room before Faust calls the worker stuck.
+        broker_commit_livelock_soft_timeout=120.0,
+        stream_wait_empty=False,
+    )

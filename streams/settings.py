@@ -1,0 +1,120 @@
+"""Typed settings for workers and tools, read from the environment (CLI flags override them).
+
+One object, documented defaults, no globals: every process builds a ``Settings`` once and hands it down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. Env var for each field: ``MIRSTREAM_<FIELD>`` (upper case)."""
+
+    #: Kafka bootstrap servers, ``host:port[,host:port]`` (env ``KAFKA_BOOTSTRAP_SERVERS`` also works).
+    bootstrap_servers: str = "127.0.0.1:9092"
+    #: Redis URL (env ``REDIS_URL`` also works).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Prefix of every topic and every Redis key; lets several deployments share one cluster.
+    prefix: str = "mir"
+    #: Scenarios; each gets the topic ``<prefix>.events.<scenario>``.
+    scenarios: tuple[str, ...] = ("feed", "search", "ads")
+    #: Partitions of every event topic (all co-partitioned by user_id); the ceiling on worker count.
+    partitions: int = 4
+    #: Replication factor of the topics this project creates.
+    replication: int = 1
+    #: Faust application id = consumer group.
+    app_id: str = "mirstream"
+    #: Faust web port (``/metrics``, ``/users/{id}/interests``); 0 disables the web server.
+    web_port: int = 6066
+    #: Where the worker keeps Faust's local data (no tables are used; only bookkeeping).
+    datadir: str = field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "mirstream", "faust"))
+    #: Model checkpoint directory (``mirstream train`` writes one).
+    checkpoint: str = "runs/demo"
+    #: Events kept per user history (codes, a few bytes each).
+    history_cap: int = 1000
+    #: Max events an agent takes from its stream per batch, and how long it waits to fill one.
+    batch_size: int = 256
+    batch_wait_ms: int = 50
+    #: Refinement scheduler: users per refiner call, max wait to fill a batch, per-user debounce.
+    refine_batch: int = 64
+    refine_wait_ms: int = 100
+    refine_debounce_ms: int = 200
+    #: Turn the LLM refinement off (ingest only: codes, history, coarse state).
+    refine: bool = True
+    #: Unknown item: how long an event stays parked waiting for its item before it is dead-lettered.
+    park_timeout_s: float = 60.0
+    #: Largest message accepted, bytes; larger ones go to the dead-letter topic.
+    max_message_bytes: int = 65536
+
+    # ---- topic names ----------------------------------------------------------------------------
+    def events_topic(self, scenario: str) -> str:
+        return f"{self.prefix}.events.{scenario}"
+
+    @property
+    def items_topic(self) -> str:
+        return f"{self.prefix}.items"
+
+    @property
+    def interests_topic(self) -> str:
+        return f"{self.prefix}.interests"
+
+    @property
+    def deadletter_topic(self) -> str:
+        return f"{self.prefix}.deadletter"
+
+    @property
+    def kafka_url(self) -> str:
+        """The broker list as Faust wants it (``kafka://h1:p1;kafka://h2:p2``)."""
+        return ";".join(f"kafka://{hp}" for hp in _split(self.bootstrap_servers))
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Defaults ← environment ← explicit overrides (None values in overrides are ignored)."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, object] = {}
+        aliases = {"bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS", "redis_url": "REDIS_URL"}
+        for f in fields(cls):
+            raw = env.get(f"MIRSTREAM_{f.name.upper()}", env.get(aliases.get(f.name, "")))
+            if raw is not None:
+                values[f.name] = _parse(f.type, raw, f.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        if not self.scenarios:
+            raise ValueError("at least one scenario is needed")
+        for name in self.scenarios:
+            if not name.isidentifier():
+                raise ValueError(f"scenario name {name!r} must be a simple identifier")
+        for name in ("partitions", "replication", "history_cap", "batch_size", "refine_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _parse(type_name: object, raw: str, name: str) -> object:
+    kind = str(type_name)
+    try:
+        if "tuple" in kind:
+            return _split(raw)
+        if kind == "bool":
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"MIRSTREAM_{name.upper()}={raw!r}: {exc}") from None
+    return raw

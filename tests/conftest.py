@@ -1,0 +1,106 @@
+"""Session fixtures that hand tests a real Kafka broker and a real Redis server.
+
+Where they come from, first match wins:
+1. ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` in the environment (an existing broker/Redis);
+2. testcontainers, when a Docker engine answers (KRaft Kafka and Redis, pinned images);
+3. the project's own local stack (``deploy/stack.py``) on test ports, stopped and wiped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK = [sys.executable, str(ROOT / "deploy" / "stack.py")]
+TEST_PORTS = ["--kafka-port", os.environ.get("MIRSTREAM_TEST_KAFKA_PORT", "19092"),
+              "--redis-port", os.environ.get("MIRSTREAM_TEST_REDIS_PORT", "16379")]  # fmt: skip
+KAFKA_IMAGE = "confluentinc/cp-kafka:7.7.1"
+REDIS_IMAGE = "redis:7.4.1"
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+class _Services:
+    """Resolves both services once per session and tears down whatever it started."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self.kafka: str | None = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        self.redis: str | None = os.environ.get("REDIS_URL")
+        self.origin = "environment"
+        if self.kafka and self.redis:
+            return
+        if _docker_answers():
+            self._from_testcontainers()
+        else:
+            self._from_local_stack()
+
+    def _from_testcontainers(self) -> None:
+        from testcontainers.kafka import KafkaContainer
+        from testcontainers.redis import RedisContainer
+
+        self.origin = "testcontainers"
+        if not self.kafka:
+            kafka = self._stack.enter_context(KafkaContainer(KAFKA_IMAGE).with_kraft())
+            self.kafka = kafka.get_bootstrap_server()
+        if not self.redis:
+            redis = self._stack.enter_context(RedisContainer(REDIS_IMAGE))
+            self.redis = f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0"
+
+    def _from_local_stack(self) -> None:
+        self.origin = "local stack (deploy/stack.py)"
+        out = subprocess.run([*STACK, "up", *TEST_PORTS], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"could not start the local stack:\n{out.stderr}")
+        sys.stderr.write(out.stderr)
+        self._stack.callback(subprocess.run, [*STACK, "down", "--wipe", *TEST_PORTS], check=False)
+        env = dict(line.split("=", 1) for line in out.stdout.split())
+        self.kafka = self.kafka or env["KAFKA_BOOTSTRAP_SERVERS"]
+        self.redis = self.redis or env["REDIS_URL"]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[_Services]:
+    svc = _Services()
+    print(f"\n[services] kafka={svc.kafka} redis={svc.redis} via {svc.origin}", file=sys.stderr)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(services: _Services) -> str:
+    assert services.kafka
+    return services.kafka
+
+
+@pytest.fixture(scope="session")
+def redis_url(services: _Services) -> str:
+    assert services.redis
+    return services.redis
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh topic/key prefix per test, so tests never see each other's data."""
+    return f"t{uuid.uuid4().hex[:10]}"

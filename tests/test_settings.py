@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from streams.settings import Settings
+from streams.workerproc import settings_env
+
+
+def test_env_then_overrides():
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "a:1,b:2", "MIRSTREAM_SCENARIOS": "feed, ads", "MIRSTREAM_PARTITIONS": "8",
+           "MIRSTREAM_REFINE": "false"}  # fmt: skip
+    s = Settings.from_env(env, partitions=2, prefix=None)
+    assert s.bootstrap_servers == "a:1,b:2"
+    assert s.kafka_url == "kafka://a:1;kafka://b:2"
+    assert s.scenarios == ("feed", "ads")
+    assert s.partitions == 2  # explicit override beats env
+    assert s.refine is False
+    assert s.events_topic("ads") == "mir.events.ads"
+
+
+def test_settings_env_round_trips():
+    s = Settings(prefix="x", scenarios=("a", "b"), partitions=5, refine=False, park_timeout_s=1.5)
+    assert Settings.from_env(settings_env(s)) == s
+
+
+@pytest.mark.parametrize(("env", "message"), [({"MIRSTREAM_PARTITIONS": "zero"}, "MIRSTREAM_PARTITIONS"),
+                                              ({"MIRSTREAM_PARTITIONS": "0"}, "partitions"),
+                                              ({"MIRSTREAM_SCENARIOS": "feed,bad name"}, "scenario")])  # fmt: skip
+def test_bad_settings_are_clear(env, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)
