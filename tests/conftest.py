@@ -36,6 +36,15 @@ def _docker_answers() -> bool:
         return False
 
 
+_SERVICES_USED: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Says which real services the integration tests ran against (or that none were needed)."""
+    used = _SERVICES_USED[0] if _SERVICES_USED else "none (no integration test ran)"
+    terminalreporter.write_sep("-", f"services: {used}")
+
+
 class _Services:
     """Resolves both services once per session and tears down whatever it started."""
 
@@ -68,7 +77,6 @@ class _Services:
         out = subprocess.run([*STACK, "up", *TEST_PORTS], capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"could not start the local stack:\n{out.stderr}")
-        sys.stderr.write(out.stderr)
         self._stack.callback(subprocess.run, [*STACK, "down", "--wipe", *TEST_PORTS], check=False)
         env = dict(line.split("=", 1) for line in out.stdout.split())
         self.kafka = self.kafka or env["KAFKA_BOOTSTRAP_SERVERS"]
@@ -81,7 +89,7 @@ class _Services:
 @pytest.fixture(scope="session")
 def services() -> Iterator[_Services]:
     svc = _Services()
-    print(f"\n[services] kafka={svc.kafka} redis={svc.redis} via {svc.origin}", file=sys.stderr)
+    _SERVICES_USED.append(f"kafka={svc.kafka} redis={svc.redis} via {svc.origin}")
     try:
         yield svc
     finally:
