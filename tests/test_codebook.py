@@ -1,0 +1,77 @@
+"""Cosine residual codebook: round trip, monotone reconstruction, balance, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.codebook import CodebookConfig, ResidualCodebook
+
+
+@pytest.fixture(scope="module")
+def pool() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(40, 32))
+    return (centres[rng.integers(0, 40, 3000)] + 0.6 * rng.normal(size=(3000, 32))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def book(pool) -> ResidualCodebook:
+    return ResidualCodebook.fit(pool, CodebookConfig(dim=32, layers=4, codewords=64))
+
+
+def test_reconstruction_rises_with_layers(book, pool):
+    cos = book.reconstruction_cosine(pool)
+    assert len(cos) == 4
+    assert all(b > a for a, b in zip(cos, cos[1:], strict=False)), cos
+    assert cos[0] > 0.5 and cos[-1] > cos[0] + 0.05
+
+
+def test_encode_decode_round_trip_through_bytes(book, pool):
+    enc = book.encode(pool[:50])
+    assert enc.codes.dtype == np.uint8 and enc.codes.shape == (50, 4)
+    packed = b"".join(enc.to_bytes(i) for i in range(50))
+    assert len(packed) == 50 * book.cfg.bytes_per_item == 50 * 8
+    np.testing.assert_allclose(book.from_bytes(packed, 50), book.decode(enc.codes, enc.alphas), rtol=0, atol=0)
+
+
+def test_first_layer_picks_max_cosine_codeword(book, pool):
+    x = pool[:20]
+    codes = book.encode(x).codes[:, 0]
+    c = book.codewords[0]
+    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ c.T  # codewords are unit length
+    np.testing.assert_array_equal(codes, cos.argmax(axis=1))
+
+
+def test_residual_is_orthogonal_to_chosen_codeword_before_quantisation():
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(1, 8)).astype(np.float32)
+    c = rng.normal(size=(4, 8)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    codes, alpha = ResidualCodebook._assign(e, c)
+    residual = e - alpha[:, None] * c[codes]
+    assert abs(float(residual @ c[codes[0]])) < 1e-5
+
+
+def test_balanced_no_collapse(book, pool):
+    for layer in book.utilisation(pool):
+        assert layer["used"] > 0.9 and layer["entropy"] > 0.85, layer
+
+
+def test_save_load(tmp_path, book, pool):
+    book.save(tmp_path)
+    again = ResidualCodebook.load(tmp_path)
+    assert again.cfg == book.cfg
+    enc = book.encode(pool[:10])
+    np.testing.assert_array_equal(again.encode(pool[:10]).codes, enc.codes)
+
+
+def test_bad_input_is_refused(book):
+    with pytest.raises(ValueError, match="shape"):
+        book.encode(np.zeros((2, 31), np.float32))
+    bad = np.zeros((1, 32), np.float32)
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        book.encode(bad)
+    with pytest.raises(ValueError, match="at least"):
+        ResidualCodebook.fit(np.ones((10, 32), np.float32), CodebookConfig(dim=32, codewords=64))
