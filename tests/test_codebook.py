@@ -50,7 +50,7 @@ def test_residual_is_orthogonal_to_chosen_codeword_before_quantisation():
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     codes, alpha = ResidualCodebook._assign(e, c)
     residual = e - alpha[:, None] * c[codes]
-    assert abs(float(residual @ c[codes[0]])) < 1e-5
+    assert abs(float(residual[0] @ c[codes[0]])) < 1e-5
 
 
 def test_balanced_no_collapse(book, pool):
