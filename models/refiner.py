@@ -1,0 +1,155 @@
+"""LLM refiner: HyMiRec's LLM recommender as RED-Rec's user tower, with scenario-aware interest queries.
+
+One input row per (user, scenario asked for), fed to a decoder as ``inputs_embeds``:
+
+    [M coarse tokens] + [last N events, 2-D dense mixed] + [K query tokens of that scenario]
+
+*2-D dense mixing* (RED-Rec): events of all scenarios in one time-ordered sequence, at most a quota per
+scenario, each with learned embeddings of its position (index from the newest), scenario, action and
+time gap to the newest event.  The decoder is causal, so the K queries at the end read everything
+before them; their hidden states go through a linear map to item width and the projection head shared
+with the item tower, giving K L2-normalised vectors in the retrieval space.
+
+Rows are left-padded and position ids skip the padding, so a user's vectors do not depend on who else
+is in the batch (tests/test_refiner.py checks batch == single).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.backbone import load_backbone
+from models.coarse import gap_bucket
+from models.item_tower import ProjectionHead
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    item_dim: int
+    coarse_dim: int
+    num_scenarios: int
+    num_actions: int
+    interests: int = 3
+    recent: int = 64
+    #: Max events per scenario among the ``recent`` (None: no per-scenario cap).
+    quotas: tuple[int, ...] | None = None
+    gap_buckets: int = 24
+    use_coarse: bool = True
+    backbone: str = "tiny"
+    backbone_layers: int | None = None
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 256
+
+
+@dataclass
+class UserInput:
+    """What the refiner needs of one user: coarse interests and the recent mixed-scenario events."""
+
+    coarse: np.ndarray  # (M, coarse_dim)
+    items: np.ndarray  # (n, item_dim), time order
+    scenario: np.ndarray  # (n,)
+    action: np.ndarray  # (n,)
+    ts: np.ndarray  # (n,) seconds
+
+
+def select_recent(scenario: np.ndarray, ts: np.ndarray, n: int, quotas: tuple[int, ...] | None) -> np.ndarray:
+    """Indices (time order) of the last ``n`` events with at most ``quotas[s]`` from scenario s.
+
+    Input is in time order. Takes each scenario's newest events up to its quota, then the newest of the
+    rest fill any room left, so a quiet scenario's slots are not wasted.
+    """
+    idx = np.arange(len(ts))
+    if quotas is None or len(ts) <= n:
+        return idx[-n:]
+    chosen = np.zeros(len(ts), dtype=bool)
+    for s, q in enumerate(quotas):
+        mine = idx[scenario == s]
+        chosen[mine[len(mine) - min(q, len(mine)) :]] = True
+    if chosen.sum() > n:  # quotas add up to more than n: keep the newest n of them
+        keep = idx[chosen][-n:]
+        chosen[:] = False
+        chosen[keep] = True
+    room = n - int(chosen.sum())
+    if room > 0:
+        rest = idx[~chosen]
+        chosen[rest[len(rest) - min(room, len(rest)) :]] = True
+    return idx[chosen]
+
+
+class Refiner(nn.Module):
+    def __init__(self, cfg: RefinerConfig, head: ProjectionHead) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = load_backbone(cfg.backbone, cfg.backbone_layers, hidden=cfg.hidden, layers=cfg.layers,
+                                      heads=cfg.heads, intermediate=cfg.intermediate)  # fmt: skip
+        h = self.backbone.config.hidden_size
+        self.coarse_proj = nn.Linear(cfg.coarse_dim, h)
+        self.item_proj = nn.Linear(cfg.item_dim, h)
+        self.position = nn.Embedding(cfg.recent, h)
+        self.scenario = nn.Embedding(cfg.num_scenarios, h)
+        self.action = nn.Embedding(cfg.num_actions, h)
+        self.gap = nn.Embedding(cfg.gap_buckets, h)
+        self.queries = nn.Parameter(torch.randn(cfg.num_scenarios, cfg.interests, h) * 0.02)
+        self.out = nn.Linear(h, cfg.item_dim)
+        self.head = head  # shared with the item tower's retrieval head
+
+    # ---------------------------------------------------------------- tensors in, vectors out
+    def forward(self, coarse: torch.Tensor, items: torch.Tensor, scenario: torch.Tensor, action: torch.Tensor,
+                gap: torch.Tensor, mask: torch.Tensor, ask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Left-padded events (B, N, ...) with ``mask``; ``ask`` (B,) scenario per row → (B, K, retrieval_dim)."""
+        b, n = mask.shape
+        k = self.cfg.interests
+        from_newest = torch.flip(torch.cumsum(torch.flip(mask.long(), [1]), 1), [1]) - 1
+        ev = self.item_proj(items) + self.scenario(scenario) + self.action(action) + self.gap(gap)
+        ev = ev + self.position(from_newest.clamp(min=0))
+        ev = ev * mask.unsqueeze(-1)
+        parts, masks = [ev], [mask]
+        if self.cfg.use_coarse:
+            parts.insert(0, self.coarse_proj(coarse))
+            masks.insert(0, torch.ones(b, coarse.shape[1], dtype=torch.bool, device=mask.device))
+        parts.append(self.queries[ask])
+        masks.append(torch.ones(b, k, dtype=torch.bool, device=mask.device))
+        embeds, attn = torch.cat(parts, 1), torch.cat(masks, 1)
+        positions = (torch.cumsum(attn.long(), 1) - 1).clamp(min=0)
+        hidden = self.backbone(inputs_embeds=embeds, attention_mask=attn.long(), position_ids=positions)
+        return self.head(self.out(hidden.last_hidden_state[:, -k:]))
+
+    # ---------------------------------------------------------------- numpy users in, vectors out
+    def collate(self, users: list[UserInput], scenarios: list[int]) -> dict[str, torch.Tensor]:
+        """One left-padded row per (user, scenario): user-major order."""
+        cfg = self.cfg
+        picks = [select_recent(u.scenario, u.ts, cfg.recent, cfg.quotas) for u in users]
+        n = max(1, max(len(p) for p in picks))
+        rows = len(users) * len(scenarios)
+        items = np.zeros((rows, n, cfg.item_dim), np.float32)
+        scen = np.zeros((rows, n), np.int64)
+        act = np.zeros((rows, n), np.int64)
+        gap = np.zeros((rows, n), np.int64)
+        mask = np.zeros((rows, n), bool)
+        coarse = np.zeros((rows, users[0].coarse.shape[0], cfg.coarse_dim), np.float32)
+        ask = np.zeros(rows, np.int64)
+        for i, (u, p) in enumerate(zip(users, picks, strict=True)):
+            m = len(p)
+            g = gap_bucket(u.ts[p][-1] - u.ts[p], cfg.gap_buckets) if m else np.zeros(0, np.int64)
+            for j, s in enumerate(scenarios):
+                r = i * len(scenarios) + j
+                if m:
+                    items[r, n - m :], scen[r, n - m :], act[r, n - m :] = u.items[p], u.scenario[p], u.action[p]
+                    gap[r, n - m :], mask[r, n - m :] = g, True
+                coarse[r], ask[r] = u.coarse, s
+        return {k: torch.as_tensor(v) for k, v in
+                dict(coarse=coarse, items=items, scenario=scen, action=act, gap=gap, mask=mask, ask=ask).items()}  # fmt: skip
+
+    @torch.inference_mode()
+    def refine(self, users: list[UserInput], scenarios: list[int]) -> np.ndarray:
+        """(U, S, K, retrieval_dim) float32 interest vectors for every user and scenario asked for."""
+        if not users:
+            return np.zeros((0, len(scenarios), self.cfg.interests, self.head.norm.normalized_shape[0]), np.float32)
+        out = self(**self.collate(users, scenarios))
+        return out.reshape(len(users), len(scenarios), self.cfg.interests, -1).float().numpy()
