@@ -1,0 +1,95 @@
+"""Disentangled multi-interest learning (DMIL) loss, as in RED-Rec's released code.
+
+Per user: the W held-out target items are clustered into K groups (cosine k-means, a few iterations),
+the group centres are Hungarian-matched to the K interest outputs, and each target is contrasted
+against its matched interest with InfoNCE over in-batch + sampled negatives.  Negatives too similar to
+the target (cosine > 0.98: the same or a duplicate item) are masked; the temperature is learned
+(logit scale starts at ln(1/0.07), capped at ln(100)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+
+def cosine_kmeans(x: np.ndarray, k: int, iters: int = 5, seed: int = 0) -> np.ndarray:
+    """Labels (n,) of unit rows ``x`` in ``k`` cosine clusters (k-means++-style seeding, fixed seed)."""
+    n = len(x)
+    if n <= k:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(n)]]
+    for _ in range(1, k):
+        far = 1.0 - np.max(x @ np.stack(centres).T, axis=1)
+        p = np.clip(far, 0, None)
+        centres.append(x[rng.choice(n, p=p / p.sum())] if p.sum() > 0 else x[rng.integers(n)])
+    c = np.stack(centres)
+    for _ in range(iters):
+        labels = np.argmax(x @ c.T, axis=1)
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):
+                m = members.sum(0)
+                c[j] = m / max(np.linalg.norm(m), 1e-12)
+    return np.argmax(x @ c.T, axis=1)
+
+
+def match_targets(interests: np.ndarray, targets: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """For each user, the interest index (0..K-1) each target is matched to; -1 where not valid.
+
+    interests (B, K, d), targets (B, W, d) unit vectors, valid (B, W) bool.
+    """
+    b, k, _ = interests.shape
+    out = np.full(valid.shape, -1, dtype=np.int64)
+    for i in range(b):
+        idx = np.flatnonzero(valid[i])
+        if len(idx) == 0:
+            continue
+        t = targets[i, idx]
+        labels = cosine_kmeans(t, k, seed=i)
+        groups = np.unique(labels)
+        centres = np.stack([t[labels == g].mean(0) for g in groups])
+        rows, cols = linear_sum_assignment(-(centres @ interests[i].T))  # maximise cosine
+        group_to_interest = dict(zip(groups[rows].tolist(), cols.tolist(), strict=True))
+        out[i, idx] = [group_to_interest[g] for g in labels.tolist()]
+    return out
+
+
+class DMILLoss(nn.Module):
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0, false_negative_cos: float = 0.98):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_scale)
+        self.false_negative_cos = false_negative_cos
+
+    def forward(self, interests: torch.Tensor, targets: torch.Tensor, target_ids: torch.Tensor,
+                valid: torch.Tensor, negatives: torch.Tensor, negative_ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """interests (B, K, d), targets (B, W, d), target_ids/valid (B, W), negatives (S, d) → scalar loss."""
+        b, w, d = targets.shape
+        match = match_targets(interests.detach().float().numpy(), targets.detach().float().numpy(),
+                              valid.numpy())  # fmt: skip
+        rows, cols = np.nonzero(match >= 0)
+        if len(rows) == 0:
+            return interests.sum() * 0.0
+        user_vec = interests[rows, match[rows, cols]]  # (P, d)
+        pos = targets[rows, cols]  # (P, d)
+        # Candidates: every valid target in the batch (its own is the positive), then sampled items.
+        cand = torch.cat([pos, negatives], 0)
+        cand_ids = torch.cat([target_ids[rows, cols], negative_ids])
+        cand_user = torch.cat([torch.as_tensor(rows), torch.full((len(negatives),), -1)])
+        scale = self.logit_scale.clamp(max=self.max_log_scale).exp()
+        logits = scale * user_vec @ cand.T  # (P, P + S)
+        p = len(rows)
+        with torch.no_grad():
+            same_user = cand_user[None, :] == torch.as_tensor(rows)[:, None]  # other targets of the same user
+            dup = (pos @ cand.T > self.false_negative_cos) | (cand_ids[None, :] == cand_ids[:p, None])
+            mask = same_user | dup
+            mask[torch.arange(p), torch.arange(p)] = False  # keep the positive
+        logits = logits.masked_fill(mask, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(p))
