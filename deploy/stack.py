@@ -165,9 +165,15 @@ def ensure_kafka_jars() -> None:
     tmp = LIBS.with_name("libs.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [
-        "mvn", "-q", "-B", "-f", str(REPO_DEPLOY / "kafka" / "pom.xml"),
-        "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
-    ]  # fmt: skip
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(REPO_DEPLOY / "kafka" / "pom.xml"),
+        "dependency:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={tmp}",
+    ]
     if subprocess.run(cmd).returncode != 0:
         raise StackError("mvn could not resolve the Kafka jars (see its output above)")
     shutil.rmtree(LIBS, ignore_errors=True)
@@ -224,10 +230,18 @@ class KafkaNode:
     def _java(self, main: str, *args: str) -> list[str]:
         log4j = self.dir / "log4j.properties"
         return [
-            "java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-            f"-Dlog4j.configuration=file:{log4j}", f"-Dkafka.logs.dir={self.dir}",
-            "-cp", f"{LIBS}/*", main, *args,
-        ]  # fmt: skip
+            "java",
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{log4j}",
+            f"-Dkafka.logs.dir={self.dir}",
+            "-cp",
+            f"{LIBS}/*",
+            main,
+            *args,
+        ]
 
     def up(self) -> None:
         pid = _read_pid(self.pidfile)
@@ -327,10 +341,26 @@ class RedisNode:
 
     def command(self, binary: str) -> list[str]:
         return [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir / "data"),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-            "--protected-mode", "no", "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir / "data"),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--logfile",
+            str(self.dir / "redis.log"),
+        ]
 
     def up(self) -> None:
         pid = _read_pid(self.pidfile)

@@ -26,10 +26,17 @@ def models_home() -> Path:
 
 def tiny_config(hidden: int = 128, layers: int = 2, heads: int = 4, intermediate: int = 256) -> Qwen2Config:
     return Qwen2Config(
-        vocab_size=32, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=1024,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, attn_implementation="sdpa",
-    )  # fmt: skip
+        vocab_size=32,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
 
 
 def smollm2_dir() -> Path:

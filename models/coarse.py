@@ -63,8 +63,14 @@ class CoarseInterests(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
 
     # ---------------------------------------------------------------- shared pieces
-    def event_terms(self, items: torch.Tensor, scenario: torch.Tensor, action: torch.Tensor,
-                    gap: torch.Tensor, age_days: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def event_terms(
+        self,
+        items: torch.Tensor,
+        scenario: torch.Tensor,
+        action: torch.Tensor,
+        gap: torch.Tensor,
+        age_days: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-event (logits (..., M), values (..., d)); ``age_days`` = event time - reference time."""
         x = self.item_proj(items) + self.scenario(scenario) + self.action(action) + self.gap(gap)
         x = x + self.event_mlp(x)
@@ -73,8 +79,9 @@ class CoarseInterests(nn.Module):
         return logits, self.value(x)
 
     # ---------------------------------------------------------------- batch (training, parity)
-    def forward(self, items: torch.Tensor, scenario: torch.Tensor, action: torch.Tensor, ts: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, items: torch.Tensor, scenario: torch.Tensor, action: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Full recompute: (B, T, ...) right-padded histories, ``mask`` (B, T) true on real events → (B, M, d)."""
         ts = ts.double()
         prev = torch.cat([ts[:, :1], ts[:, :-1]], dim=1)
@@ -104,8 +111,9 @@ class CoarseInterests(nn.Module):
         return state[3 : 3 + m], state[3 + m : 3 + 2 * m], state[3 + 2 * m :].reshape(m, d)
 
     @torch.inference_mode()
-    def update(self, state: np.ndarray, items: np.ndarray, scenario: np.ndarray, action: np.ndarray,
-               ts: np.ndarray) -> np.ndarray:  # fmt: skip
+    def update(
+        self, state: np.ndarray, items: np.ndarray, scenario: np.ndarray, action: np.ndarray, ts: np.ndarray
+    ) -> np.ndarray:
         """Folds events (in time order) into a copy of ``state``; cost O(events), independent of history."""
         if state.shape != (self.state_size,):
             raise ValueError(f"coarse state must have {self.state_size} values, got {state.shape}")

@@ -63,8 +63,16 @@ def balanced_spherical_kmeans(x: np.ndarray, k: int, cfg: CodebookConfig, seed: 
     n, d = x.shape
     if n < k:
         raise ValueError(f"codebook layer needs at least {k} vectors to train {k} codewords, got {n}")
-    km = faiss.Kmeans(d, k, niter=cfg.kmeans_iters, spherical=True, seed=seed, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=max(256, n // k + 1))  # fmt: skip
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=cfg.kmeans_iters,
+        spherical=True,
+        seed=seed,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(256, n // k + 1),
+    )
     km.train(x)
     centroids = _unit(km.centroids.copy())
     capacity = int(np.ceil(cfg.balance_slack * n / k))

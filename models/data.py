@@ -49,8 +49,9 @@ class Dataset:
         return np.diff(self.offsets)
 
 
-def _finish(name, scenarios, actions, item_ids, item_text, item_category, user, item, scenario, action, ts,
-            **extra) -> Dataset:  # fmt: skip
+def _finish(
+    name, scenarios, actions, item_ids, item_text, item_category, user, item, scenario, action, ts, **extra
+) -> Dataset:
     """Sorts events by (user, ts, item) — a stable tie-break for equal timestamps — and builds offsets."""
     order = np.lexsort((item, ts, user))
     user, item, scenario, action, ts = user[order], item[order], scenario[order], action[order], ts[order]
@@ -58,9 +59,22 @@ def _finish(name, scenarios, actions, item_ids, item_text, item_category, user, 
         extra["query"] = [extra["query"][i] for i in order]
     uniq, user = np.unique(user, return_inverse=True)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(uniq)))])
-    return Dataset(name, tuple(scenarios), tuple(actions), np.asarray(item_ids), list(item_text),
-                   np.asarray(item_category), uniq, user.astype(np.int64), item.astype(np.int64),
-                   scenario.astype(np.int64), action.astype(np.int64), ts.astype(np.float64), offsets, **extra)  # fmt: skip
+    return Dataset(
+        name,
+        tuple(scenarios),
+        tuple(actions),
+        np.asarray(item_ids),
+        list(item_text),
+        np.asarray(item_category),
+        uniq,
+        user.astype(np.int64),
+        item.astype(np.int64),
+        scenario.astype(np.int64),
+        action.astype(np.int64),
+        ts.astype(np.float64),
+        offsets,
+        **extra,
+    )
 
 
 # --------------------------------------------------------------------------- MovieLens-100K
@@ -83,7 +97,7 @@ def load_ml100k(directory: Path | None = None) -> Dataset:
     lines = (d / "ml-100k.item").read_text(encoding="latin-1").splitlines()[1:]
     raw_ids, texts, genres = [], [], []
     for line in lines:
-        item_id, title, year, classes = (line.split("\t") + ["", "", ""])[:4]
+        item_id, title, year, classes = ([*line.split("\t"), "", "", ""])[:4]
         raw_ids.append(int(item_id))
         texts.append(f"{title} ({year}) {classes.replace(' ', ', ')}".strip())
         genres.append(classes.split(" ")[0] if classes else "unknown")
@@ -91,18 +105,37 @@ def load_ml100k(directory: Path | None = None) -> Dataset:
     index = {rid: i for i, rid in enumerate(raw_ids.tolist())}
     _, category = np.unique(np.asarray(genres), return_inverse=True)
     item = np.asarray([index[i] for i in inter[:, 1].tolist()])
-    return _finish("ml-100k", ["feed"], [f"rating{r}" for r in range(1, 6)], raw_ids, texts, category,
-                   inter[:, 0], item, np.zeros(len(inter), np.int64), inter[:, 2] - 1, inter[:, 3].astype(float))  # fmt: skip
+    return _finish(
+        "ml-100k",
+        ["feed"],
+        [f"rating{r}" for r in range(1, 6)],
+        raw_ids,
+        texts,
+        category,
+        inter[:, 0],
+        item,
+        np.zeros(len(inter), np.int64),
+        inter[:, 2] - 1,
+        inter[:, 3].astype(float),
+    )
 
 
 # --------------------------------------------------------------------------- simulator
 
-_WORDS = ("hiking ramen skincare jazz python sneakers pottery tennis anime baking camping vinyl yoga chess "
-          "surfing coffee gardening robotics makeup football travel knitting poetry cycling").split()  # fmt: skip
+_WORDS = (
+    "hiking ramen skincare jazz python sneakers pottery tennis anime baking camping vinyl yoga chess surfing coffee "
+    "gardening robotics makeup football travel knitting poetry cycling"
+).split()
 
 
-def simulate(users: int = 300, items: int = 800, clusters: int = 20, dim: int = 64, seed: int = 0,
-             events_per_user: tuple[int, int] = (60, 160)) -> Dataset:  # fmt: skip
+def simulate(
+    users: int = 300,
+    items: int = 800,
+    clusters: int = 20,
+    dim: int = 64,
+    seed: int = 0,
+    events_per_user: tuple[int, int] = (60, 160),
+) -> Dataset:
     """Seeded multi-scenario log with planted structure.
 
     Items belong to clusters (vector = cluster centre + noise; title = cluster words + an id).  Each user
@@ -143,9 +176,21 @@ def simulate(users: int = 300, items: int = 800, clusters: int = 20, dim: int = 
             cols["ts"].append(t)
             cols["query"].append(" ".join(words[c]) if scen == 1 else "")
     arr = {k: np.asarray(v) for k, v in cols.items() if k != "query"}
-    return _finish(f"sim-{seed}", ["feed", "search", "ads"], ["click", "like", "skip"],
-                   np.asarray([f"n{i}" for i in range(items)]), text, cluster, arr["user"], arr["item"],
-                   arr["scenario"], arr["action"], arr["ts"], item_vectors=vectors, query=cols["query"])  # fmt: skip
+    return _finish(
+        f"sim-{seed}",
+        ["feed", "search", "ads"],
+        ["click", "like", "skip"],
+        np.asarray([f"n{i}" for i in range(items)]),
+        text,
+        cluster,
+        arr["user"],
+        arr["item"],
+        arr["scenario"],
+        arr["action"],
+        arr["ts"],
+        item_vectors=vectors,
+        query=cols["query"],
+    )
 
 
 def load(name: str, seed: int = 0) -> Dataset:

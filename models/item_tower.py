@@ -72,7 +72,7 @@ class TextEncoder:
         for i in starts:
             chunk = texts[i : i + batch_size]
             ids = self.tokenizer(chunk, truncation=True, max_length=self.max_tokens - 1, add_special_tokens=False)
-            ids = {"input_ids": [x + [self.tokenizer.convert_tokens_to_ids(eos)] for x in ids["input_ids"]]}
+            ids = {"input_ids": [[*x, self.tokenizer.convert_tokens_to_ids(eos)] for x in ids["input_ids"]]}
             batch = self.tokenizer.pad(ids, return_tensors="pt")
             hidden = self.model(**batch).last_hidden_state
             out[i : i + len(chunk)] = hidden[:, -1].float().numpy()

@@ -68,12 +68,18 @@ class DMILLoss(nn.Module):
         self.max_log_scale = math.log(max_scale)
         self.false_negative_cos = false_negative_cos
 
-    def forward(self, interests: torch.Tensor, targets: torch.Tensor, target_ids: torch.Tensor,
-                valid: torch.Tensor, negatives: torch.Tensor, negative_ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        interests: torch.Tensor,
+        targets: torch.Tensor,
+        target_ids: torch.Tensor,
+        valid: torch.Tensor,
+        negatives: torch.Tensor,
+        negative_ids: torch.Tensor,
+    ) -> torch.Tensor:
         """interests (B, K, d), targets (B, W, d), target_ids/valid (B, W), negatives (S, d) → scalar loss."""
-        b, w, d = targets.shape
-        match = match_targets(interests.detach().float().numpy(), targets.detach().float().numpy(),
-                              valid.numpy())  # fmt: skip
+        _b, _w, _d = targets.shape
+        match = match_targets(interests.detach().float().numpy(), targets.detach().float().numpy(), valid.numpy())
         rows, cols = np.nonzero(match >= 0)
         if len(rows) == 0:
             return interests.sum() * 0.0

@@ -34,8 +34,9 @@ def item_index(item_vectors: np.ndarray) -> faiss.IndexFlatIP:
     return index
 
 
-def multi_interest_topk(index: faiss.Index, interests: np.ndarray, k: int,
-                        exclude: list[set[int]] | None = None) -> list[list[int]]:  # fmt: skip
+def multi_interest_topk(
+    index: faiss.Index, interests: np.ndarray, k: int, exclude: list[set[int]] | None = None
+) -> list[list[int]]:
     """Per user: top-k of each interest vector, merged by each item's max score over the interests.
 
     interests (U, K, d).  Items in ``exclude[u]`` (e.g. already seen) are dropped before cutting to k.

@@ -82,12 +82,40 @@ def select_recent(scenario: np.ndarray, ts: np.ndarray, n: int, quotas: tuple[in
     return idx[chosen]
 
 
+def collate(cfg: RefinerConfig, users: list[UserInput], rows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Left-padded tensors, one row per (user index, scenario asked for) in ``rows``."""
+    picks = [select_recent(u.scenario, u.ts, cfg.recent, cfg.quotas) for u in users]
+    n = max(1, max((len(p) for p in picks), default=1))
+    r = len(rows)
+    items = np.zeros((r, n, cfg.item_dim), np.float32)
+    scen, act, gap = (np.zeros((r, n), np.int64) for _ in range(3))
+    mask = np.zeros((r, n), bool)
+    coarse = np.zeros((r, users[0].coarse.shape[0], cfg.coarse_dim), np.float32)
+    ask = np.zeros(r, np.int64)
+    for row, (i, s) in enumerate(rows):
+        u, p = users[i], picks[i]
+        m = len(p)
+        if m:
+            items[row, n - m :], scen[row, n - m :], act[row, n - m :] = u.items[p], u.scenario[p], u.action[p]
+            gap[row, n - m :] = gap_bucket(u.ts[p][-1] - u.ts[p], cfg.gap_buckets)
+            mask[row, n - m :] = True
+        coarse[row], ask[row] = u.coarse, s
+    arrays = {"coarse": coarse, "items": items, "scenario": scen, "action": act, "gap": gap, "mask": mask, "ask": ask}
+    return {k: torch.as_tensor(v) for k, v in arrays.items()}
+
+
 class Refiner(nn.Module):
     def __init__(self, cfg: RefinerConfig, head: ProjectionHead) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = load_backbone(cfg.backbone, cfg.backbone_layers, hidden=cfg.hidden, layers=cfg.layers,
-                                      heads=cfg.heads, intermediate=cfg.intermediate)  # fmt: skip
+        self.backbone = load_backbone(
+            cfg.backbone,
+            cfg.backbone_layers,
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            heads=cfg.heads,
+            intermediate=cfg.intermediate,
+        )
         h = self.backbone.config.hidden_size
         self.coarse_proj = nn.Linear(cfg.coarse_dim, h)
         self.item_proj = nn.Linear(cfg.item_dim, h)
@@ -100,10 +128,18 @@ class Refiner(nn.Module):
         self.head = head  # shared with the item tower's retrieval head
 
     # ---------------------------------------------------------------- tensors in, vectors out
-    def forward(self, coarse: torch.Tensor, items: torch.Tensor, scenario: torch.Tensor, action: torch.Tensor,
-                gap: torch.Tensor, mask: torch.Tensor, ask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        coarse: torch.Tensor,
+        items: torch.Tensor,
+        scenario: torch.Tensor,
+        action: torch.Tensor,
+        gap: torch.Tensor,
+        mask: torch.Tensor,
+        ask: torch.Tensor,
+    ) -> torch.Tensor:
         """Left-padded events (B, N, ...) with ``mask``; ``ask`` (B,) scenario per row → (B, K, retrieval_dim)."""
-        b, n = mask.shape
+        b = mask.shape[0]
         k = self.cfg.interests
         from_newest = torch.flip(torch.cumsum(torch.flip(mask.long(), [1]), 1), [1]) - 1
         ev = self.item_proj(items) + self.scenario(scenario) + self.action(action) + self.gap(gap)
@@ -120,36 +156,11 @@ class Refiner(nn.Module):
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=attn.long(), position_ids=positions)
         return self.head(self.out(hidden.last_hidden_state[:, -k:]))
 
-    # ---------------------------------------------------------------- numpy users in, vectors out
-    def collate(self, users: list[UserInput], scenarios: list[int]) -> dict[str, torch.Tensor]:
-        """One left-padded row per (user, scenario): user-major order."""
-        cfg = self.cfg
-        picks = [select_recent(u.scenario, u.ts, cfg.recent, cfg.quotas) for u in users]
-        n = max(1, max(len(p) for p in picks))
-        rows = len(users) * len(scenarios)
-        items = np.zeros((rows, n, cfg.item_dim), np.float32)
-        scen = np.zeros((rows, n), np.int64)
-        act = np.zeros((rows, n), np.int64)
-        gap = np.zeros((rows, n), np.int64)
-        mask = np.zeros((rows, n), bool)
-        coarse = np.zeros((rows, users[0].coarse.shape[0], cfg.coarse_dim), np.float32)
-        ask = np.zeros(rows, np.int64)
-        for i, (u, p) in enumerate(zip(users, picks, strict=True)):
-            m = len(p)
-            g = gap_bucket(u.ts[p][-1] - u.ts[p], cfg.gap_buckets) if m else np.zeros(0, np.int64)
-            for j, s in enumerate(scenarios):
-                r = i * len(scenarios) + j
-                if m:
-                    items[r, n - m :], scen[r, n - m :], act[r, n - m :] = u.items[p], u.scenario[p], u.action[p]
-                    gap[r, n - m :], mask[r, n - m :] = g, True
-                coarse[r], ask[r] = u.coarse, s
-        return {k: torch.as_tensor(v) for k, v in
-                dict(coarse=coarse, items=items, scenario=scen, action=act, gap=gap, mask=mask, ask=ask).items()}  # fmt: skip
-
     @torch.inference_mode()
     def refine(self, users: list[UserInput], scenarios: list[int]) -> np.ndarray:
         """(U, S, K, retrieval_dim) float32 interest vectors for every user and scenario asked for."""
         if not users:
             return np.zeros((0, len(scenarios), self.cfg.interests, self.head.norm.normalized_shape[0]), np.float32)
-        out = self(**self.collate(users, scenarios))
+        rows = [(i, s) for i in range(len(users)) for s in scenarios]
+        out = self(**collate(self.cfg, users, rows))
         return out.reshape(len(users), len(scenarios), self.cfg.interests, -1).float().numpy()

@@ -25,9 +25,12 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
     return Settings.from_env(
-        bootstrap_servers=args.bootstrap_servers, redis_url=args.redis_url, prefix=args.prefix,
-        partitions=args.partitions, **extra,
-    )  # fmt: skip
+        bootstrap_servers=args.bootstrap_servers,
+        redis_url=args.redis_url,
+        prefix=args.prefix,
+        partitions=args.partitions,
+        **extra,
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -30,6 +30,9 @@ async def copy_to_redis(stream):
         _redis = aioredis.from_url(settings.redis_url)
     async for event in stream.events():
         key = event.key.decode()
-        record = {"value": orjson.loads(event.value), "partition": event.message.partition,
-                  "offset": event.message.offset}  # fmt: skip
+        record = {
+            "value": orjson.loads(event.value),
+            "partition": event.message.partition,
+            "offset": event.message.offset,
+        }
         await _redis.set(smoke_key(settings.prefix, key), orjson.dumps(record))

@@ -19,8 +19,12 @@ class TopicMismatch(RuntimeError):
 
 
 def all_topics(settings: Settings) -> list[str]:
-    return [*(settings.events_topic(s) for s in settings.scenarios), settings.items_topic,
-            settings.interests_topic, settings.deadletter_topic]  # fmt: skip
+    return [
+        *(settings.events_topic(s) for s in settings.scenarios),
+        settings.items_topic,
+        settings.interests_topic,
+        settings.deadletter_topic,
+    ]
 
 
 def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:

@@ -30,8 +30,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """``with WorkerProcess(settings, app="pipeline", log=path) as w: ...`` starts, waits for Ready, stops."""
 
-    def __init__(self, settings: Settings, app: str = "pipeline", log: Path | str | None = None,
-                 extra_env: dict[str, str] | None = None, loglevel: str = "info") -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        app: str = "pipeline",
+        log: Path | str | None = None,
+        extra_env: dict[str, str] | None = None,
+        loglevel: str = "info",
+    ) -> None:
         self.settings = settings
         self.app = app
         self.log = Path(log) if log else Path(settings.datadir) / f"worker-{app}-{os.getpid()}.log"

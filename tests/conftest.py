@@ -20,8 +20,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK = [sys.executable, str(ROOT / "deploy" / "stack.py")]
-TEST_PORTS = ["--kafka-port", os.environ.get("MIRSTREAM_TEST_KAFKA_PORT", "19092"),
-              "--redis-port", os.environ.get("MIRSTREAM_TEST_REDIS_PORT", "16379")]  # fmt: skip
+TEST_PORTS = [
+    "--kafka-port",
+    os.environ.get("MIRSTREAM_TEST_KAFKA_PORT", "19092"),
+    "--redis-port",
+    os.environ.get("MIRSTREAM_TEST_REDIS_PORT", "16379"),
+]
 KAFKA_IMAGE = "confluentinc/cp-kafka:7.7.1"
 REDIS_IMAGE = "redis:7.4.1"
 

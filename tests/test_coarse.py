@@ -22,8 +22,13 @@ def _history(rng: np.random.Generator, n: int, cfg: CoarseConfig):
 
 def _full(model: CoarseInterests, items, scen, act, ts) -> np.ndarray:
     with torch.inference_mode():
-        out = model(torch.as_tensor(items)[None], torch.as_tensor(scen)[None], torch.as_tensor(act)[None],
-                    torch.as_tensor(ts)[None], torch.ones(1, len(ts), dtype=torch.bool))  # fmt: skip
+        out = model(
+            torch.as_tensor(items)[None],
+            torch.as_tensor(scen)[None],
+            torch.as_tensor(act)[None],
+            torch.as_tensor(ts)[None],
+            torch.ones(1, len(ts), dtype=torch.bool),
+        )
     return out[0].numpy()
 
 

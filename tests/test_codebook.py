@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -23,7 +25,7 @@ def book(pool) -> ResidualCodebook:
 def test_reconstruction_rises_with_layers(book, pool):
     cos = book.reconstruction_cosine(pool)
     assert len(cos) == 4
-    assert all(b > a for a, b in zip(cos, cos[1:], strict=False)), cos
+    assert all(b > a for a, b in itertools.pairwise(cos)), cos
     assert cos[0] > 0.5 and cos[-1] > cos[0] + 0.05
 
 

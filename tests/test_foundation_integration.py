@@ -19,8 +19,15 @@ pytestmark = pytest.mark.integration
 
 
 def _settings(kafka_bootstrap: str, redis_url: str, prefix: str, tmp_path, **kw) -> Settings:
-    return Settings(bootstrap_servers=kafka_bootstrap, redis_url=redis_url, prefix=prefix,
-                    app_id=f"{prefix}-app", datadir=str(tmp_path / "faust"), web_port=0, **kw)  # fmt: skip
+    return Settings(
+        bootstrap_servers=kafka_bootstrap,
+        redis_url=redis_url,
+        prefix=prefix,
+        app_id=f"{prefix}-app",
+        datadir=str(tmp_path / "faust"),
+        web_port=0,
+        **kw,
+    )
 
 
 def test_topics_created_with_partition_count(kafka_bootstrap, redis_url, prefix, tmp_path):

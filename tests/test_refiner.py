@@ -23,8 +23,19 @@ def _user(rng, n: int, item_dim=16, coarse_dim=12, m=4, scenarios=3) -> UserInpu
 @pytest.fixture(scope="module")
 def refiner() -> Refiner:
     torch.manual_seed(0)
-    cfg = RefinerConfig(item_dim=16, coarse_dim=12, num_scenarios=3, num_actions=2, interests=3, recent=10,
-                        quotas=(5, 3, 3), hidden=32, layers=2, heads=2, intermediate=64)  # fmt: skip
+    cfg = RefinerConfig(
+        item_dim=16,
+        coarse_dim=12,
+        num_scenarios=3,
+        num_actions=2,
+        interests=3,
+        recent=10,
+        quotas=(5, 3, 3),
+        hidden=32,
+        layers=2,
+        heads=2,
+        intermediate=64,
+    )
     return Refiner(cfg, ProjectionHead(16, 8)).eval()
 
 
@@ -58,7 +69,16 @@ def test_select_recent_respects_quotas_and_time_order():
 
 
 def test_truncated_backbone_layers():
-    cfg = RefinerConfig(item_dim=8, coarse_dim=8, num_scenarios=1, num_actions=1, hidden=32, layers=4, heads=2,
-                        intermediate=64, backbone_layers=1)  # fmt: skip
+    cfg = RefinerConfig(
+        item_dim=8,
+        coarse_dim=8,
+        num_scenarios=1,
+        num_actions=1,
+        hidden=32,
+        layers=4,
+        heads=2,
+        intermediate=64,
+        backbone_layers=1,
+    )
     model = Refiner(cfg, ProjectionHead(8, 4))
     assert len(model.backbone.layers) == 1

@@ -7,8 +7,12 @@ from streams.workerproc import settings_env
 
 
 def test_env_then_overrides():
-    env = {"KAFKA_BOOTSTRAP_SERVERS": "a:1,b:2", "MIRSTREAM_SCENARIOS": "feed, ads", "MIRSTREAM_PARTITIONS": "8",
-           "MIRSTREAM_REFINE": "false"}  # fmt: skip
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": "a:1,b:2",
+        "MIRSTREAM_SCENARIOS": "feed, ads",
+        "MIRSTREAM_PARTITIONS": "8",
+        "MIRSTREAM_REFINE": "false",
+    }
     s = Settings.from_env(env, partitions=2, prefix=None)
     assert s.bootstrap_servers == "a:1,b:2"
     assert s.kafka_url == "kafka://a:1;kafka://b:2"
@@ -23,9 +27,14 @@ def test_settings_env_round_trips():
     assert Settings.from_env(settings_env(s)) == s
 
 
-@pytest.mark.parametrize(("env", "message"), [({"MIRSTREAM_PARTITIONS": "zero"}, "MIRSTREAM_PARTITIONS"),
-                                              ({"MIRSTREAM_PARTITIONS": "0"}, "partitions"),
-                                              ({"MIRSTREAM_SCENARIOS": "feed,bad name"}, "scenario")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MIRSTREAM_PARTITIONS": "zero"}, "MIRSTREAM_PARTITIONS"),
+        ({"MIRSTREAM_PARTITIONS": "0"}, "partitions"),
+        ({"MIRSTREAM_SCENARIOS": "feed,bad name"}, "scenario"),
+    ],
+)
 def test_bad_settings_are_clear(env, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env)

@@ -1,0 +1,147 @@
+"""The trained bundle the stream runs: item tower head, coarse recommender, refiner, codebook, item table.
+
+Variants share this class so baselines and ablations train and evaluate through the same code:
+``full`` (coarse tokens + refiner), ``comirec`` (coarse interests alone, no LLM), and the refiner
+options (``use_coarse``, K) in ``RefinerConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from models.coarse import CoarseConfig, CoarseInterests
+from models.codebook import ResidualCodebook
+from models.item_tower import ItemTower
+from models.losses import DMILLoss
+from models.refiner import Refiner, RefinerConfig, UserInput
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    scenarios: tuple[str, ...]
+    actions: tuple[str, ...]
+    item_dim: int
+    coarse: CoarseConfig
+    refiner: RefinerConfig
+    retrieval_dim: int = 64
+    #: "full" = coarse + LLM refiner; "comirec" = coarse multi-interest pooling only (no LLM).
+    variant: str = "full"
+    #: Inputs are codebook-decoded item vectors (True) or the raw vectors (ablation).
+    use_codebook: bool = True
+    #: Only the asked-for scenario's events in the history (ablation).
+    single_scenario: bool = False
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def interests(self) -> int:
+        return self.coarse.interests if self.variant == "comirec" else self.refiner.interests
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        raw = json.loads(text)
+        refiner = raw.pop("refiner")
+        if refiner.get("quotas") is not None:
+            refiner["quotas"] = tuple(refiner["quotas"])
+        return cls(
+            scenarios=tuple(raw.pop("scenarios")),
+            actions=tuple(raw.pop("actions")),
+            coarse=CoarseConfig(**raw.pop("coarse")),
+            refiner=RefinerConfig(**refiner),
+            **raw,
+        )
+
+
+class UserModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_tower = ItemTower(cfg.item_dim, cfg.retrieval_dim)
+        self.coarse = CoarseInterests(cfg.coarse)
+        if cfg.variant == "comirec":
+            self.coarse_out = nn.Linear(cfg.coarse.d_model, cfg.item_dim)
+            self.refiner = None
+        else:
+            self.refiner = Refiner(cfg.refiner, head=self.item_tower.retrieval_head)
+        self.loss = DMILLoss()
+
+    # ---------------------------------------------------------------- training / batch path
+    def interests(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K, retrieval_dim) from a batch made by ``models.batches.make_batch``."""
+        coarse = self.coarse(batch["h_items"], batch["h_scenario"], batch["h_action"], batch["h_ts"], batch["h_mask"])
+        if self.refiner is None:
+            return self.item_tower.retrieval_head(self.coarse_out(coarse))
+        return self.refiner(
+            coarse=coarse,
+            items=batch["r_items"],
+            scenario=batch["r_scenario"],
+            action=batch["r_action"],
+            gap=batch["r_gap"],
+            mask=batch["r_mask"],
+            ask=batch["ask"],
+        )
+
+    # ---------------------------------------------------------------- streaming path
+    @torch.inference_mode()
+    def refine_users(self, users: list[UserInput], scenarios: list[int]) -> np.ndarray:
+        """(U, S, K, d) vectors from coarse states already read and recent events."""
+        if self.refiner is None:
+            coarse = torch.as_tensor(np.stack([u.coarse for u in users]))
+            v = self.item_tower.retrieval_head(self.coarse_out(coarse)).numpy()
+            return np.repeat(v[:, None], len(scenarios), axis=1)
+        return self.refiner.refine(users, scenarios)
+
+    @torch.inference_mode()
+    def retrieval_vectors(self, item_vectors: np.ndarray) -> np.ndarray:
+        return self.item_tower.retrieval_head(torch.as_tensor(item_vectors, dtype=torch.float32)).numpy()
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "model.json").write_text(self.cfg.to_json())
+        save_model(self, str(d / "model.safetensors"))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> UserModel:
+        d = Path(directory)
+        if not (d / "model.json").exists():
+            raise FileNotFoundError(f"no model checkpoint in {d} (train one with: mirstream train --out {d})")
+        model = cls(ModelConfig.from_json((d / "model.json").read_text()))
+        load_model(model, str(d / "model.safetensors"))
+        return model.eval()
+
+
+@dataclass
+class Checkpoint:
+    """Everything a worker loads: the model, the codebook and the item table it was trained with."""
+
+    model: UserModel
+    codebook: ResidualCodebook
+    item_ids: np.ndarray
+    item_vectors: np.ndarray  # (n, item_dim) item-tower vectors (what the codebook compresses)
+    version: str
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Checkpoint:
+        d = Path(directory)
+        model = UserModel.load(d)
+        table = np.load(d / "items.npz", allow_pickle=False)
+        version = (d / "VERSION").read_text().strip() if (d / "VERSION").exists() else "0"
+        return cls(model, ResidualCodebook.load(d / "codebook"), table["item_ids"], table["item_vectors"], version)
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        self.model.save(d)
+        self.codebook.save(d / "codebook")
+        np.savez(d / "items.npz", item_ids=self.item_ids, item_vectors=self.item_vectors)
+        (d / "VERSION").write_text(self.version + "\n")
