@@ -95,6 +95,29 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0 if arrived == len(keys) else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, run_train
+
+    overrides = {
+        k: getattr(args, k)
+        for k in ("dataset", "steps", "backbone", "backbone_layers", "interests", "max_users", "seed", "item_backbone")
+        if getattr(args, k) is not None
+    }
+    run_train(TrainConfig(**overrides), args.out, progress=not args.quiet)
+    if args.evaluate:
+        from models.evaluate import run_evaluate
+
+        run_evaluate(args.out, progress=not args.quiet)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.evaluate import run_evaluate
+
+    run_evaluate(args.checkpoint, variants=args.variants, progress=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mirstream", description="Fresh multi-interest user vectors from Kafka to Redis."
@@ -121,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.add_argument("--messages", type=int, default=8)
     p.set_defaults(func=cmd_smoke)
+    p = sub.add_parser("train", help="train item tower → codebook → coarse + refiner; writes a checkpoint")
+    p.add_argument("--dataset", help="ml-100k (default) or sim (multi-scenario simulator)")
+    p.add_argument("--out", default="runs/demo", help="checkpoint folder (default: runs/demo)")
+    p.add_argument("--steps", type=int, help="optimiser steps of the user model (default 300)")
+    p.add_argument("--backbone", help="refiner backbone: tiny (default), smollm2, or a local folder")
+    p.add_argument("--backbone-layers", type=int, help="keep only the first N layers of the refiner backbone")
+    p.add_argument("--item-backbone", help="item tower LLM for text datasets (default smollm2)")
+    p.add_argument("--interests", type=int, help="K interest vectors per scenario")
+    p.add_argument("--max-users", type=int, help="train on the first N users only")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--evaluate", action="store_true", help="run `evaluate` on the new checkpoint afterwards")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="the checkpoint vs baselines and ablations on one time split")
+    p.add_argument("checkpoint", nargs="?", default="runs/demo")
+    p.add_argument("--variants", nargs="*", help="subset of: sasrec comirec no_coarse raw_vectors k1 single_scenario")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

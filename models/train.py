@@ -1,0 +1,300 @@
+"""Training, in HyMiRec's stages: item tower → codebook on item vectors → coarse + refiner jointly.
+
+1. Item tower (text datasets): the LLM (SmolLM2-135M by default) stays frozen; its hidden states at the
+   appended token are extracted once (cached) and the adapter + retrieval head are trained with a
+   next-item contrastive loss over consecutive items of the training histories.  Datasets that give
+   item vectors (the simulator) skip this stage.
+2. Codebook: cosine residual codebook on the item vectors (``models.codebook``).
+3. User side: coarse recommender + refiner (and the shared head) with the DMIL loss, reading
+   codebook-decoded item vectors, AdamW + cosine schedule with warm-up + grad clip 1.0, fixed seeds.
+
+``mirstream train`` runs all three and writes a checkpoint folder the worker and ``evaluate`` load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.backbone import models_home
+from models.batches import eval_samples, make_batch, train_limits, train_samples
+from models.coarse import CoarseConfig
+from models.codebook import CodebookConfig, ResidualCodebook
+from models.data import Dataset, load
+from models.item_tower import ItemTower, TextEncoder
+from models.refiner import RefinerConfig
+from models.user_model import Checkpoint, ModelConfig, UserModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "ml-100k"
+    #: Refiner backbone: "tiny" (config-built), "smollm2", or a local folder.
+    backbone: str = "tiny"
+    backbone_layers: int | None = None
+    #: Item-tower LLM for text datasets.
+    item_backbone: str = "smollm2"
+    #: Optimiser steps of the user model (each step: batch_size users, one random cut each).
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    window: int = 10
+    negatives: int = 512
+    interests: int = 3
+    coarse_interests: int = 4
+    coarse_dim: int = 64
+    recent: int = 64
+    retrieval_dim: int = 64
+    codebook_layers: int = 3
+    codewords: int = 256
+    item_tower_epochs: int = 4
+    seed: int = 0
+    #: Use only the first N users (fast tests); None = all.
+    max_users: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def subset_users(ds: Dataset, n: int | None) -> Dataset:
+    if n is None or n >= ds.n_users:
+        return ds
+    stop = int(ds.offsets[n])
+    q = ds.query[:stop] if ds.query is not None else None
+    return replace(
+        ds,
+        user_ids=ds.user_ids[:n],
+        user=ds.user[:stop],
+        item=ds.item[:stop],
+        scenario=ds.scenario[:stop],
+        action=ds.action[:stop],
+        ts=ds.ts[:stop],
+        offsets=ds.offsets[: n + 1],
+        query=q,
+    )
+
+
+def split(ds: Dataset, window: int) -> tuple[list, np.ndarray]:
+    """The held-out evaluation samples and, per user, where training must stop."""
+    held = eval_samples(ds, window)
+    return held, train_limits(ds, held)
+
+
+# --------------------------------------------------------------------------- stage 1: item tower
+
+
+def item_states(ds: Dataset, spec: str, progress: bool) -> np.ndarray:
+    """Frozen-LLM hidden states of every item text, cached per dataset and backbone."""
+    cache = models_home() / "features" / f"{ds.name}-{Path(spec).name}-{ds.n_items}.npy"
+    if cache.exists():
+        return np.load(cache)
+    states = TextEncoder(spec).encode(ds.item_text, progress=progress)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, states)
+    return states
+
+
+def train_item_tower(ds: Dataset, states: np.ndarray, limit: np.ndarray, cfg: TrainConfig, progress: bool) -> ItemTower:
+    """Adapter + retrieval head on frozen states: consecutive training items are positives (InfoNCE)."""
+    rng = seed_everything(cfg.seed)
+    tower = ItemTower(states.shape[1], cfg.retrieval_dim)
+    pairs = []
+    for u in range(ds.n_users):
+        idx = np.arange(ds.offsets[u], limit[u])
+        pairs.append(np.stack([ds.item[idx[:-1]], ds.item[idx[1:]]], 1))
+    pairs = np.concatenate(pairs)
+    x = torch.as_tensor(states)
+    opt = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scale = 1 / 0.07
+    bs = 512
+    steps = range(cfg.item_tower_epochs * math.ceil(len(pairs) / bs))
+    for _ in tqdm(steps, desc="stage 1: item tower", disable=not progress):
+        batch = pairs[rng.integers(0, len(pairs), bs)]
+        a = tower(x[batch[:, 0]])[1]
+        b = tower(x[batch[:, 1]])[1]
+        logits = scale * a @ b.T
+        same = torch.as_tensor(batch[:, 1][None, :] == batch[:, 1][:, None]) & ~torch.eye(bs, dtype=torch.bool)
+        loss = F.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(bs))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tower.eval()
+
+
+def item_vectors(ds: Dataset, limit: np.ndarray, cfg: TrainConfig, progress: bool) -> tuple[np.ndarray, ItemTower]:
+    if ds.item_vectors is not None:
+        return ds.item_vectors, ItemTower(ds.item_vectors.shape[1], cfg.retrieval_dim)
+    states = item_states(ds, cfg.item_backbone, progress)
+    tower = train_item_tower(ds, states, limit, cfg, progress)
+    with torch.inference_mode():
+        vecs = tower.item_vectors(torch.as_tensor(states)).numpy()
+    return vecs, tower
+
+
+# --------------------------------------------------------------------------- stage 3: user side
+
+
+def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> ModelConfig:
+    n_s = len(ds.scenarios)
+    quotas = None if n_s == 1 else tuple([cfg.recent // 2] + [max(1, cfg.recent // (2 * (n_s - 1)))] * (n_s - 1))
+    refiner_opts = {k: variant.pop(k) for k in ("use_coarse", "interests") if k in variant}
+    coarse = CoarseConfig(
+        item_dim=item_dim,
+        num_scenarios=n_s,
+        num_actions=len(ds.actions),
+        d_model=cfg.coarse_dim,
+        interests=cfg.coarse_interests,
+    )
+    refiner = RefinerConfig(
+        item_dim=item_dim,
+        coarse_dim=cfg.coarse_dim,
+        num_scenarios=n_s,
+        num_actions=len(ds.actions),
+        interests=refiner_opts.get("interests", cfg.interests),
+        recent=cfg.recent,
+        quotas=quotas,
+        use_coarse=refiner_opts.get("use_coarse", True),
+        backbone=cfg.backbone,
+        backbone_layers=cfg.backbone_layers,
+    )
+    return ModelConfig(
+        scenarios=ds.scenarios,
+        actions=ds.actions,
+        item_dim=item_dim,
+        coarse=coarse,
+        refiner=refiner,
+        retrieval_dim=cfg.retrieval_dim,
+        **variant,
+    )
+
+
+def train_user_model(
+    ds: Dataset,
+    model: UserModel,
+    inputs: np.ndarray,
+    vectors: np.ndarray,
+    limit: np.ndarray,
+    cfg: TrainConfig,
+    progress: bool,
+    desc: str = "stage 3: user model",
+) -> list[float]:
+    """DMIL training of coarse + refiner (+ the shared head). ``inputs`` feed the user side, ``vectors`` are targets."""
+    rng = seed_everything(cfg.seed)
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("item_tower.adapter")]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(1, cfg.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    item_x = torch.as_tensor(vectors, dtype=torch.float32)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=total, desc=desc, disable=not progress)
+    while len(losses) < total:
+        samples = train_samples(ds, limit, rng, cfg.window)
+        order = rng.permutation(len(samples))
+        for i in range(0, len(order), cfg.batch_size):
+            if len(losses) >= total:
+                break
+            chunk = [samples[j] for j in order[i : i + cfg.batch_size]]
+            batch = make_batch(ds, chunk, inputs, model.cfg, cfg.window)
+            interests = model.interests(batch)
+            all_ret = model.item_tower.retrieval_head(item_x)
+            neg_ids = torch.as_tensor(rng.choice(ds.n_items, min(cfg.negatives, ds.n_items), replace=False))
+            loss = model.loss(
+                interests, all_ret[batch["target_ids"]], batch["target_ids"], batch["valid"], all_ret[neg_ids], neg_ids
+            )
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    bar.close()
+    return losses
+
+
+def fit_variant(
+    ds: Dataset,
+    cfg: TrainConfig,
+    tower: ItemTower,
+    vectors: np.ndarray,
+    decoded: np.ndarray,
+    limit: np.ndarray,
+    progress: bool,
+    name: str = "full",
+    **variant,
+) -> tuple[UserModel, list[float]]:
+    mcfg = model_config(ds, cfg, vectors.shape[1], **variant)
+    seed_everything(cfg.seed)
+    model = UserModel(mcfg)
+    model.item_tower.load_state_dict(copy.deepcopy(tower.state_dict()))
+    inputs = decoded if mcfg.use_codebook else vectors
+    losses = train_user_model(ds, model, inputs, vectors, limit, cfg, progress, desc=f"stage 3: {name}")
+    return model.eval(), losses
+
+
+def run_train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Checkpoint:
+    out = Path(out)
+    t0 = time.perf_counter()
+    ds = subset_users(load(cfg.dataset, seed=cfg.seed), cfg.max_users)
+    _, limit = split(ds, cfg.window)
+    timings = {}
+    vectors, tower = item_vectors(ds, limit, cfg, progress)
+    timings["item_tower_s"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    book = ResidualCodebook.fit(
+        vectors,
+        CodebookConfig(
+            dim=vectors.shape[1],
+            layers=cfg.codebook_layers,
+            codewords=min(cfg.codewords, len(vectors) // 2),
+            seed=cfg.seed,
+        ),
+        progress=progress,
+    )
+    enc = book.encode(vectors)
+    decoded = book.decode(enc.codes, enc.alphas)
+    timings["codebook_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model, losses = fit_variant(ds, cfg, tower, vectors, decoded, limit, progress)
+    timings["user_model_s"] = time.perf_counter() - t
+    ckpt = Checkpoint(model, book, ds.item_ids, vectors, version=f"{ds.name}-{int(time.time())}")
+    ckpt.save(out)
+    report = {
+        "config": asdict(cfg),
+        "timings_s": timings,
+        "wall_s": time.perf_counter() - t0,
+        "loss_first": float(np.mean(losses[:10])),
+        "loss_last": float(np.mean(losses[-10:])),
+        "codebook_reconstruction_cosine": book.reconstruction_cosine(vectors),
+        "codebook_bytes_per_item": book.cfg.bytes_per_item,
+        "codebook_utilisation": book.utilisation(vectors),
+        "item_dim": int(vectors.shape[1]),
+    }
+    (out / "train.json").write_text(json.dumps(report, indent=2))
+    if progress:
+        print(
+            f"trained {ds.name}: {ds.n_users} users, {ds.n_items} items, loss {report['loss_first']:.3f} → "
+            f"{report['loss_last']:.3f}, codebook cos {report['codebook_reconstruction_cosine'][-1]:.3f} "
+            f"({book.cfg.bytes_per_item} B/item), {report['wall_s']:.0f}s → {out}"
+        )
+    return ckpt
