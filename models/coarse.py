@@ -8,6 +8,9 @@ event in is O(1); reading the interests is S/Z through an output layer.  The inc
 full recompute over the whole history (tests/test_coarse.py checks it, the pattern HSTU uses for its
 cached forward).
 
+Time gaps are measured to the user's previous event *of the same scenario*: each scenario topic is
+ordered per user, so the state does not depend on how the stream interleaves scenarios.
+
 Exponential time decay comes for free: a weight exp(-λ (t_now - t)) is a logit offset λ·t (t_now is
 the same for every event and cancels in the softmax), so it needs no re-scaling as time passes.
 """
@@ -43,6 +46,19 @@ def gap_bucket(gap_seconds: np.ndarray | torch.Tensor, buckets: int) -> np.ndarr
         return torch.clamp(torch.floor(torch.log2(1.0 + g)), max=buckets - 1).long()
     g = np.maximum(np.asarray(gap_seconds, dtype=np.float64), 0) / 60.0
     return np.minimum(np.floor(np.log2(1.0 + g)), buckets - 1).astype(np.int64)
+
+
+def previous_same_scenario(ts: torch.Tensor, scenario: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) time of each event's previous event in the same scenario (its own time when it is the first)."""
+    positions = torch.arange(ts.shape[1]).expand_as(ts)
+    prev = ts.clone()
+    for s in torch.unique(scenario[mask]).tolist():
+        mine = (scenario == s) & mask
+        last = torch.cummax(torch.where(mine, positions, -1), dim=1).values
+        before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)
+        found = mine & (before >= 0)
+        prev = torch.where(found, torch.gather(ts, 1, before.clamp(min=0)), prev)
+    return prev
 
 
 class CoarseInterests(nn.Module):
@@ -84,8 +100,7 @@ class CoarseInterests(nn.Module):
     ) -> torch.Tensor:
         """Full recompute: (B, T, ...) right-padded histories, ``mask`` (B, T) true on real events → (B, M, d)."""
         ts = ts.double()
-        prev = torch.cat([ts[:, :1], ts[:, :-1]], dim=1)
-        gaps = gap_bucket(ts - prev, self.cfg.gap_buckets)
+        gaps = gap_bucket(ts - previous_same_scenario(ts, scenario, mask), self.cfg.gap_buckets)
         age = ((ts - ts[:, :1]) / DAY).float()
         logits, values = self.event_terms(items, scenario, action, gaps, age)
         logits = logits.masked_fill(~mask.unsqueeze(-1), float("-inf"))
@@ -95,20 +110,24 @@ class CoarseInterests(nn.Module):
 
     # ---------------------------------------------------------------- incremental state
     @property
+    def _head(self) -> int:
+        return 2 + self.cfg.num_scenarios  # count, t0, last time per scenario
+
+    @property
     def state_size(self) -> int:
         m, d = self.cfg.interests, self.cfg.d_model
-        return 3 + m * (2 + d)
+        return self._head + m * (2 + d)
 
     def init_state(self) -> np.ndarray:
-        """[count, t0, last_ts, mu (M), Z (M), S (M*d)] as float64; mu starts at -inf."""
-        m = self.cfg.interests
+        """[count, t0, last_ts per scenario (S), mu (M), Z (M), S (M*d)] as float64; mu starts at -inf."""
         s = np.zeros(self.state_size, dtype=np.float64)
-        s[3 : 3 + m] = -np.inf
+        s[2 : self._head] = np.nan  # no event yet in that scenario
+        s[self._head : self._head + self.cfg.interests] = -np.inf
         return s
 
     def _split(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        m, d = self.cfg.interests, self.cfg.d_model
-        return state[3 : 3 + m], state[3 + m : 3 + 2 * m], state[3 + 2 * m :].reshape(m, d)
+        m, d, h = self.cfg.interests, self.cfg.d_model, self._head
+        return state[h : h + m], state[h + m : h + 2 * m], state[h + 2 * m :].reshape(m, d)
 
     @torch.inference_mode()
     def update(
@@ -122,14 +141,19 @@ class CoarseInterests(nn.Module):
         if n == 0:
             return new
         ts = np.asarray(ts, dtype=np.float64)
-        count, t0, last = new[0], new[1], new[2]
+        scenario = np.asarray(scenario, dtype=np.int64)
+        count, t0 = new[0], new[1]
         if count == 0:
-            t0 = last = ts[0]
-        prev = np.concatenate([[last], ts[:-1]])
+            t0 = ts[0]
+        last = new[2 : self._head]  # view: updated in place below
+        prev = np.empty(n)
+        for i, (s, t) in enumerate(zip(scenario.tolist(), ts.tolist(), strict=True)):
+            prev[i] = t if np.isnan(last[s]) else last[s]
+            last[s] = t
         gaps = gap_bucket(ts - prev, self.cfg.gap_buckets)
         logits, values = self.event_terms(
             torch.as_tensor(np.asarray(items, dtype=np.float32)),
-            torch.as_tensor(np.asarray(scenario, dtype=np.int64)),
+            torch.as_tensor(scenario),
             torch.as_tensor(np.asarray(action, dtype=np.int64)),
             torch.as_tensor(gaps),
             torch.as_tensor((ts - t0) / DAY, dtype=torch.float32),
@@ -143,7 +167,7 @@ class CoarseInterests(nn.Module):
         z[:] = z * old_scale + w.sum(axis=0)
         s[:] = s * old_scale[:, None] + w.T @ values
         mu[:] = new_mu
-        new[0], new[1], new[2] = count + n, t0, ts[-1]
+        new[0], new[1] = count + n, t0
         return new
 
     def read(self, state: np.ndarray) -> np.ndarray:
@@ -152,9 +176,9 @@ class CoarseInterests(nn.Module):
 
     def read_many(self, states: np.ndarray) -> torch.Tensor:
         """(B, state_size) → (B, M, d) interests, gradients off: S/Z through the output layer."""
-        m, d = self.cfg.interests, self.cfg.d_model
-        z = states[:, 3 + m : 3 + 2 * m]
-        s = states[:, 3 + 2 * m :].reshape(-1, m, d)
+        m, d, h = self.cfg.interests, self.cfg.d_model, self._head
+        z = states[:, h + m : h + 2 * m]
+        s = states[:, h + 2 * m :].reshape(-1, m, d)
         pooled = np.where(z[..., None] > 0, s / np.maximum(z, 1e-300)[..., None], 0.0)
         with torch.inference_mode():
             return self.out(torch.as_tensor(pooled, dtype=torch.float32))
