@@ -36,11 +36,14 @@ def _settings(args: argparse.Namespace, **extra: object) -> Settings:
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.workerproc import settings_env
 
-    settings = _settings(args, web_port=args.web_port)
+    settings = _settings(args, web_port=args.web_port, checkpoint=getattr(args, "checkpoint", None))
     os.environ.update(settings_env(settings))  # the app module reads Settings.from_env() on import
     if args.app == "smoke":
         from streams.smoke import app
     else:
+        from streams.topics import ensure_topics
+
+        ensure_topics(settings)
         from streams.pipeline import app
     sys.argv = [f"mirstream-{args.app}", "worker", "--loglevel", args.loglevel]
     app.main()
@@ -95,6 +98,56 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0 if arrived == len(keys) else 1
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from models.data import load
+    from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
+    from streams.topics import ensure_topics
+
+    settings = _settings(args)
+    ensure_topics(settings)
+    ds = load(args.dataset)
+    p = plan(ds, args.max_users, args.max_events)
+    if not args.no_items:
+        send_items(settings, ds, p.items)
+    rate = send_events(settings, ds, p.events, rate=args.rate)
+    print(f"sent {len(p.events)} events of {len(expected_seq(ds, p.events))} users at {rate:.0f} events/s")
+    if args.wait:
+        behind = wait_for_vectors(settings, expected_seq(ds, p.events), timeout=args.wait)
+        print(
+            f"{len(behind)} users still behind after {args.wait:.0f}s" if behind else "every user's vectors are fresh"
+        )
+        return 1 if behind else 0
+    return 0
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    import orjson
+
+    from state.store import InterestReader
+
+    settings = _settings(args)
+    found = InterestReader(settings.redis_url, settings.prefix).interests(args.user)
+    if found is None:
+        print(f"no interest vectors for user {args.user!r} yet", file=sys.stderr)
+        return 1
+    body = found.to_json()
+    if not args.full:
+        body["vectors"] = {s: [[round(x, 4) for x in v[:6]] + ["..."] for v in vs] for s, vs in body["vectors"].items()}
+    print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from streams.search import ItemSearch
+
+    settings = _settings(args)
+    search = ItemSearch(settings)
+    hits = search.for_user(args.user, scenario=args.scenario, k=args.k)
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:>3}  {hit.score:.4f}  interest {hit.interest}  {hit.item_id}  {hit.title}")
+    return 0 if hits else 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from models.train import TrainConfig, run_train
 
@@ -128,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.add_argument("--app", choices=["pipeline", "smoke"], default="pipeline")
     p.add_argument("--web-port", type=int, help="Faust web port (metrics, lookups); 0 disables")
+    p.add_argument("--checkpoint", help="model checkpoint folder (default runs/demo)")
     p.add_argument("-l", "--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
     p.set_defaults(func=cmd_worker)
 
@@ -144,6 +198,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.add_argument("--messages", type=int, default=8)
     p.set_defaults(func=cmd_smoke)
+    p = sub.add_parser("replay", help="produce a dataset's items and events into the topics, in time order")
+    _add_connection_flags(p)
+    p.add_argument("--dataset", default="sim", help="sim (default, three scenarios) or ml-100k")
+    p.add_argument("--max-users", type=int)
+    p.add_argument("--max-events", type=int)
+    p.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    p.add_argument("--no-items", action="store_true", help="do not send the items first")
+    p.add_argument("--wait", type=float, default=0, help="then wait up to N s until every user's vectors are fresh")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("lookup", help="print a user's interest vectors and their freshness")
+    _add_connection_flags(p)
+    p.add_argument("user")
+    p.add_argument("--full", action="store_true", help="print whole vectors")
+    p.set_defaults(func=cmd_lookup)
+
+    p = sub.add_parser("search", help="top items for a user: faiss top-k per interest, merged by max score")
+    _add_connection_flags(p)
+    p.add_argument("user")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--scenario", help="use this scenario's vectors (default: all)")
+    p.set_defaults(func=cmd_search)
+
     p = sub.add_parser("train", help="train item tower → codebook → coarse + refiner; writes a checkpoint")
     p.add_argument("--dataset", help="ml-100k (default) or sim (multi-scenario simulator)")
     p.add_argument("--out", default="runs/demo", help="checkpoint folder (default: runs/demo)")

@@ -1,0 +1,62 @@
+"""The Redis key schema: every key this project writes is named here and nowhere else.
+
+All keys of one user share the hash tag ``{u:<id>}`` and all keys of one item ``{i:<id>}``, so every
+per-user (or per-item) atomic step touches a single Redis Cluster slot.
+
+| key                              | type   | holds                                                       | size          |
+|----------------------------------|--------|-------------------------------------------------------------|---------------|
+| ``<p>:{u:<id>}:s``               | hash   | ``coarse`` state (float64 bytes), ``seq`` (events applied), | ~2.2 KB       |
+|                                  |        | ``last_ts``, ``refined_seq``, ``w:<topic>:<partition>``     |               |
+|                                  |        | (highest applied offset: the idempotency watermark)         |               |
+| ``<p>:{u:<id>}:h``               | string | recent history, fixed-size records (codes, α, scenario,     | cap × 16 B    |
+|                                  |        | action, ts), trimmed to the history cap                     |               |
+| ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float32), ``version``, ``seq``,     | S × K × d × 4 |
+|                                  |        | ``updated_at``, ``event_ts``, ``k``, ``d``                  |               |
+| ``<p>:{i:<id>}``                 | hash   | ``code`` (codes + α bytes), ``ret`` (float32 retrieval      | ~0.3 KB       |
+|                                  |        | vector), ``version``, ``updated_at``                        |               |
+| ``<p>:{i:<id>}:parked``          | list   | events waiting for this item to arrive                      | bounded       |
+| ``<p>:items``                    | set    | every known item id (the search index is built from it)     |               |
+| ``<p>:parked``                   | zset   | item id → time its first event was parked                   |               |
+| ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → their ``seq``    |               |
+
+No key has a TTL by default: user keys live as long as the user (``Settings.user_ttl_s`` can set one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def user_state(self, user: str) -> str:
+        return f"{self.prefix}:{{u:{user}}}:s"
+
+    def user_history(self, user: str) -> str:
+        return f"{self.prefix}:{{u:{user}}}:h"
+
+    def user_vectors(self, user: str) -> str:
+        return f"{self.prefix}:{{u:{user}}}:v"
+
+    def item(self, item: str) -> str:
+        return f"{self.prefix}:{{i:{item}}}"
+
+    def parked(self, item: str) -> str:
+        return f"{self.prefix}:{{i:{item}}}:parked"
+
+    @property
+    def items(self) -> str:
+        return f"{self.prefix}:items"
+
+    @property
+    def parked_index(self) -> str:
+        return f"{self.prefix}:parked"
+
+    def dirty(self, partition: int) -> str:
+        return f"{self.prefix}:dirty:{{p{partition}}}"
+
+    @staticmethod
+    def watermark(topic: str, partition: int) -> str:
+        return f"w:{topic}:{partition}"

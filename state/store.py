@@ -1,0 +1,265 @@
+"""Redis access for the workers (async) and for downstream services (sync and async readers).
+
+The workers' writes go through the Lua scripts in ``state.scripts``; this module holds no model code:
+callers pass bytes and numbers in, and get bytes and numbers out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+from redis.cluster import RedisCluster
+
+from state import scripts
+from state.keys import Keys
+
+
+def connect_async(url: str) -> aioredis.Redis:
+    """``redis://`` for one server; ``redis+cluster://host:port`` for Redis Cluster."""
+    if url.startswith("redis+cluster://"):
+        from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+        return AsyncRedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"))
+    return aioredis.from_url(url)
+
+
+def connect_sync(url: str) -> redis.Redis:
+    if url.startswith("redis+cluster://"):
+        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"))
+    return redis.Redis.from_url(url)
+
+
+@dataclass
+class UserRow:
+    """What an agent needs of a user before folding new events in."""
+
+    seq: int = 0
+    coarse: bytes | None = None
+    watermarks: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RefineRow:
+    """What the refiner needs of a user."""
+
+    seq: int
+    coarse: bytes | None
+    history: bytes
+    last_ts: float  # newest event time applied
+    kts: float  # newest Kafka (producer) timestamp applied: freshness is measured from it
+
+
+class StreamStore:
+    """The workers' async view of Redis."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self.r = client
+        self.keys = Keys(prefix)
+        self._apply = client.register_script(scripts.APPLY_EVENTS)
+        self._write = client.register_script(scripts.WRITE_VECTORS)
+        self._clear = client.register_script(scripts.CLEAR_DIRTY)
+        self._take = client.register_script(scripts.TAKE_PARKED)
+
+    # ---------------------------------------------------------------- items
+    async def item_codes(self, items: list[str]) -> dict[str, bytes | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for it in items:
+            pipe.hget(self.keys.item(it), "code")
+        return dict(zip(items, await pipe.execute(), strict=True))
+
+    async def put_item(self, item: str, code: bytes, retrieval: bytes, version: str, title: str = "") -> None:
+        pipe = self.r.pipeline(transaction=False)
+        fields = {"code": code, "ret": retrieval, "version": version, "updated_at": time.time(), "title": title[:120]}
+        pipe.hset(self.keys.item(item), mapping=fields)
+        pipe.sadd(self.keys.items, item)
+        await pipe.execute()
+
+    async def park(self, item: str, raw: bytes, max_parked: int) -> bool:
+        """Parks an event until its item arrives; False when the item's parking list is full."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.llen(self.keys.parked(item))
+        (length,) = await pipe.execute()
+        if length >= max_parked:
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.keys.parked(item), raw)
+        pipe.zadd(self.keys.parked_index, {item: time.time()}, nx=True)
+        await pipe.execute()
+        return True
+
+    async def take_parked(self, item: str) -> list[bytes]:
+        events = await self._take(keys=[self.keys.parked(item)])
+        await self.r.zrem(self.keys.parked_index, item)
+        return list(events)
+
+    async def expired_parked_items(self, older_than: float) -> list[str]:
+        return [m.decode() for m in await self.r.zrangebyscore(self.keys.parked_index, "-inf", older_than)]
+
+    # ---------------------------------------------------------------- users: ingest
+    async def read_users(self, users: list[str], watermark_fields: list[str]) -> dict[str, UserRow]:
+        pipe = self.r.pipeline(transaction=False)
+        for u in users:
+            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", *watermark_fields])
+        rows = {}
+        for u, vals in zip(users, await pipe.execute(), strict=True):
+            marks = {f: int(v) for f, v in zip(watermark_fields, vals[2:], strict=True) if v is not None}
+            rows[u] = UserRow(int(vals[0] or 0), vals[1], marks)
+        return rows
+
+    async def apply(
+        self,
+        user: str,
+        expected_seq: int,
+        n_events: int,
+        coarse: bytes,
+        last_ts: float,
+        records: bytes,
+        record_size: int,
+        cap: int,
+        watermarks: dict[str, int],
+    ) -> tuple[int, int] | None:
+        """Atomically applies a user's batch; None when another writer got there first (re-read, retry)."""
+        args: list = [expected_seq, n_events, coarse, repr(float(last_ts)), records, record_size, cap]
+        for f, off in watermarks.items():
+            args += [f, off]
+        new_seq, refined = await self._apply(keys=[self.keys.user_state(user), self.keys.user_history(user)], args=args)
+        return None if new_seq == -1 else (int(new_seq), int(refined))
+
+    async def mark_dirty(self, partition: int, users: dict[str, int]) -> None:
+        if users:
+            await self.r.zadd(self.keys.dirty(partition), users, gt=True)
+
+    # ---------------------------------------------------------------- users: refinement
+    async def dirty_users(self, partition: int, limit: int) -> list[tuple[str, int]]:
+        got = await self.r.zrange(self.keys.dirty(partition), 0, limit - 1, withscores=True)
+        return [(m.decode(), int(s)) for m, s in got]
+
+    async def read_for_refine(self, users: list[str]) -> dict[str, RefineRow]:
+        pipe = self.r.pipeline(transaction=False)
+        for u in users:
+            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", "last_ts", "kts"])
+            pipe.get(self.keys.user_history(u))
+        vals = await pipe.execute()
+        out = {}
+        for i, u in enumerate(users):
+            (seq, coarse, last_ts, kts), hist = vals[2 * i], vals[2 * i + 1]
+            out[u] = RefineRow(int(seq or 0), coarse, hist or b"", float(last_ts or 0), float(kts or 0))
+        return out
+
+    async def write_vectors(
+        self, user: str, seq: int, version: str, event_ts: float, vectors: dict[str, np.ndarray]
+    ) -> bool:
+        k, d = next(iter(vectors.values())).shape
+        args: list = [seq, version, repr(time.time()), repr(float(event_ts)), k, d]
+        for scenario, v in vectors.items():
+            args += [f"vec:{scenario}", np.ascontiguousarray(v, dtype="<f4").tobytes()]
+        keys = [self.keys.user_vectors(user), self.keys.user_state(user)]
+        return bool(await self._write(keys=keys, args=args))
+
+    async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
+        await self._clear(keys=[self.keys.dirty(partition)], args=[user, seq])
+
+
+# --------------------------------------------------------------------------- readers for services
+
+
+@dataclass(frozen=True)
+class Interests:
+    """A user's refined vectors: (K, d) per scenario, and when/what produced them."""
+
+    user: str
+    vectors: dict[str, np.ndarray]
+    version: str
+    seq: int
+    updated_at: float
+    event_ts: float  # time of the newest event reflected
+    produced_at: float  # when that event reached Kafka; updated_at - produced_at is the freshness
+
+    def matrix(self, scenario: str | None = None) -> np.ndarray:
+        """(K, d) for one scenario, or all scenarios stacked (S·K, d) when ``scenario`` is None."""
+        if scenario is not None:
+            if scenario not in self.vectors:
+                raise KeyError(
+                    f"user {self.user} has no vectors for scenario {scenario!r} (has {sorted(self.vectors)})"
+                )
+            return self.vectors[scenario]
+        return np.concatenate([self.vectors[s] for s in sorted(self.vectors)])
+
+    def to_json(self) -> dict:
+        return {
+            "user_id": self.user,
+            "version": self.version,
+            "seq": self.seq,
+            "updated_at": self.updated_at,
+            "event_ts": self.event_ts,
+            "freshness_s": self.updated_at - self.produced_at,
+            "vectors": {s: v.tolist() for s, v in self.vectors.items()},
+        }
+
+
+def parse_interests(user: str, raw: dict[bytes, bytes]) -> Interests | None:
+    if not raw:
+        return None
+    k, d = int(raw[b"k"]), int(raw[b"d"])
+    vectors = {
+        f.decode()[4:]: np.frombuffer(v, dtype="<f4").reshape(k, d) for f, v in raw.items() if f.startswith(b"vec:")
+    }
+    return Interests(
+        user,
+        vectors,
+        raw[b"version"].decode(),
+        int(raw[b"seq"]),
+        float(raw[b"updated_at"]),
+        float(raw[b"event_ts"]),
+        float(raw[b"produced_at"]),
+    )
+
+
+class InterestReader:
+    """Synchronous lookups for services: ``get_user_interests(user, scenario) -> (K, d)`` + metadata."""
+
+    def __init__(self, redis_url: str, prefix: str = "mir") -> None:
+        self.r = connect_sync(redis_url)
+        self.keys = Keys(prefix)
+
+    def interests(self, user: str) -> Interests | None:
+        return parse_interests(user, self.r.hgetall(self.keys.user_vectors(user)))
+
+    def get_user_interests(self, user: str, scenario: str | None = None) -> tuple[np.ndarray, Interests]:
+        found = self.interests(user)
+        if found is None:
+            raise KeyError(f"no interest vectors for user {user!r} yet")
+        return found.matrix(scenario), found
+
+    def item_vectors(self) -> tuple[list[str], np.ndarray]:
+        """Every known item's retrieval vector, for building a faiss index."""
+        ids = sorted(m.decode() for m in self.r.smembers(self.keys.items))
+        pipe = self.r.pipeline(transaction=False)
+        for it in ids:
+            pipe.hget(self.keys.item(it), "ret")
+        vecs = [np.frombuffer(v, dtype="<f4") for v in pipe.execute()]
+        return ids, (np.stack(vecs) if vecs else np.zeros((0, 0), np.float32))
+
+
+class AsyncInterestReader:
+    """The same lookups for asyncio services."""
+
+    def __init__(self, redis_url: str, prefix: str = "mir") -> None:
+        self.r = connect_async(redis_url)
+        self.keys = Keys(prefix)
+
+    async def interests(self, user: str) -> Interests | None:
+        return parse_interests(user, await self.r.hgetall(self.keys.user_vectors(user)))
+
+    async def get_user_interests(self, user: str, scenario: str | None = None) -> tuple[np.ndarray, Interests]:
+        found = await self.interests(user)
+        if found is None:
+            raise KeyError(f"no interest vectors for user {user!r} yet")
+        return found.matrix(scenario), found
+
+    async def close(self) -> None:
+        await self.r.aclose()

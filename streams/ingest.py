@@ -1,0 +1,165 @@
+"""What a scenario agent does with one batch: validate → item codes → coarse state → Redis, exactly once.
+
+Delivery from Kafka is at-least-once.  Each user's state carries the highest offset applied per
+(topic, partition) — the watermark — and the apply step is one compare-and-set Lua call that writes
+the coarse state, the watermark and the history together.  A redelivered event is at or below the
+watermark and is skipped, so replays and restarts change nothing.  Events whose item is not known yet
+are parked in Redis (their offset still advances the watermark) and re-produced by the item agent once
+the item arrives; a re-produced event names its origin (``_origin``) so a duplicate parking is applied
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from models.user_model import Checkpoint
+from state.history import pack
+from state.keys import Keys
+from state.store import StreamStore
+from streams import metrics
+from streams.events import Event, Rejected, parse_event
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+MAX_CAS_RETRIES = 20
+
+
+@dataclass(frozen=True)
+class Message:
+    """A raw Kafka message as the agents see it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp: float  # producer time, seconds
+
+
+DeadLetter = Callable[[Message, str, str], Awaitable[None]]
+
+
+@dataclass
+class _Accepted:
+    msg: Message
+    event: Event
+    origin: str  # "topic:partition:offset" of the first delivery
+    replayed: bool  # re-produced from the parking list
+
+
+class Ingestor:
+    def __init__(self, settings: Settings, ckpt: Checkpoint, store: StreamStore, deadletter: DeadLetter) -> None:
+        self.settings = settings
+        self.ckpt = ckpt
+        self.store = store
+        self.deadletter = deadletter
+        self.actions = ckpt.model.cfg.actions
+        self.code_bytes = ckpt.codebook.cfg.bytes_per_item
+        self.record_size = self.code_bytes + 10
+        self.max_parked = 1000
+
+    async def handle(self, scenario: str, batch: list[Message]) -> dict[int, dict[str, int]]:
+        """Applies a batch; returns {partition: {user: seq}} of users whose vectors need refreshing."""
+        t0 = time.perf_counter()
+        accepted = []
+        for msg in batch:
+            try:
+                accepted.append(self._parse(scenario, msg))
+            except Rejected as exc:
+                await self.deadletter(msg, str(exc), "event")
+        groups: dict[tuple[int, str], list[_Accepted]] = defaultdict(list)
+        for a in accepted:
+            groups[(a.msg.partition, a.event.user_id)].append(a)
+        codes = await self.store.item_codes(sorted({a.event.item_id for a in accepted})) if accepted else {}
+        dirty: dict[int, dict[str, int]] = defaultdict(dict)
+        for (partition, user), items in groups.items():
+            seq = await self._apply_user(scenario, user, items, codes)
+            if seq is not None:
+                dirty[partition][user] = seq
+        for partition, users in dirty.items():
+            await self.store.mark_dirty(partition, users)
+        metrics.BATCH.labels(f"events-{scenario}").observe(time.perf_counter() - t0)
+        return dirty
+
+    def _parse(self, scenario: str, msg: Message) -> _Accepted:
+        event = parse_event(msg.value, scenario, self.settings.scenarios, self.actions, self.settings.max_message_bytes)
+        if msg.key is not None and msg.key.decode(errors="replace") != event.user_id:
+            raise Rejected(f"message key {msg.key!r} is not the user_id {event.user_id!r} (breaks partitioning)")
+        origin = orjson.loads(msg.value).get("_origin")
+        if origin is None:
+            return _Accepted(msg, event, f"{msg.topic}:{msg.partition}:{msg.offset}", replayed=False)
+        return _Accepted(msg, event, str(origin), replayed=True)
+
+    async def _apply_user(
+        self, scenario: str, user: str, items: list[_Accepted], codes: dict[str, bytes | None]
+    ) -> int | None:
+        topic, partition = items[0].msg.topic, items[0].msg.partition
+        mark = Keys.watermark(topic, partition)
+        replayed = [f"o:{a.origin}" for a in items if a.replayed]
+        parked_now: set[str] = set()
+        for _ in range(MAX_CAS_RETRIES):
+            row = (await self.store.read_users([user], [mark, "refined_seq", *replayed]))[user]
+            done = row.watermarks.get(mark, -1)
+            fresh = [a for a in items if a.msg.offset > done and f"o:{a.origin}" not in row.watermarks]
+            metrics.DUPLICATES.labels(scenario).inc(len(items) - len(fresh))
+            if not fresh:
+                refined = row.watermarks.get("refined_seq", 0)
+                return row.seq if row.seq > refined else None  # re-mark after a crash between apply and mark
+            applied, parked = [], []
+            for a in fresh:
+                (applied if codes.get(a.event.item_id) is not None else parked).append(a)
+            for a in parked:  # parked before the watermark moves past them: a crash re-parks, never loses
+                if a.origin not in parked_now:
+                    await self._park(a)
+                    parked_now.add(a.origin)
+            marks = {mark: max(a.msg.offset for a in fresh)}
+            marks.update({f"o:{a.origin}": 1 for a in applied if f"o:{a.origin}" in replayed})
+            state, records, last_ts = self._fold(row.coarse, applied, codes)
+            if applied:
+                marks["kts"] = max(a.msg.timestamp for a in applied)
+            result = await self.store.apply(
+                user, row.seq, len(applied), state, last_ts, records, self.record_size, self.settings.history_cap, marks
+            )
+            if result is not None:
+                metrics.EVENTS.labels(scenario).inc(len(applied))
+                new_seq, refined = result
+                return new_seq if new_seq > refined else None
+            metrics.CONFLICTS.inc()
+        raise RuntimeError(f"user {user}: {MAX_CAS_RETRIES} compare-and-set conflicts in a row")
+
+    def _fold(
+        self, coarse: bytes | None, applied: list[_Accepted], codes: dict[str, bytes | None]
+    ) -> tuple[bytes, bytes, float]:
+        model = self.ckpt.model.coarse
+        state = np.frombuffer(coarse, dtype="<f8").copy() if coarse else model.init_state()
+        if not applied:
+            return state.tobytes(), b"", 0.0
+        applied = sorted(applied, key=lambda a: (a.event.ts, a.msg.offset))
+        blob = b"".join(codes[a.event.item_id] for a in applied)  # type: ignore[misc]
+        vecs = self.ckpt.codebook.from_bytes(blob, len(applied))
+        scen = np.asarray([a.event.scenario for a in applied])
+        act = np.asarray([a.event.action for a in applied])
+        ts = np.asarray([a.event.ts for a in applied])
+        state = model.update(state, vecs, scen, act, ts)
+        raw_codes = np.frombuffer(blob, dtype=np.uint8).reshape(len(applied), self.code_bytes)
+        return state.tobytes(), pack(raw_codes, scen, act, ts), float(ts.max())
+
+    async def _park(self, a: _Accepted) -> None:
+        body = orjson.loads(a.msg.value)
+        body["_origin"] = a.origin
+        body["_parked_at"] = time.time()
+        if await self.store.park(a.event.item_id, orjson.dumps(body), self.max_parked):
+            metrics.PARKED.inc()
+            log.info(
+                "parked event %s of user %s: item %s not known yet", a.event.event_id, a.event.user_id, a.event.item_id
+            )
+        else:
+            await self.deadletter(a.msg, f"unknown item {a.event.item_id!r} and its parking list is full", "event")

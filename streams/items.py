@@ -1,0 +1,91 @@
+"""What the item agent does: item text or vector → item vector → codebook codes + retrieval vector → Redis.
+
+Text-only items go through the item tower (the LLM + the trained adapter), loaded on first use.  When an
+item is stored, events that were parked waiting for it are re-produced to their scenario topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import orjson
+import torch
+
+from models.user_model import Checkpoint
+from state.store import StreamStore
+from streams import metrics
+from streams.events import Item, Rejected, parse_item
+from streams.ingest import DeadLetter, Message
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+Republish = Callable[[str, str, bytes], Awaitable[None]]  # scenario, user key, body
+
+
+class ItemHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        ckpt: Checkpoint,
+        store: StreamStore,
+        deadletter: DeadLetter,
+        republish: Republish,
+        text_backbone: str = "smollm2",
+    ) -> None:
+        self.settings = settings
+        self.ckpt = ckpt
+        self.store = store
+        self.deadletter = deadletter
+        self.republish = republish
+        self.text_backbone = text_backbone
+        self._encoder = None
+
+    async def handle(self, batch: list[Message]) -> list[str]:
+        items: list[Item] = []
+        for msg in batch:
+            try:
+                items.append(parse_item(msg.value, self.ckpt.codebook.cfg.dim, self.settings.max_message_bytes))
+            except Rejected as exc:
+                await self.deadletter(msg, str(exc), "item")
+        if not items:
+            return []
+        vectors = await asyncio.get_running_loop().run_in_executor(None, self._vectors, items)
+        enc = self.ckpt.codebook.encode(vectors)
+        retrieval = self.ckpt.model.retrieval_vectors(vectors).astype("<f4")
+        for i, item in enumerate(items):
+            await self.store.put_item(
+                item.item_id, enc.to_bytes(i), retrieval[i].tobytes(), self.ckpt.version, item.text or ""
+            )
+            metrics.ITEMS.inc()
+            await self.release_parked(item.item_id)
+        return [it.item_id for it in items]
+
+    async def release_parked(self, item_id: str) -> None:
+        for body in await self.store.take_parked(item_id):
+            event = orjson.loads(body)
+            await self.republish(event["scenario"], str(event["user_id"]), body)
+            log.info(
+                "released parked event %s of user %s (item %s arrived)",
+                event.get("event_id"),
+                event["user_id"],
+                item_id,
+            )
+
+    def _vectors(self, items: list[Item]) -> np.ndarray:
+        out = np.zeros((len(items), self.ckpt.codebook.cfg.dim), np.float32)
+        need_text = [i for i, it in enumerate(items) if it.vector is None]
+        for i, it in enumerate(items):
+            if it.vector is not None:
+                out[i] = it.vector
+        if need_text:
+            if self._encoder is None:
+                from models.item_tower import TextEncoder
+
+                self._encoder = TextEncoder(self.text_backbone)
+            states = self._encoder.encode([items[i].text or "" for i in need_text])
+            with torch.inference_mode():
+                out[need_text] = self.ckpt.model.item_tower.item_vectors(torch.as_tensor(states)).numpy()
+        return out

@@ -1,0 +1,140 @@
+"""The streaming pipeline as a Faust app: ``mirstream worker`` runs it.
+
+    <prefix>.events.<scenario>  → scenario agents (streams.ingest)  → Redis: history + coarse state
+    <prefix>.items              → item agent (streams.items)         → Redis: item codes + retrieval vectors
+    dirty users (Redis)         → refinement timer (streams.refinement) → Redis vectors + <prefix>.interests
+    rejected messages           → <prefix>.deadletter
+Web: ``GET /users/{id}/interests`` (JSON), ``GET /metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from models.user_model import Checkpoint
+from state.store import AsyncInterestReader, StreamStore, connect_async
+from streams import metrics
+from streams.faust_app import make_faust_app
+from streams.ingest import Ingestor, Message
+from streams.items import ItemHandler
+from streams.refinement import Refresher
+from streams.settings import Settings
+
+log = logging.getLogger("mirstream")
+settings = Settings.from_env()
+app = make_faust_app(settings)
+ckpt = Checkpoint.load(settings.checkpoint)
+store = StreamStore(connect_async(settings.redis_url), settings.prefix)
+reader = AsyncInterestReader(settings.redis_url, settings.prefix)
+
+event_topics = {s: app.topic(settings.events_topic(s), partitions=settings.partitions) for s in settings.scenarios}
+items_topic = app.topic(settings.items_topic, partitions=settings.partitions)
+interests_topic = app.topic(settings.interests_topic, partitions=settings.partitions)
+deadletter_topic = app.topic(settings.deadletter_topic, partitions=settings.partitions)
+processed: dict[tuple[str, int], int] = {}  # (topic, partition) → last offset handled, for the lag gauge
+
+
+async def deadletter(msg: Message, reason: str, source: str) -> None:
+    metrics.DEADLETTER.labels(source).inc()
+    log.warning("dead-letter %s:%d:%d (%s): %s", msg.topic, msg.partition, msg.offset, source, reason)
+    body = {
+        "reason": reason,
+        "source": source,
+        "topic": msg.topic,
+        "partition": msg.partition,
+        "offset": msg.offset,
+        "key": msg.key.decode(errors="replace") if msg.key else None,
+        "value": msg.value[:4096].decode(errors="replace"),
+        "at": time.time(),
+    }
+    await deadletter_topic.send(key=msg.key, value=orjson.dumps(body))
+
+
+async def republish(scenario: str, user: str, body: bytes) -> None:
+    await event_topics[scenario].send(key=user.encode(), value=body)
+
+
+async def emit(user: str, body: dict) -> None:
+    await interests_topic.send(key=user.encode(), value=orjson.dumps(body))
+
+
+ingestor = Ingestor(settings, ckpt, store, deadletter)
+item_handler = ItemHandler(settings, ckpt, store, deadletter, republish)
+refresher = Refresher(settings, ckpt, store, emit)
+
+
+def _messages(events) -> list[Message]:
+    out = []
+    for e in events:
+        m = e.message
+        processed[(m.topic, m.partition)] = m.offset
+        out.append(Message(m.topic, m.partition, m.offset, m.key, m.value or b"", (m.timestamp or 0) / 1000.0))
+    return out
+
+
+def _scenario_agent(scenario: str):
+    async def agent(stream):
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
+            await ingestor.handle(scenario, _messages(events))
+
+    agent.__name__ = f"events_{scenario}"
+    return agent
+
+
+for _scenario, _topic in event_topics.items():
+    app.agent(_topic, name=f"events-{_scenario}")(_scenario_agent(_scenario))
+
+
+@app.agent(items_topic, name="items")
+async def items_agent(stream):
+    async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
+        await item_handler.handle(_messages(events))
+
+
+def owned_partitions() -> list[int]:
+    names = {t.get_topic_name() for t in event_topics.values()}
+    return sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in names})
+
+
+@app.timer(interval=max(settings.refine_wait_ms, 10) / 1000)
+async def refine_tick() -> None:
+    if settings.refine:
+        while await refresher.tick(owned_partitions()) >= settings.refine_batch:
+            pass  # a full batch: more may be waiting
+
+
+@app.timer(interval=5.0)
+async def expire_parked() -> None:
+    for item in await store.expired_parked_items(time.time() - settings.park_timeout_s):
+        for body in await store.take_parked(item):
+            event = orjson.loads(body)
+            scenario = event.get("scenario", "?")
+            msg = Message(settings.events_topic(scenario), -1, -1, str(event.get("user_id")).encode(), body, 0.0)
+            await deadletter(msg, f"unknown item {item!r}: not arrived within {settings.park_timeout_s:.0f}s", "event")
+
+
+@app.timer(interval=5.0)
+async def lag_gauge() -> None:
+    for tp in app.consumer.assignment():
+        hw = app.consumer.highwater(tp)
+        if hw is not None:
+            metrics.LAG.labels(tp.topic, str(tp.partition)).set(
+                max(0, hw - processed.get((tp.topic, tp.partition), -1) - 1)
+            )
+
+
+@app.page("/users/{user_id}/interests")
+async def user_interests(web, request, user_id: str):
+    found = await reader.interests(user_id)
+    if found is None:
+        return web.json({"error": f"no interest vectors for user {user_id!r} yet"}, status=404)
+    return web.json(found.to_json())
+
+
+@app.page("/metrics")
+async def metrics_page(web, request):
+    return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)

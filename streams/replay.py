@@ -1,0 +1,119 @@
+"""Produces a dataset's items and events into the topics, in time order, with kafka-python.
+
+Used by ``mirstream replay``, the demo and the integration tests.  ``rate`` paces events per second;
+None sends as fast as the producer goes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+from kafka import KafkaProducer
+from tqdm import tqdm
+
+from models.data import Dataset
+from streams.settings import Settings
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """The events to send (indices into the dataset's columns, time order) and the items they use."""
+
+    events: np.ndarray
+    items: np.ndarray
+
+
+def plan(ds: Dataset, max_users: int | None = None, max_events: int | None = None) -> ReplayPlan:
+    stop = int(ds.offsets[min(max_users or ds.n_users, ds.n_users)])
+    order = np.lexsort((np.arange(stop), ds.ts[:stop]))  # global time order, stable
+    if max_events is not None:
+        order = order[:max_events]
+    return ReplayPlan(order, np.unique(ds.item[order]))
+
+
+def event_body(ds: Dataset, i: int) -> dict:
+    body = {
+        "event_id": f"{ds.name}-{i}",
+        "user_id": str(ds.user_ids[ds.user[i]]),
+        "item_id": str(ds.item_ids[ds.item[i]]),
+        "scenario": ds.scenarios[ds.scenario[i]],
+        "action": ds.actions[ds.action[i]],
+        "ts": float(ds.ts[i]),
+    }  # fmt: skip
+    if ds.query and ds.query[i]:
+        body["query"] = ds.query[i]
+    return body
+
+
+def item_body(ds: Dataset, j: int) -> dict:
+    body: dict = {"item_id": str(ds.item_ids[j]), "text": ds.item_text[j]}
+    if ds.item_vectors is not None:
+        body["vector"] = ds.item_vectors[j].tolist()
+    return body
+
+
+def producer(settings: Settings) -> KafkaProducer:
+    return KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, acks="all",
+                         max_request_size=settings.max_message_bytes * 4)  # fmt: skip
+
+
+def send_items(settings: Settings, ds: Dataset, items: np.ndarray, progress: bool = True) -> int:
+    p = producer(settings)
+    for j in tqdm(items.tolist(), desc="replay items", unit="item", disable=not progress):
+        p.send(settings.items_topic, key=str(ds.item_ids[j]).encode(), value=orjson.dumps(item_body(ds, j)))
+    p.flush()
+    p.close()
+    return len(items)
+
+
+def send_events(settings: Settings, ds: Dataset, events: np.ndarray, rate: float | None = None,
+                progress: bool = True) -> float:  # fmt: skip
+    """Sends events in order; returns the achieved events/s."""
+    p = producer(settings)
+    t0 = time.perf_counter()
+    for n, i in enumerate(tqdm(events.tolist(), desc="replay events", unit="ev", disable=not progress)):
+        if rate:
+            ahead = t0 + n / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+        body = event_body(ds, i)
+        p.send(settings.events_topic(body["scenario"]), key=body["user_id"].encode(), value=orjson.dumps(body))
+    p.flush()
+    p.close()
+    return len(events) / max(time.perf_counter() - t0, 1e-9)
+
+
+def expected_seq(ds: Dataset, events: np.ndarray) -> dict[str, int]:
+    """Per user, how many events the replay sends: the ``seq`` its vectors reach once all are applied."""
+    users, counts = np.unique(ds.user[events], return_counts=True)
+    return {str(ds.user_ids[u]): int(c) for u, c in zip(users, counts, strict=True)}
+
+
+def wait_for_vectors(
+    settings: Settings, expected: dict[str, int], timeout: float = 120.0, progress: bool = True
+) -> dict[str, int]:
+    """Polls Redis until every user's vectors reflect ``expected[user]`` events; returns the users still behind."""
+    from state.keys import Keys
+    from state.store import connect_sync
+
+    r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
+    users = list(expected)
+    deadline = time.monotonic() + timeout
+    bar = tqdm(total=len(users), desc="waiting for fresh vectors", unit="user", disable=not progress)
+    behind = dict(expected)
+    while behind and time.monotonic() < deadline:
+        pipe = r.pipeline(transaction=False)
+        names = list(behind)
+        for u in names:
+            pipe.hget(keys.user_vectors(u), "seq")
+        for u, seq in zip(names, pipe.execute(), strict=True):
+            if seq is not None and int(seq) >= behind[u]:
+                del behind[u]
+                bar.update(1)
+        if behind:
+            time.sleep(0.2)
+    bar.close()
+    return behind
