@@ -151,10 +151,10 @@ class StreamStore:
         return out
 
     async def write_vectors(
-        self, user: str, seq: int, version: str, event_ts: float, vectors: dict[str, np.ndarray]
+        self, user: str, seq: int, version: str, event_ts: float, produced_at: float, vectors: dict[str, np.ndarray]
     ) -> bool:
         k, d = next(iter(vectors.values())).shape
-        args: list = [seq, version, repr(time.time()), repr(float(event_ts)), k, d]
+        args: list = [seq, version, repr(time.time()), repr(float(event_ts)), repr(float(produced_at)), k, d]
         for scenario, v in vectors.items():
             args += [f"vec:{scenario}", np.ascontiguousarray(v, dtype="<f4").tobytes()]
         keys = [self.keys.user_vectors(user), self.keys.user_state(user)]

@@ -26,6 +26,7 @@ def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
         web_enabled=settings.web_port > 0,
         web_port=settings.web_port or 6066,
         web_host="127.0.0.1",
+        web_bind="127.0.0.1",
         # Refinement runs in an executor; give slow batches room before Faust calls the worker stuck.
         broker_commit_livelock_soft_timeout=120.0,
         stream_wait_empty=False,

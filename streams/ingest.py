@@ -45,6 +45,19 @@ class Message:
 
 
 DeadLetter = Callable[[Message, str, str], Awaitable[None]]
+Republish = Callable[[str, str, bytes], Awaitable[None]]  # scenario, user key, body
+
+
+async def release_parked(store: StreamStore, republish: Republish, item_id: str) -> int:
+    """Re-produces every event parked for ``item_id``. The take is atomic, so two callers never both get one."""
+    bodies = await store.take_parked(item_id)
+    for body in bodies:
+        event = orjson.loads(body)
+        await republish(event["scenario"], str(event["user_id"]), body)
+        log.info(
+            "released parked event %s of user %s (item %s arrived)", event.get("event_id"), event["user_id"], item_id
+        )
+    return len(bodies)
 
 
 @dataclass
@@ -56,8 +69,11 @@ class _Accepted:
 
 
 class Ingestor:
-    def __init__(self, settings: Settings, ckpt: Checkpoint, store: StreamStore, deadletter: DeadLetter) -> None:
+    def __init__(
+        self, settings: Settings, ckpt: Checkpoint, store: StreamStore, deadletter: DeadLetter, republish: Republish
+    ) -> None:
         self.settings = settings
+        self.republish = republish
         self.ckpt = ckpt
         self.store = store
         self.deadletter = deadletter
@@ -161,5 +177,9 @@ class Ingestor:
             log.info(
                 "parked event %s of user %s: item %s not known yet", a.event.event_id, a.event.user_id, a.event.item_id
             )
+            # The item may have been stored between our look-up and the park, after the item agent had
+            # already released its (then empty) parking list: look again and release it ourselves.
+            if (await self.store.item_codes([a.event.item_id]))[a.event.item_id] is not None:
+                await release_parked(self.store, self.republish, a.event.item_id)
         else:
             await self.deadletter(a.msg, f"unknown item {a.event.item_id!r} and its parking list is full", "event")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 
 import numpy as np
 import orjson
@@ -18,11 +17,10 @@ from models.user_model import Checkpoint
 from state.store import StreamStore
 from streams import metrics
 from streams.events import Item, Rejected, parse_item
-from streams.ingest import DeadLetter, Message
+from streams.ingest import DeadLetter, Message, Republish, release_parked
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
-Republish = Callable[[str, str, bytes], Awaitable[None]]  # scenario, user key, body
 
 
 class ItemHandler:
@@ -60,7 +58,7 @@ class ItemHandler:
                 item.item_id, enc.to_bytes(i), retrieval[i].tobytes(), self.ckpt.version, item.text or ""
             )
             metrics.ITEMS.inc()
-            await self.release_parked(item.item_id)
+            await release_parked(self.store, self.republish, item.item_id)
         return [it.item_id for it in items]
 
     async def release_parked(self, item_id: str) -> None:

@@ -9,11 +9,15 @@ Web: ``GET /users/{id}/interests`` (JSON), ``GET /metrics`` (Prometheus).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
+from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from models.user_model import Checkpoint
 from state.store import AsyncInterestReader, StreamStore, connect_async
@@ -62,7 +66,7 @@ async def emit(user: str, body: dict) -> None:
     await interests_topic.send(key=user.encode(), value=orjson.dumps(body))
 
 
-ingestor = Ingestor(settings, ckpt, store, deadletter)
+ingestor = Ingestor(settings, ckpt, store, deadletter, republish)
 item_handler = ItemHandler(settings, ckpt, store, deadletter, republish)
 refresher = Refresher(settings, ckpt, store, emit)
 
@@ -72,14 +76,32 @@ def _messages(events) -> list[Message]:
     for e in events:
         m = e.message
         processed[(m.topic, m.partition)] = m.offset
-        out.append(Message(m.topic, m.partition, m.offset, m.key, m.value or b"", (m.timestamp or 0) / 1000.0))
+        out.append(Message(m.topic, m.partition, m.offset, m.key, m.value or b"", float(m.timestamp or 0)))
     return out
+
+
+async def retrying(what: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Runs ``step`` until it succeeds, backing off while Redis or Kafka is unreachable.
+
+    Every step is idempotent, so re-running a half-done batch is safe; the batch is not acked (and the
+    consumer does not move on) until it succeeded.
+    """
+    delay = 0.1
+    while True:
+        try:
+            await step()
+            return
+        except (RedisError, OSError, KafkaError) as exc:
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _scenario_agent(scenario: str):
     async def agent(stream):
         async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
-            await ingestor.handle(scenario, _messages(events))
+            batch = _messages(events)
+            await retrying(f"events-{scenario} batch", lambda batch=batch: ingestor.handle(scenario, batch))
 
     agent.__name__ = f"events_{scenario}"
     return agent
@@ -92,7 +114,8 @@ for _scenario, _topic in event_topics.items():
 @app.agent(items_topic, name="items")
 async def items_agent(stream):
     async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
-        await item_handler.handle(_messages(events))
+        batch = _messages(events)
+        await retrying("items batch", lambda batch=batch: item_handler.handle(batch))
 
 
 def owned_partitions() -> list[int]:
@@ -100,15 +123,24 @@ def owned_partitions() -> list[int]:
     return sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in names})
 
 
-@app.timer(interval=max(settings.refine_wait_ms, 10) / 1000)
-async def refine_tick() -> None:
-    if settings.refine:
-        while await refresher.tick(owned_partitions()) >= settings.refine_batch:
-            pass  # a full batch: more may be waiting
+@app.task
+async def refine_loop() -> None:
+    """Refinement micro-batches, back to back while there is work, every ``refine_wait_ms`` when idle."""
+    while settings.refine and not app.should_stop:
+        try:
+            busy = await refresher.tick(owned_partitions()) >= settings.refine_batch
+        except (RedisError, OSError, KafkaError) as exc:  # users stay dirty: the next tick retries them
+            log.warning("refinement tick failed (%s: %s)", type(exc).__name__, exc)
+            busy = False
+        await asyncio.sleep(0 if busy else settings.refine_wait_ms / 1000)
 
 
 @app.timer(interval=5.0)
 async def expire_parked() -> None:
+    await retrying("parking expiry", _expire_parked)
+
+
+async def _expire_parked() -> None:
     for item in await store.expired_parked_items(time.time() - settings.park_timeout_s):
         for body in await store.take_parked(item):
             event = orjson.loads(body)
@@ -137,4 +169,4 @@ async def user_interests(web, request, user_id: str):
 
 @app.page("/metrics")
 async def metrics_page(web, request):
-    return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
