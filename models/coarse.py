@@ -1,15 +1,17 @@
 """Lightweight (coarse) recommender over the whole history, with an O(1) incremental state.
 
 M learned interest queries attend over every event the user ever had.  Each event is embedded on its
-own (decoded item vector + scenario + action + time-gap bucket, through a small MLP), so the attention
+own (decoded item vector + scenario + action + hour of day, through a small MLP), so the attention
 pooling is a sum over events and can be kept as a running log-sum-exp per query:
 ``mu`` (max logit), ``Z`` (softmax denominator at that max), ``S`` (weighted value sum).  Folding one
 event in is O(1); reading the interests is S/Z through an output layer.  The incremental state equals a
 full recompute over the whole history (tests/test_coarse.py checks it, the pattern HSTU uses for its
 cached forward).
 
-Time gaps are measured to the user's previous event *of the same scenario*: each scenario topic is
-ordered per user, so the state does not depend on how the stream interleaves scenarios.
+No feature depends on the event before (a time gap would): the state is a commutative sum, so it is
+the same whatever order the stream applies events in — scenario topics interleave freely, and an event
+parked until its item arrives may be applied late.  Gaps are the refiner's job, over the sorted recent
+history.
 
 Exponential time decay comes for free: a weight exp(-λ (t_now - t)) is a logit offset λ·t (t_now is
 the same for every event and cancels in the softmax), so it needs no re-scaling as time passes.
@@ -34,31 +36,15 @@ class CoarseConfig:
     num_actions: int
     d_model: int = 64
     interests: int = 4
-    gap_buckets: int = 16
     #: λ in 1/day: how much older events weigh less (0 = no decay).
     decay_per_day: float = 0.01
 
 
-def gap_bucket(gap_seconds: np.ndarray | torch.Tensor, buckets: int) -> np.ndarray | torch.Tensor:
-    """log2 buckets of the gap to the previous event, in minutes: 0, 1, 2-3, 4-7, ... (first event: 0)."""
-    if isinstance(gap_seconds, torch.Tensor):
-        g = torch.clamp(gap_seconds.double(), min=0) / 60.0
-        return torch.clamp(torch.floor(torch.log2(1.0 + g)), max=buckets - 1).long()
-    g = np.maximum(np.asarray(gap_seconds, dtype=np.float64), 0) / 60.0
-    return np.minimum(np.floor(np.log2(1.0 + g)), buckets - 1).astype(np.int64)
-
-
-def previous_same_scenario(ts: torch.Tensor, scenario: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) time of each event's previous event in the same scenario (its own time when it is the first)."""
-    positions = torch.arange(ts.shape[1]).expand_as(ts)
-    prev = ts.clone()
-    for s in torch.unique(scenario[mask]).tolist():
-        mine = (scenario == s) & mask
-        last = torch.cummax(torch.where(mine, positions, -1), dim=1).values
-        before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)
-        found = mine & (before >= 0)
-        prev = torch.where(found, torch.gather(ts, 1, before.clamp(min=0)), prev)
-    return prev
+def hour_of_day(ts: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """0..23 (UTC) of each event time in seconds."""
+    if isinstance(ts, torch.Tensor):
+        return torch.floor(torch.remainder(ts.double(), DAY) / 3600.0).long().clamp(0, 23)
+    return np.clip(np.floor(np.remainder(np.asarray(ts, dtype=np.float64), DAY) / 3600.0), 0, 23).astype(np.int64)
 
 
 class CoarseInterests(nn.Module):
@@ -71,7 +57,7 @@ class CoarseInterests(nn.Module):
         self.item_proj = nn.Linear(cfg.item_dim, d)
         self.scenario = nn.Embedding(cfg.num_scenarios, d)
         self.action = nn.Embedding(cfg.num_actions, d)
-        self.gap = nn.Embedding(cfg.gap_buckets, d)
+        self.hour = nn.Embedding(24, d)
         self.event_mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.key = nn.Linear(d, d)
         self.value = nn.Linear(d, d)
@@ -84,11 +70,11 @@ class CoarseInterests(nn.Module):
         items: torch.Tensor,
         scenario: torch.Tensor,
         action: torch.Tensor,
-        gap: torch.Tensor,
+        hour: torch.Tensor,
         age_days: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-event (logits (..., M), values (..., d)); ``age_days`` = event time - reference time."""
-        x = self.item_proj(items) + self.scenario(scenario) + self.action(action) + self.gap(gap)
+        x = self.item_proj(items) + self.scenario(scenario) + self.action(action) + self.hour(hour)
         x = x + self.event_mlp(x)
         logits = self.key(x) @ self.queries.T / math.sqrt(self.cfg.d_model)
         logits = logits + self.cfg.decay_per_day * age_days.to(logits.dtype).unsqueeze(-1)
@@ -100,18 +86,15 @@ class CoarseInterests(nn.Module):
     ) -> torch.Tensor:
         """Full recompute: (B, T, ...) right-padded histories, ``mask`` (B, T) true on real events → (B, M, d)."""
         ts = ts.double()
-        gaps = gap_bucket(ts - previous_same_scenario(ts, scenario, mask), self.cfg.gap_buckets)
         age = ((ts - ts[:, :1]) / DAY).float()
-        logits, values = self.event_terms(items, scenario, action, gaps, age)
+        logits, values = self.event_terms(items, scenario, action, hour_of_day(ts), age)
         logits = logits.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a user with no events → zeros
         pooled = torch.einsum("btm,btd->bmd", weights, values)
         return self.out(pooled)
 
     # ---------------------------------------------------------------- incremental state
-    @property
-    def _head(self) -> int:
-        return 2 + self.cfg.num_scenarios  # count, t0, last time per scenario
+    _head = 2  # count, t0
 
     @property
     def state_size(self) -> int:
@@ -119,9 +102,8 @@ class CoarseInterests(nn.Module):
         return self._head + m * (2 + d)
 
     def init_state(self) -> np.ndarray:
-        """[count, t0, last_ts per scenario (S), mu (M), Z (M), S (M*d)] as float64; mu starts at -inf."""
+        """[count, t0, mu (M), Z (M), S (M*d)] as float64; mu starts at -inf."""
         s = np.zeros(self.state_size, dtype=np.float64)
-        s[2 : self._head] = np.nan  # no event yet in that scenario
         s[self._head : self._head + self.cfg.interests] = -np.inf
         return s
 
@@ -133,7 +115,7 @@ class CoarseInterests(nn.Module):
     def update(
         self, state: np.ndarray, items: np.ndarray, scenario: np.ndarray, action: np.ndarray, ts: np.ndarray
     ) -> np.ndarray:
-        """Folds events (in time order) into a copy of ``state``; cost O(events), independent of history."""
+        """Folds events (any order) into a copy of ``state``; cost O(events), independent of history."""
         if state.shape != (self.state_size,):
             raise ValueError(f"coarse state must have {self.state_size} values, got {state.shape}")
         n = len(ts)
@@ -141,21 +123,14 @@ class CoarseInterests(nn.Module):
         if n == 0:
             return new
         ts = np.asarray(ts, dtype=np.float64)
-        scenario = np.asarray(scenario, dtype=np.int64)
         count, t0 = new[0], new[1]
         if count == 0:
-            t0 = ts[0]
-        last = new[2 : self._head]  # view: updated in place below
-        prev = np.empty(n)
-        for i, (s, t) in enumerate(zip(scenario.tolist(), ts.tolist(), strict=True)):
-            prev[i] = t if np.isnan(last[s]) else last[s]
-            last[s] = t
-        gaps = gap_bucket(ts - prev, self.cfg.gap_buckets)
+            t0 = ts[0]  # any reference works: it shifts every logit of a query alike
         logits, values = self.event_terms(
             torch.as_tensor(np.asarray(items, dtype=np.float32)),
-            torch.as_tensor(scenario),
+            torch.as_tensor(np.asarray(scenario, dtype=np.int64)),
             torch.as_tensor(np.asarray(action, dtype=np.int64)),
-            torch.as_tensor(gaps),
+            torch.as_tensor(hour_of_day(ts)),
             torch.as_tensor((ts - t0) / DAY, dtype=torch.float32),
         )
         logits, values = logits.double().numpy(), values.double().numpy()  # (n, M), (n, d)

@@ -23,8 +23,16 @@ import torch
 from torch import nn
 
 from models.backbone import load_backbone
-from models.coarse import gap_bucket
 from models.item_tower import ProjectionHead
+
+
+def gap_bucket(gap_seconds: np.ndarray | torch.Tensor, buckets: int) -> np.ndarray | torch.Tensor:
+    """log2 buckets of the gap to the previous event, in minutes: 0, 1, 2-3, 4-7, ... (first event: 0)."""
+    if isinstance(gap_seconds, torch.Tensor):
+        g = torch.clamp(gap_seconds.double(), min=0) / 60.0
+        return torch.clamp(torch.floor(torch.log2(1.0 + g)), max=buckets - 1).long()
+    g = np.maximum(np.asarray(gap_seconds, dtype=np.float64), 0) / 60.0
+    return np.minimum(np.floor(np.log2(1.0 + g)), buckets - 1).astype(np.int64)
 
 
 @dataclass(frozen=True)

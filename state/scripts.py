@@ -6,7 +6,8 @@ from __future__ import annotations
 #: Apply a batch of a user's events: compare-and-set on ``seq`` (a concurrent writer makes it return
 #: the current seq so the caller re-reads and recomputes), then state + watermarks + history in one step.
 #: KEYS: state hash, history string.
-#: ARGV: expected_seq, n_events, coarse_bytes, last_ts, history_records, record_size, cap, [field, offset]...
+#: ARGV: expected_seq, n_events, coarse_bytes, last_ts, history_records, record_size, cap, [field, value]...
+#: (an empty value deletes the field)
 #: Returns {new_seq, refined_seq} or {-1, current_seq} on conflict.
 APPLY_EVENTS = """
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
@@ -20,7 +21,11 @@ if tonumber(ARGV[4]) > last then
   redis.call('HSET', KEYS[1], 'last_ts', ARGV[4])
 end
 for i = 8, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
 end
 if #ARGV[5] > 0 then
   local len = redis.call('APPEND', KEYS[2], ARGV[5])

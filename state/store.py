@@ -106,7 +106,7 @@ class StreamStore:
             pipe.hmget(self.keys.user_state(u), ["seq", "coarse", *watermark_fields])
         rows = {}
         for u, vals in zip(users, await pipe.execute(), strict=True):
-            marks = {f: int(v) for f, v in zip(watermark_fields, vals[2:], strict=True) if v is not None}
+            marks = {f: int(float(v)) for f, v in zip(watermark_fields, vals[2:], strict=True) if v is not None}
             rows[u] = UserRow(int(vals[0] or 0), vals[1], marks)
         return rows
 
@@ -120,14 +120,19 @@ class StreamStore:
         records: bytes,
         record_size: int,
         cap: int,
-        watermarks: dict[str, int],
+        fields: dict[str, object],
     ) -> tuple[int, int] | None:
-        """Atomically applies a user's batch; None when another writer got there first (re-read, retry)."""
+        """Atomically applies a user's batch and sets ``fields`` ("" deletes one); None when another writer
+        got there first (re-read, retry)."""
         args: list = [expected_seq, n_events, coarse, repr(float(last_ts)), records, record_size, cap]
-        for f, off in watermarks.items():
-            args += [f, off]
+        for f, value in fields.items():
+            args += [f, value]
         new_seq, refined = await self._apply(keys=[self.keys.user_state(user), self.keys.user_history(user)], args=args)
         return None if new_seq == -1 else (int(new_seq), int(refined))
+
+    async def mark_parked(self, user: str, origins: list[str]) -> None:
+        """Notes in the user's state that these events were parked (see ``streams.ingest``)."""
+        await self.r.hset(self.keys.user_state(user), mapping={f"p:{o}": 1 for o in origins})
 
     async def mark_dirty(self, partition: int, users: dict[str, int]) -> None:
         if users:

@@ -5,8 +5,9 @@ Delivery from Kafka is at-least-once.  Each user's state carries the highest off
 the coarse state, the watermark and the history together.  A redelivered event is at or below the
 watermark and is skipped, so replays and restarts change nothing.  Events whose item is not known yet
 are parked in Redis (their offset still advances the watermark) and re-produced by the item agent once
-the item arrives; a re-produced event names its origin (``_origin``) so a duplicate parking is applied
-once.
+the item arrives.  A parked event could reach the user twice (its re-produced copy, and the original
+redelivered after a crash), so parking notes ``p:<origin>`` in the user's state and applying such an
+event records ``o:<origin>``: whichever copy comes second is skipped.
 """
 
 from __future__ import annotations
@@ -119,30 +120,41 @@ class Ingestor:
     ) -> int | None:
         topic, partition = items[0].msg.topic, items[0].msg.partition
         mark = Keys.watermark(topic, partition)
-        replayed = [f"o:{a.origin}" for a in items if a.replayed]
+        origin_fields = [f"{tag}:{a.origin}" for a in items for tag in ("o", "p")]
         parked_now: set[str] = set()
         for _ in range(MAX_CAS_RETRIES):
-            row = (await self.store.read_users([user], [mark, "refined_seq", *replayed]))[user]
-            done = row.watermarks.get(mark, -1)
-            fresh = [a for a in items if a.msg.offset > done and f"o:{a.origin}" not in row.watermarks]
+            row = (await self.store.read_users([user], [mark, "refined_seq", *origin_fields]))[user]
+            seen = row.watermarks
+            done = seen.get(mark, -1)
+            fresh = [a for a in items if a.msg.offset > done and f"o:{a.origin}" not in seen]
             metrics.DUPLICATES.labels(scenario).inc(len(items) - len(fresh))
             if not fresh:
-                refined = row.watermarks.get("refined_seq", 0)
-                return row.seq if row.seq > refined else None  # re-mark after a crash between apply and mark
-            applied, parked = [], []
-            for a in fresh:
-                (applied if codes.get(a.event.item_id) is not None else parked).append(a)
-            for a in parked:  # parked before the watermark moves past them: a crash re-parks, never loses
-                if a.origin not in parked_now:
+                return row.seq if row.seq > seen.get("refined_seq", 0) else None  # re-mark after a crash
+            applied = [a for a in fresh if codes.get(a.event.item_id) is not None]
+            parked = [a for a in fresh if codes.get(a.event.item_id) is None and a.origin not in parked_now]
+            if parked:  # noted and parked before the watermark passes them: a crash re-parks, never loses
+                await self.store.mark_parked(user, [a.origin for a in parked])
+                for a in parked:
                     await self._park(a)
                     parked_now.add(a.origin)
-            marks = {mark: max(a.msg.offset for a in fresh)}
-            marks.update({f"o:{a.origin}": 1 for a in applied if f"o:{a.origin}" in replayed})
+            fields: dict[str, object] = {mark: max(a.msg.offset for a in fresh)}
+            for a in applied:  # an event that was ever parked may arrive twice: remember it was applied
+                if a.replayed or f"p:{a.origin}" in seen or a.origin in parked_now:
+                    fields[f"o:{a.origin}"] = 1
+                    fields[f"p:{a.origin}"] = ""
             state, records, last_ts = self._fold(row.coarse, applied, codes)
             if applied:
-                marks["kts"] = max(a.msg.timestamp for a in applied)
+                fields["kts"] = max(a.msg.timestamp for a in applied)
             result = await self.store.apply(
-                user, row.seq, len(applied), state, last_ts, records, self.record_size, self.settings.history_cap, marks
+                user,
+                row.seq,
+                len(applied),
+                state,
+                last_ts,
+                records,
+                self.record_size,
+                self.settings.history_cap,
+                fields,
             )
             if result is not None:
                 metrics.EVENTS.labels(scenario).inc(len(applied))

@@ -116,3 +116,41 @@ def redis_url(services: _Services) -> str:
 def prefix() -> str:
     """A fresh topic/key prefix per test, so tests never see each other's data."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def sim_checkpoint(tmp_path_factory) -> Path:
+    """A small model trained on the simulator (three scenarios, given item vectors): about 20 s on 2 cores."""
+    from models.train import TrainConfig, run_train
+
+    out = tmp_path_factory.mktemp("ckpt") / "sim"
+    run_train(TrainConfig(dataset="sim", steps=40, codewords=64), out, progress=False)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pipeline_settings(kafka_bootstrap, redis_url, prefix, tmp_path, sim_checkpoint):
+    from streams.settings import Settings
+
+    return Settings(
+        bootstrap_servers=kafka_bootstrap,
+        redis_url=redis_url,
+        prefix=prefix,
+        app_id=f"{prefix}-app",
+        datadir=str(tmp_path / "faust"),
+        web_port=free_port(),
+        checkpoint=str(sim_checkpoint),
+        partitions=3,
+        refine_wait_ms=50,
+        refine_debounce_ms=0,
+        batch_wait_ms=20,
+        park_timeout_s=5.0,
+    )

@@ -1,0 +1,226 @@
+"""The streaming pipeline against real Kafka + Redis: end to end, parity with the offline models,
+redelivery, crash/restart and bad input."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import orjson
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, OffsetSpec
+
+from models.data import load
+from models.refiner import UserInput
+from models.user_model import Checkpoint
+from state.keys import Keys
+from state.store import InterestReader
+from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
+from streams.topics import all_topics, ensure_topics
+from streams.workerproc import WorkerProcess
+
+pytestmark = pytest.mark.integration
+USERS = 12  # ~1,300 events over three scenarios
+COARSE_TOL = 1e-5  # float64 running sums: only summation order differs between stream and offline
+VECTOR_TOL = 1e-4  # float32 refiner; the same inputs up to the coarse tolerance
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load("sim")
+
+
+def offline(ckpt: Checkpoint, ds, user: str, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the models compute for a user without any stream: coarse interests and refined vectors."""
+    u = int(np.flatnonzero(ds.user_ids.astype(str) == user)[0])
+    sl = ds.user_slice(u)
+    items = ckpt.item_vectors[ds.item[sl]]
+    enc = ckpt.codebook.encode(items)
+    decoded = ckpt.codebook.decode(enc.codes, enc.alphas)
+    model = ckpt.model
+    state = model.coarse.update(model.coarse.init_state(), decoded, ds.scenario[sl], ds.action[sl], ds.ts[sl])
+    coarse = model.coarse.read(state)
+    keep = slice(max(0, len(decoded) - cap), None)
+    recent = UserInput(coarse, decoded[keep], ds.scenario[sl][keep], ds.action[sl][keep], ds.ts[sl][keep])
+    return coarse, model.refine_users([recent], list(range(len(ds.scenarios))))[0]
+
+
+def snapshot(redis_url: str, prefix: str, users: list[str]) -> dict[str, tuple]:
+    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
+    out = {}
+    for u in users:
+        s = r.hgetall(keys.user_state(u))
+        v = r.hgetall(keys.user_vectors(u))
+        out[u] = (
+            s[b"seq"],
+            s[b"coarse"],
+            r.get(keys.user_history(u)),
+            v.get(b"seq"),
+            tuple(sorted((k, val) for k, val in v.items() if k.startswith(b"vec:"))),
+        )
+    return out
+
+
+def replay(settings, ds, users=USERS, **kw):
+    p = plan(ds, max_users=users)
+    ensure_topics(settings)
+    send_items(settings, ds, p.items, progress=False)
+    send_events(settings, ds, p.events, progress=False, **kw)
+    return expected_seq(ds, p.events)
+
+
+def test_replay_parity_lookup_and_group_reset(pipeline_settings, ds, tmp_path):
+    settings = pipeline_settings
+    ckpt = Checkpoint.load(settings.checkpoint)
+    with WorkerProcess(settings, log=tmp_path / "worker.log"):
+        expected = replay(settings, ds)
+        assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
+        page = orjson.loads(urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/users/0/interests").read())
+        metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics").read().decode()
+    assert page["seq"] == expected["0"] and set(page["vectors"]) == {"feed", "search", "ads"}
+    assert 'mirstream_events_total{scenario="feed"}' in metrics_text
+
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
+    k, d = ckpt.model.cfg.interests, ckpt.model.cfg.retrieval_dim
+    for user, n in expected.items():
+        vecs, meta = reader.get_user_interests(user, "ads")
+        assert vecs.shape == (k, d) and meta.seq == n
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        assert reader.get_user_interests(user)[0].shape == (3 * k, d)
+        # Parity with the models run offline over the same history.
+        state = np.frombuffer(r.hget(keys.user_state(user), "coarse"), dtype="<f8")
+        coarse_off, vectors_off = offline(ckpt, ds, user, settings.history_cap)
+        np.testing.assert_allclose(ckpt.model.coarse.read(state), coarse_off, atol=COARSE_TOL)
+        for i, s in enumerate(ds.scenarios):
+            np.testing.assert_allclose(meta.vectors[s], vectors_off[i], atol=VECTOR_TOL)
+
+    # Redelivery: reset the consumer group to the earliest offsets and process everything again.
+    before = snapshot(settings.redis_url, settings.prefix, list(expected))
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    tps = [TopicPartition(t, p) for t in all_topics(settings) for p in range(settings.partitions)]
+    admin.reset_group_offsets(settings.app_id, {tp: OffsetSpec.EARLIEST for tp in tps})
+    admin.close()
+    with WorkerProcess(settings, log=tmp_path / "worker2.log") as w:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "events-feed" not in w.log_text():
+            time.sleep(0.5)
+        time.sleep(8)  # let it re-read every topic from the start
+        log = w.log_text()
+    assert snapshot(settings.redis_url, settings.prefix, list(expected)) == before
+    assert "Traceback" not in log
+
+
+def test_sigkill_mid_stream_then_restart(pipeline_settings, ds, tmp_path):
+    settings = pipeline_settings
+    ckpt = Checkpoint.load(settings.checkpoint)
+    r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
+    worker = WorkerProcess(settings, log=tmp_path / "worker.log").start()
+    p = plan(ds, max_users=USERS)
+    ensure_topics(settings)
+    send_items(settings, ds, p.items, progress=False)
+    half = len(p.events) // 2
+    send_events(settings, ds, p.events[:half], progress=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not r.exists(keys.user_state("0")):
+        time.sleep(0.1)
+    worker.kill()  # mid-stream: no clean shutdown, offsets of the last batches not committed
+    send_events(settings, ds, p.events[half:], progress=False)
+    expected = expected_seq(ds, p.events)
+    with WorkerProcess(settings, log=tmp_path / "worker2.log"):
+        assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    for user, n in expected.items():
+        _, meta = reader.get_user_interests(user)
+        assert meta.seq == n, "an event was lost or applied twice"
+        state = np.frombuffer(r.hget(keys.user_state(user), "coarse"), dtype="<f8")
+        coarse_off, vectors_off = offline(ckpt, ds, user, settings.history_cap)
+        np.testing.assert_allclose(ckpt.model.coarse.read(state), coarse_off, atol=COARSE_TOL)
+        np.testing.assert_allclose(meta.vectors["feed"], vectors_off[0], atol=VECTOR_TOL)
+
+
+BAD = [
+    (b"{not json", "malformed JSON"),
+    (b"[1, 2]", "JSON object"),
+    (orjson.dumps({"user_id": "u1", "item_id": "n1"}), "missing fields"),
+    (
+        orjson.dumps(
+            {"event_id": "e", "user_id": "u1", "item_id": "n1", "scenario": "radio", "action": "click", "ts": 1e9}
+        ),
+        "unknown scenario",
+    ),
+    (
+        orjson.dumps(
+            {"event_id": "e", "user_id": "u1", "item_id": "n1", "scenario": "feed", "action": "click", "ts": "x"}
+        ),
+        "'ts'",
+    ),
+    (
+        orjson.dumps(
+            {"event_id": "e", "user_id": "u1", "item_id": "n1", "scenario": "feed", "action": "purr", "ts": 1e9}
+        ),
+        "unknown action",
+    ),
+    (
+        orjson.dumps(
+            {
+                "event_id": "e",
+                "user_id": "u1",
+                "item_id": "n1",
+                "scenario": "feed",
+                "action": "click",
+                "ts": 1e9,
+                "pad": "x" * 70000,
+            }
+        ),
+        "over the",
+    ),
+]
+BAD_ITEMS = [
+    (orjson.dumps({"item_id": "bad-dim", "vector": [0.1, 0.2]}), "dimensions"),
+    (b'{"item_id": "bad-nan", "vector": [' + b",".join([b"1e999"] * 64) + b"]}", "NaN or infinite"),
+    (orjson.dumps({"item_id": "no-content"}), "needs 'text' or 'vector'"),
+]
+
+
+def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_settings, ds, tmp_path):
+    settings = pipeline_settings.with_(park_timeout_s=3.0)
+    ensure_topics(settings)
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=200_000)
+    good = {"event_id": "g1", "user_id": "u1", "item_id": "n1", "scenario": "feed", "action": "click", "ts": 1.7e9}
+    with WorkerProcess(settings, log=tmp_path / "worker.log") as w:
+        send_items(settings, ds, np.array([1]), progress=False)
+        for raw, _ in BAD:
+            producer.send(settings.events_topic("feed"), key=b"u1", value=raw)
+        producer.send(settings.events_topic("feed"), key=b"u1", value=orjson.dumps(good))
+        for raw, _ in BAD_ITEMS:
+            producer.send(settings.items_topic, key=b"x", value=raw)
+        # An event whose item never arrives: parked, then dead-lettered after the timeout.
+        orphan = dict(good, event_id="g2", item_id="never-sent", ts=1.7e9 + 1)
+        producer.send(settings.events_topic("feed"), key=b"u1", value=orjson.dumps(orphan))
+        producer.flush()
+        expect = len(BAD) + len(BAD_ITEMS) + 1
+        consumer = KafkaConsumer(
+            settings.deadletter_topic,
+            bootstrap_servers=settings.bootstrap_servers,
+            auto_offset_reset="earliest",
+            consumer_timeout_ms=30_000,
+        )
+        letters = []
+        for msg in consumer:
+            letters.append(orjson.loads(msg.value))
+            if len(letters) >= expect:
+                break
+        consumer.close()
+        assert wait_for_vectors(settings, {"u1": 1}, timeout=30, progress=False) == {}
+        metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics").read().decode()
+        assert w.proc.poll() is None, "the worker must keep running"
+    reasons = [d["reason"] for d in letters]
+    for _, expected_reason in BAD + BAD_ITEMS:
+        assert any(expected_reason in reason for reason in reasons), (expected_reason, reasons)
+    assert any("never-sent" in reason for reason in reasons)
+    assert 'mirstream_deadletter_total{source="event"} 8.0' in metrics_text
+    assert 'mirstream_deadletter_total{source="item"} 3.0' in metrics_text
