@@ -126,7 +126,11 @@ class Ingestor:
             row = (await self.store.read_users([user], [mark, "refined_seq", *origin_fields]))[user]
             seen = row.watermarks
             done = seen.get(mark, -1)
-            fresh = [a for a in items if a.msg.offset > done and f"o:{a.origin}" not in seen]
+            fresh, origins = [], set()
+            for a in items:  # a parked copy and its redelivered original can even share a batch
+                if a.msg.offset > done and f"o:{a.origin}" not in seen and a.origin not in origins:
+                    fresh.append(a)
+                    origins.add(a.origin)
             metrics.DUPLICATES.labels(scenario).inc(len(items) - len(fresh))
             if not fresh:
                 return row.seq if row.seq > seen.get("refined_seq", 0) else None  # re-mark after a crash

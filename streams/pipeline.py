@@ -23,7 +23,7 @@ from models.user_model import Checkpoint
 from state.store import AsyncInterestReader, StreamStore, connect_async
 from streams import metrics
 from streams.faust_app import make_faust_app
-from streams.ingest import Ingestor, Message
+from streams.ingest import Ingestor, Message, release_parked
 from streams.items import ItemHandler
 from streams.refinement import Refresher
 from streams.settings import Settings
@@ -141,7 +141,12 @@ async def expire_parked() -> None:
 
 
 async def _expire_parked() -> None:
+    """Parked events whose item is known by now (a crash can leave some behind) are released; the rest
+    are dead-lettered once they waited ``park_timeout_s``."""
     for item in await store.expired_parked_items(time.time() - settings.park_timeout_s):
+        if (await store.item_codes([item]))[item] is not None:
+            await release_parked(store, republish, item)
+            continue
         for body in await store.take_parked(item):
             event = orjson.loads(body)
             scenario = event.get("scenario", "?")

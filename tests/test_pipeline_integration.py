@@ -115,7 +115,8 @@ def test_replay_parity_lookup_and_group_reset(pipeline_settings, ds, tmp_path):
 
 
 def test_sigkill_mid_stream_then_restart(pipeline_settings, ds, tmp_path):
-    settings = pipeline_settings
+    # Parked events must outlive the downtime: the parking clock keeps running while no worker is up.
+    settings = pipeline_settings.with_(park_timeout_s=120.0)
     ckpt = Checkpoint.load(settings.checkpoint)
     r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
     worker = WorkerProcess(settings, log=tmp_path / "worker.log").start()
@@ -181,7 +182,10 @@ BAD = [
 ]
 BAD_ITEMS = [
     (orjson.dumps({"item_id": "bad-dim", "vector": [0.1, 0.2]}), "dimensions"),
-    (b'{"item_id": "bad-nan", "vector": [' + b",".join([b"1e999"] * 64) + b"]}", "NaN or infinite"),
+    # JSON has no NaN: Python's json.dumps writes a bare NaN, which no JSON parser accepts ...
+    (b'{"item_id": "bad-nan", "vector": [' + b",".join([b"NaN"] * 64) + b"]}", "malformed JSON"),
+    # ... and numbers past float32 become infinite in the model's dtype.
+    (orjson.dumps({"item_id": "bad-inf", "vector": [1e300] * 64}), "NaN or infinite"),
     (orjson.dumps({"item_id": "no-content"}), "needs 'text' or 'vector'"),
 ]
 
@@ -202,6 +206,7 @@ def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_setti
         orphan = dict(good, event_id="g2", item_id="never-sent", ts=1.7e9 + 1)
         producer.send(settings.events_topic("feed"), key=b"u1", value=orjson.dumps(orphan))
         producer.flush()
+        producer.close()
         expect = len(BAD) + len(BAD_ITEMS) + 1
         consumer = KafkaConsumer(
             settings.deadletter_topic,
@@ -222,5 +227,5 @@ def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_setti
     for _, expected_reason in BAD + BAD_ITEMS:
         assert any(expected_reason in reason for reason in reasons), (expected_reason, reasons)
     assert any("never-sent" in reason for reason in reasons)
-    assert 'mirstream_deadletter_total{source="event"} 8.0' in metrics_text
-    assert 'mirstream_deadletter_total{source="item"} 3.0' in metrics_text
+    assert f'mirstream_deadletter_total{{source="event"}} {len(BAD) + 1}.0' in metrics_text
+    assert f'mirstream_deadletter_total{{source="item"}} {len(BAD_ITEMS)}.0' in metrics_text
