@@ -50,6 +50,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(_settings(args, checkpoint=args.checkpoint), users=args.users)
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from streams.topics import all_topics, ensure_topics
 
@@ -189,10 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.set_defaults(func=cmd_topics)
 
-    p = sub.add_parser("demo", help="the README's main job: run the stack's demo end to end")
+    p = sub.add_parser("demo", help="the README's main job: train a small model, stream a replay, show fresh vectors")
     _add_connection_flags(p)
-    p.add_argument("--messages", type=int, default=8)
-    p.set_defaults(func=cmd_smoke)
+    p.add_argument("--users", type=int, default=40, help="users of the simulator to replay")
+    p.add_argument("--checkpoint", help="model folder (trained there first when missing; default runs/demo)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("smoke", help="send messages through Kafka → a Faust agent → Redis and print them")
     _add_connection_flags(p)
