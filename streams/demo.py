@@ -51,18 +51,18 @@ def run_demo(settings: Settings, users: int = 40, show: int = 3, train_steps: in
     print(
         f"\n== {len(p.events)} events produced at {rate:.0f}/s; all {len(expected)} users fresh {wall:.1f}s after "
         f"the first event; last-update freshness p50 {np.median(lag):.2f}s, max {lag.max():.2f}s"
-    )  # fmt: skip
+    )
     search = ItemSearch(settings)
     for user in list(expected)[:show]:
         found = reader.interests(user)
         assert found is not None
-        print(f"\n-- user {user}: {found.seq} events, model {found.version}, "
-              f"vectors written {found.updated_at - found.produced_at:.2f}s after its last event reached Kafka")  # fmt: skip
+        lag_s = found.updated_at - found.produced_at
+        print(f"\n-- user {user}: {found.seq} events, model {found.version}, vectors written {lag_s:.2f}s after its")
+        print("   last event reached Kafka; top items per scenario (faiss over the item retrieval vectors):")
         for scenario, vecs in found.vectors.items():
             print(f"   {scenario}: {vecs.shape[0]} vectors x {vecs.shape[1]}-d")
             for hit in search.for_user(user, scenario=scenario, k=3):
                 print(f"      interest {hit.interest}  {hit.score:.3f}  {hit.item_id:>5}  {hit.title}")
-    print(
-        f"\nTry: mirstream lookup {list(expected)[0]} --prefix {run}    mirstream search {list(expected)[0]} --prefix {run}"
-    )
+    first = next(iter(expected))
+    print(f"\nTry: mirstream lookup {first} --prefix {run}    mirstream search {first} --prefix {run}")
     return 0

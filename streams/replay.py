@@ -42,7 +42,7 @@ def event_body(ds: Dataset, i: int) -> dict:
         "scenario": ds.scenarios[ds.scenario[i]],
         "action": ds.actions[ds.action[i]],
         "ts": float(ds.ts[i]),
-    }  # fmt: skip
+    }
     if ds.query and ds.query[i]:
         body["query"] = ds.query[i]
     return body
@@ -56,8 +56,12 @@ def item_body(ds: Dataset, j: int) -> dict:
 
 
 def producer(settings: Settings) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, acks="all",
-                         max_request_size=settings.max_message_bytes * 4)  # fmt: skip
+    return KafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        linger_ms=5,
+        acks="all",
+        max_request_size=settings.max_message_bytes * 4,
+    )
 
 
 def send_items(settings: Settings, ds: Dataset, items: np.ndarray, progress: bool = True) -> int:
@@ -69,8 +73,9 @@ def send_items(settings: Settings, ds: Dataset, items: np.ndarray, progress: boo
     return len(items)
 
 
-def send_events(settings: Settings, ds: Dataset, events: np.ndarray, rate: float | None = None,
-                progress: bool = True) -> float:  # fmt: skip
+def send_events(
+    settings: Settings, ds: Dataset, events: np.ndarray, rate: float | None = None, progress: bool = True
+) -> float:
     """Sends events in order; returns the achieved events/s."""
     p = producer(settings)
     t0 = time.perf_counter()
