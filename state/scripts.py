@@ -68,9 +68,13 @@ end
 return 0
 """
 
-#: Take every parked event of an item at once. KEYS: parked list.
-TAKE_PARKED = """
-local all = redis.call('LRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1])
-return all
+#: Drop the first N parked events of an item (after they were re-produced); deletes an empty list.
+#: KEYS: parked list. ARGV: n. Returns how many remain.
+DROP_PARKED = """
+redis.call('LTRIM', KEYS[1], tonumber(ARGV[1]), -1)
+local left = redis.call('LLEN', KEYS[1])
+if left == 0 then
+  redis.call('DEL', KEYS[1])
+end
+return left
 """

@@ -62,7 +62,7 @@ class StreamStore:
         self._apply = client.register_script(scripts.APPLY_EVENTS)
         self._write = client.register_script(scripts.WRITE_VECTORS)
         self._clear = client.register_script(scripts.CLEAR_DIRTY)
-        self._take = client.register_script(scripts.TAKE_PARKED)
+        self._drop = client.register_script(scripts.DROP_PARKED)
 
     # ---------------------------------------------------------------- items
     async def item_codes(self, items: list[str]) -> dict[str, bytes | None]:
@@ -91,13 +91,18 @@ class StreamStore:
         await pipe.execute()
         return True
 
-    async def take_parked(self, item: str) -> list[bytes]:
-        events = await self._take(keys=[self.keys.parked(item)])
-        await self.r.zrem(self.keys.parked_index, item)
-        return list(events)
+    async def parked(self, item: str) -> list[bytes]:
+        return list(await self.r.lrange(self.keys.parked(item), 0, -1))
 
-    async def expired_parked_items(self, older_than: float) -> list[str]:
-        return [m.decode() for m in await self.r.zrangebyscore(self.keys.parked_index, "-inf", older_than)]
+    async def drop_parked(self, item: str, n: int) -> None:
+        """Drops the first ``n`` parked events (once they are safely re-produced or dead-lettered)."""
+        if await self._drop(keys=[self.keys.parked(item)], args=[n]) == 0:
+            await self.r.zrem(self.keys.parked_index, item)
+
+    async def parked_items(self, limit: int) -> list[tuple[str, float]]:
+        """Items with parked events, oldest first, with the time their first event was parked."""
+        got = await self.r.zrange(self.keys.parked_index, 0, limit - 1, withscores=True)
+        return [(m.decode(), float(s)) for m, s in got]
 
     # ---------------------------------------------------------------- users: ingest
     async def read_users(self, users: list[str], watermark_fields: list[str]) -> dict[str, UserRow]:

@@ -50,14 +50,21 @@ Republish = Callable[[str, str, bytes], Awaitable[None]]  # scenario, user key, 
 
 
 async def release_parked(store: StreamStore, republish: Republish, item_id: str) -> int:
-    """Re-produces every event parked for ``item_id``. The take is atomic, so two callers never both get one."""
-    bodies = await store.take_parked(item_id)
+    """Re-produces every event parked for ``item_id``, then drops them from the parking list.
+
+    ``republish`` returns once Kafka acknowledged the message, so a crash in between leaves the events
+    parked (the expiry timer releases them again); two releasers may both re-produce an event, and the
+    ingest step applies it once (``o:<origin>``).
+    """
+    bodies = await store.parked(item_id)
     for body in bodies:
         event = orjson.loads(body)
         await republish(event["scenario"], str(event["user_id"]), body)
         log.info(
             "released parked event %s of user %s (item %s arrived)", event.get("event_id"), event["user_id"], item_id
         )
+    if bodies:
+        await store.drop_parked(item_id, len(bodies))
     return len(bodies)
 
 

@@ -7,10 +7,8 @@ item is stored, events that were parked waiting for it are re-produced to their 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import numpy as np
-import orjson
 import torch
 
 from models.user_model import Checkpoint
@@ -19,8 +17,6 @@ from streams import metrics
 from streams.events import Item, Rejected, parse_item
 from streams.ingest import DeadLetter, Message, Republish, release_parked
 from streams.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class ItemHandler:
@@ -60,17 +56,6 @@ class ItemHandler:
             metrics.ITEMS.inc()
             await release_parked(self.store, self.republish, item.item_id)
         return [it.item_id for it in items]
-
-    async def release_parked(self, item_id: str) -> None:
-        for body in await self.store.take_parked(item_id):
-            event = orjson.loads(body)
-            await self.republish(event["scenario"], str(event["user_id"]), body)
-            log.info(
-                "released parked event %s of user %s (item %s arrived)",
-                event.get("event_id"),
-                event["user_id"],
-                item_id,
-            )
 
     def _vectors(self, items: list[Item]) -> np.ndarray:
         out = np.zeros((len(items), self.ckpt.codebook.cfg.dim), np.float32)

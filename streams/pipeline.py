@@ -55,11 +55,12 @@ async def deadletter(msg: Message, reason: str, source: str) -> None:
         "value": msg.value[:4096].decode(errors="replace"),
         "at": time.time(),
     }
-    await deadletter_topic.send(key=msg.key, value=orjson.dumps(body))
+    # Await Kafka's acknowledgement: the source offset may be committed right after this returns.
+    await (await deadletter_topic.send(key=msg.key, value=orjson.dumps(body)))
 
 
 async def republish(scenario: str, user: str, body: bytes) -> None:
-    await event_topics[scenario].send(key=user.encode(), value=body)
+    await (await event_topics[scenario].send(key=user.encode(), value=body))
 
 
 async def emit(user: str, body: dict) -> None:
@@ -141,17 +142,27 @@ async def expire_parked() -> None:
 
 
 async def _expire_parked() -> None:
-    """Parked events whose item is known by now (a crash can leave some behind) are released; the rest
-    are dead-lettered once they waited ``park_timeout_s``."""
-    for item in await store.expired_parked_items(time.time() - settings.park_timeout_s):
+    """Releases parked events whose item is known by now (a crash between storing an item and releasing
+    its events leaves some behind); dead-letters the rest once they waited ``park_timeout_s``."""
+    deadline = time.time() - settings.park_timeout_s
+    for item, parked_at in await store.parked_items(limit=1000):
         if (await store.item_codes([item]))[item] is not None:
             await release_parked(store, republish, item)
-            continue
-        for body in await store.take_parked(item):
-            event = orjson.loads(body)
-            scenario = event.get("scenario", "?")
-            msg = Message(settings.events_topic(scenario), -1, -1, str(event.get("user_id")).encode(), body, 0.0)
-            await deadletter(msg, f"unknown item {item!r}: not arrived within {settings.park_timeout_s:.0f}s", "event")
+        elif parked_at < deadline:
+            bodies = await store.parked(item)
+            for body in bodies:
+                event = orjson.loads(body)
+                msg = Message(
+                    settings.events_topic(event.get("scenario", "?")),
+                    -1,
+                    -1,
+                    str(event.get("user_id")).encode(),
+                    body,
+                    0.0,
+                )
+                reason = f"unknown item {item!r}: not arrived within {settings.park_timeout_s:.0f}s"
+                await deadletter(msg, reason, "event")
+            await store.drop_parked(item, len(bodies))
 
 
 @app.timer(interval=5.0)
