@@ -154,6 +154,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0 if hits else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import bench_ingest
+
+    if args.part != "ingest":
+        print(f"bench part {args.part!r} is not built yet; available: ingest", file=sys.stderr)
+        return 2
+    bench_ingest(_settings(args, checkpoint=args.checkpoint), users=args.users, rates=tuple(args.rates), out=args.out)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from models.train import TrainConfig, run_train
 
@@ -227,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--scenario", help="use this scenario's vectors (default: all)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("bench", help="measured figures against real Kafka + Redis (part: ingest)")
+    _add_connection_flags(p)
+    p.add_argument("part", nargs="?", default="ingest")
+    p.add_argument("--users", type=int, default=100, help="simulator users to replay (about 110 events each)")
+    p.add_argument("--rates", type=float, nargs="*", default=[200, 1000], help="offered rates for freshness")
+    p.add_argument("--checkpoint", help="model folder (default runs/demo)")
+    p.add_argument("--out", default="bench", help="folder for the JSON results")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="train item tower → codebook → coarse + refiner; writes a checkpoint")
     p.add_argument("--dataset", help="ml-100k (default) or sim (multi-scenario simulator)")

@@ -98,9 +98,14 @@ def expected_seq(ds: Dataset, events: np.ndarray) -> dict[str, int]:
 
 
 def wait_for_vectors(
-    settings: Settings, expected: dict[str, int], timeout: float = 120.0, progress: bool = True
+    settings: Settings,
+    expected: dict[str, int],
+    timeout: float = 120.0,
+    progress: bool = True,
+    applied_only: bool = False,
 ) -> dict[str, int]:
-    """Polls Redis until every user's vectors reflect ``expected[user]`` events; returns the users still behind."""
+    """Polls Redis until every user's vectors reflect ``expected[user]`` events (with ``applied_only``: until
+    its state has applied them, for runs without refinement); returns the users still behind."""
     from state.keys import Keys
     from state.store import connect_sync
 
@@ -113,7 +118,7 @@ def wait_for_vectors(
         pipe = r.pipeline(transaction=False)
         names = list(behind)
         for u in names:
-            pipe.hget(keys.user_vectors(u), "seq")
+            pipe.hget(keys.user_state(u) if applied_only else keys.user_vectors(u), "seq")
         for u, seq in zip(names, pipe.execute(), strict=True):
             if seq is not None and int(seq) >= behind[u]:
                 del behind[u]
