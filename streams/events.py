@@ -29,6 +29,8 @@ class Event:
     action: int
     ts: float
     query: str = ""
+    #: Set on an event re-produced from the parking list: "topic:partition:offset" of its first delivery.
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ def parse_event(
     query = data.get("query") or ""
     if not isinstance(query, str):
         raise Rejected("field 'query' must be a string")
+    origin = data.get("_origin")
+    if origin is not None and not isinstance(origin, str):
+        raise Rejected("field '_origin' must be a string")
     return Event(
         _ident(data["event_id"], "event_id"),
         _ident(data["user_id"], "user_id"),
@@ -88,6 +93,7 @@ def parse_event(
         actions.index(action),
         float(ts),
         query,
+        origin,
     )
 
 

@@ -117,10 +117,9 @@ class Ingestor:
         event = parse_event(msg.value, scenario, self.settings.scenarios, self.actions, self.settings.max_message_bytes)
         if msg.key is not None and msg.key.decode(errors="replace") != event.user_id:
             raise Rejected(f"message key {msg.key!r} is not the user_id {event.user_id!r} (breaks partitioning)")
-        origin = orjson.loads(msg.value).get("_origin")
-        if origin is None:
+        if event.origin is None:
             return _Accepted(msg, event, f"{msg.topic}:{msg.partition}:{msg.offset}", replayed=False)
-        return _Accepted(msg, event, str(origin), replayed=True)
+        return _Accepted(msg, event, event.origin, replayed=True)
 
     async def _apply_user(
         self, scenario: str, user: str, items: list[_Accepted], codes: dict[str, bytes | None]

@@ -1,0 +1,61 @@
+"""Message validation: every rejection has a reason a person can act on."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.events import Rejected, parse_event, parse_item
+
+SCEN, ACTS = ("feed", "search", "ads"), ("click", "like", "skip")
+GOOD = {"event_id": "e1", "user_id": 42, "item_id": "n7", "scenario": "feed", "action": "like", "ts": 1.7e9}
+
+
+def test_good_event_and_replayed_origin():
+    e = parse_event(orjson.dumps(GOOD), "feed", SCEN, ACTS, 65536)
+    assert (e.user_id, e.item_id, e.scenario, e.action, e.origin) == ("42", "n7", 0, 1, None)
+    e = parse_event(orjson.dumps(dict(GOOD, _origin="t:1:5")), "feed", SCEN, ACTS, 65536)
+    assert e.origin == "t:1:5"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"scenario": "ads"}, "sent to the 'feed' topic"),
+        ({"user_id": "a{b}"}, "not allowed"),
+        ({"user_id": True}, "user_id"),
+        ({"ts": -1}, "'ts'"),
+        ({"query": 5}, "'query'"),
+    ],
+)
+def test_bad_events(change, reason):
+    with pytest.raises(Rejected, match=reason):
+        parse_event(orjson.dumps(dict(GOOD, **change)), "feed", SCEN, ACTS, 65536)
+
+
+def test_items():
+    assert parse_item(orjson.dumps({"item_id": "n1", "text": "a title"}), 4, 65536).vector is None
+    assert parse_item(orjson.dumps({"item_id": "n1", "vector": [1, 0, 0, 0]}), 4, 65536).vector.shape == (4,)
+    with pytest.raises(Rejected, match="all zeros"):
+        parse_item(orjson.dumps({"item_id": "n1", "vector": [0, 0, 0, 0]}), 4, 65536)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.dictionaries(
+            st.text(max_size=10),
+            st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=10) | st.floats(),
+            max_size=8,
+        ).map(orjson.dumps),
+    )
+)
+def test_arbitrary_bytes_are_parsed_or_rejected_never_crash(raw):
+    for parse in (lambda r: parse_event(r, "feed", SCEN, ACTS, 256), lambda r: parse_item(r, 4, 256)):
+        try:
+            parse(raw)
+        except Rejected as exc:
+            assert str(exc)
