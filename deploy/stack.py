@@ -174,7 +174,8 @@ def ensure_kafka_jars() -> None:
         "-DincludeScope=runtime",
         f"-DoutputDirectory={tmp}",
     ]
-    if subprocess.run(cmd).returncode != 0:
+    # Maven's output goes to stderr: stdout carries only the eval-able KAFKA_/REDIS_ lines.
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
         raise StackError("mvn could not resolve the Kafka jars (see its output above)")
     shutil.rmtree(LIBS, ignore_errors=True)
     tmp.rename(LIBS)

@@ -82,7 +82,7 @@ class _Services:
         if out.returncode != 0:
             raise RuntimeError(f"could not start the local stack:\n{out.stderr}")
         self._stack.callback(subprocess.run, [*STACK, "down", "--wipe", *TEST_PORTS], check=False)
-        env = dict(line.split("=", 1) for line in out.stdout.split())
+        env = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("KAFKA_", "REDIS_")))
         self.kafka = self.kafka or env["KAFKA_BOOTSTRAP_SERVERS"]
         self.redis = self.redis or env["REDIS_URL"]
 
