@@ -9,6 +9,7 @@ file it writes (jars, data, logs, pid files) lives under ``$MIRSTREAM_HOME`` (de
     python3 deploy/stack.py up       # idempotent: reuses jars, data and running processes
     python3 deploy/stack.py status
     python3 deploy/stack.py down [--wipe]
+    python3 deploy/stack.py down --only redis && python3 deploy/stack.py up --only redis   # restart one
 
 ``up`` prints ``KAFKA_BOOTSTRAP_SERVERS=...`` and ``REDIS_URL=...`` lines that a shell can eval.
 """
@@ -402,19 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kafka-port", type=int, default=int(os.environ.get("MIRSTREAM_KAFKA_PORT", 9092)))
     parser.add_argument("--redis-port", type=int, default=int(os.environ.get("MIRSTREAM_REDIS_PORT", 6379)))
     parser.add_argument("--wipe", action="store_true", help="with down: delete the data and logs too")
+    parser.add_argument("--only", choices=["kafka", "redis"], help="act on one service (e.g. restart Redis alone)")
     args = parser.parse_args(argv)
     kafka, redis = KafkaNode(args.kafka_port), RedisNode(args.redis_port)
+    nodes = [n for n, name in ((redis, "redis"), (kafka, "kafka")) if args.only in (None, name)]
     try:
         if args.action == "up":
-            redis.up()
-            kafka.up()
+            for node in nodes:  # Redis first: it is up in a blink, Kafka takes seconds
+                node.up()
             print(env_lines(kafka, redis))
         elif args.action == "down":
-            kafka.down()
-            redis.down()
-            if args.wipe:
-                shutil.rmtree(kafka.dir, ignore_errors=True)
-                shutil.rmtree(redis.dir, ignore_errors=True)
+            for node in reversed(nodes):
+                node.down()
+                if args.wipe:
+                    shutil.rmtree(node.dir, ignore_errors=True)
         else:
             print(f"kafka 127.0.0.1:{kafka.port}: {kafka.status()}")
             print(f"redis 127.0.0.1:{redis.port}: {redis.status()}")

@@ -10,7 +10,8 @@ trained here with the checkpoint's own training config (same seed, same samples,
   no coarse tokens;
 - ``comirec``: ComiRec-SA-style multi-interest attention pooling without an LLM (the coarse model alone);
 - ablations of the full model: ``no_coarse``, ``raw_vectors`` (no codebook), ``k1`` (one interest),
-  ``single_scenario`` (history of the asked scenario only; multi-scenario data).
+  ``single_scenario`` (history of the asked scenario only) and ``shared_queries`` (one query set for
+  every scenario instead of scenario-aware querying); these two only on multi-scenario data.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ VARIANTS: dict[str, dict] = {
     "raw_vectors": {"use_codebook": False},
     "k1": {"interests": 1},
     "single_scenario": {"single_scenario": True},
+    "shared_queries": {"scenario_queries": False},
 }
 
 
@@ -112,8 +114,8 @@ def run_evaluate(
     results: dict[str, dict] = {"popularity": by_scenario(ds, held, rank_popularity(ds, held, limit))}
     results["full"] = by_scenario(ds, held, rank_model(ds, ckpt.model, held, decoded, vectors, cfg.window))
     wanted = [v for v in (variants if variants is not None else VARIANTS) if v in VARIANTS]
-    if len(ds.scenarios) == 1 and "single_scenario" in wanted:
-        wanted.remove("single_scenario")  # the same as the full model on single-scenario data
+    if len(ds.scenarios) == 1:  # the same as the full model on single-scenario data
+        wanted = [w for w in wanted if w not in ("single_scenario", "shared_queries")]
     for name in wanted:
         # Same item tower as the checkpoint: its head before stage 3 is not stored, so baselines start
         # from the trained full model's tower, an advantage for them, not for the full model.

@@ -47,6 +47,8 @@ class RefinerConfig:
     quotas: tuple[int, ...] | None = None
     gap_buckets: int = 24
     use_coarse: bool = True
+    #: One query set per scenario (RED-Rec's scenario-aware querying); False: one set shared by all (ablation).
+    scenario_queries: bool = True
     backbone: str = "tiny"
     backbone_layers: int | None = None
     hidden: int = 128
@@ -131,7 +133,8 @@ class Refiner(nn.Module):
         self.scenario = nn.Embedding(cfg.num_scenarios, h)
         self.action = nn.Embedding(cfg.num_actions, h)
         self.gap = nn.Embedding(cfg.gap_buckets, h)
-        self.queries = nn.Parameter(torch.randn(cfg.num_scenarios, cfg.interests, h) * 0.02)
+        query_sets = cfg.num_scenarios if cfg.scenario_queries else 1
+        self.queries = nn.Parameter(torch.randn(query_sets, cfg.interests, h) * 0.02)
         self.out = nn.Linear(h, cfg.item_dim)
         self.head = head  # shared with the item tower's retrieval head
 
@@ -157,7 +160,7 @@ class Refiner(nn.Module):
         if self.cfg.use_coarse:
             parts.insert(0, self.coarse_proj(coarse))
             masks.insert(0, torch.ones(b, coarse.shape[1], dtype=torch.bool, device=mask.device))
-        parts.append(self.queries[ask])
+        parts.append(self.queries[ask if self.cfg.scenario_queries else torch.zeros_like(ask)])
         masks.append(torch.ones(b, k, dtype=torch.bool, device=mask.device))
         embeds, attn = torch.cat(parts, 1), torch.cat(masks, 1)
         positions = (torch.cumsum(attn.long(), 1) - 1).clamp(min=0)

@@ -153,7 +153,7 @@ def item_vectors(ds: Dataset, limit: np.ndarray, cfg: TrainConfig, progress: boo
 def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> ModelConfig:
     n_s = len(ds.scenarios)
     quotas = None if n_s == 1 else tuple([cfg.recent // 2] + [max(1, cfg.recent // (2 * (n_s - 1)))] * (n_s - 1))
-    refiner_opts = {k: variant.pop(k) for k in ("use_coarse", "interests") if k in variant}
+    refiner_opts = {k: variant.pop(k) for k in ("use_coarse", "interests", "scenario_queries") if k in variant}
     coarse = CoarseConfig(
         item_dim=item_dim,
         num_scenarios=n_s,
@@ -170,6 +170,7 @@ def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> Mod
         recent=cfg.recent,
         quotas=quotas,
         use_coarse=refiner_opts.get("use_coarse", True),
+        scenario_queries=refiner_opts.get("scenario_queries", True),
         backbone=cfg.backbone,
         backbone_layers=cfg.backbone_layers,
     )

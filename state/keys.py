@@ -18,6 +18,8 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:items``                    | set    | every known item id (the search index is built from it)     |               |
 | ``<p>:parked``                   | zset   | item id → time its first event was parked                   |               |
 | ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → their ``seq``    |               |
+| ``<p>:{u:<id>}:raw``             | string | naive bench baseline only: full raw float32 history         | events × ~4d B|
+| ``<p>:{u:<id>}:rawv``            | string | naive bench baseline only: its coarse interests             | M × d × 4     |
 
 No key has a TTL by default: user keys live as long as the user (``Settings.user_ttl_s`` can set one).
 """
@@ -39,6 +41,12 @@ class Keys:
 
     def user_vectors(self, user: str) -> str:
         return f"{self.prefix}:{{u:{user}}}:v"
+
+    def baseline_history(self, user: str) -> str:
+        return f"{self.prefix}:{{u:{user}}}:raw"
+
+    def baseline_interests(self, user: str) -> str:
+        return f"{self.prefix}:{{u:{user}}}:rawv"
 
     def item(self, item: str) -> str:
         return f"{self.prefix}:{{i:{item}}}"

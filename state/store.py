@@ -229,6 +229,13 @@ def parse_interests(user: str, raw: dict[bytes, bytes]) -> Interests | None:
     )
 
 
+def user_memory(client: redis.Redis, prefix: str, user: str) -> dict[str, int]:
+    """Redis ``MEMORY USAGE`` of each of one user's keys, bytes (0 for a missing key)."""
+    keys = Keys(prefix)
+    named = {"state": keys.user_state(user), "history": keys.user_history(user), "vectors": keys.user_vectors(user)}
+    return {name: int(client.memory_usage(key) or 0) for name, key in named.items()}
+
+
 class InterestReader:
     """Synchronous lookups for services: ``get_user_interests(user, scenario) -> (K, d)`` + metadata."""
 

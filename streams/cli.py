@@ -154,13 +154,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0 if hits else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from streams.bench import bench_ingest
+BENCH_PARTS = ("codebook", "coarse", "refiner", "ingest", "freshness", "memory", "quality")
 
-    if args.part != "ingest":
-        print(f"bench part {args.part!r} is not built yet; available: ingest", file=sys.stderr)
-        return 2
-    bench_ingest(_settings(args, checkpoint=args.checkpoint), users=args.users, rates=tuple(args.rates), out=args.out)
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from models import bench as offline
+    from streams import bench as online
+
+    parts = BENCH_PARTS if args.part == "all" else (args.part,)
+    settings = _settings(args, checkpoint=args.checkpoint)
+    for part in parts:
+        print(f"\n## bench {part}\n", flush=True)
+        if part == "codebook":
+            offline.bench_codebook(args.dataset or "ml-100k", out=args.out)
+        elif part == "coarse":
+            offline.bench_coarse(out=args.out)
+        elif part == "refiner":
+            offline.bench_refiner(backbones=tuple(args.backbones), out=args.out)
+        elif part == "ingest":
+            online.bench_ingest(settings, users=args.users, out=args.out)
+        elif part == "freshness":
+            online.bench_freshness(settings, users=args.users, rates=tuple(args.rates), out=args.out)
+        elif part == "memory":
+            online.bench_memory(settings, soak_events=args.soak_events, out=args.out)
+        elif part == "quality":
+            offline.bench_quality(args.dataset or "sim", out=args.out)
     return 0
 
 
@@ -238,12 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help="use this scenario's vectors (default: all)")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("bench", help="measured figures against real Kafka + Redis (part: ingest)")
+    p = sub.add_parser(
+        "bench",
+        help="measured figures with their baselines: " + ", ".join(BENCH_PARTS) + " or all",
+        description="Offline parts (codebook, coarse, refiner, quality) need no services; ingest, freshness and "
+        "memory run real workers against the Kafka + Redis given (deploy/stack.py up starts local ones).",
+    )
     _add_connection_flags(p)
-    p.add_argument("part", nargs="?", default="ingest")
+    p.add_argument("part", choices=[*BENCH_PARTS, "all"])
     p.add_argument("--users", type=int, default=100, help="simulator users to replay (about 110 events each)")
-    p.add_argument("--rates", type=float, nargs="*", default=[200, 1000], help="offered rates for freshness")
-    p.add_argument("--checkpoint", help="model folder (default runs/demo)")
+    p.add_argument("--rates", type=float, nargs="*", default=[200, 1000, 5000], help="offered rates for freshness")
+    p.add_argument("--soak-events", type=int, default=100_000, help="events of the memory soak")
+    p.add_argument(
+        "--backbones",
+        nargs="*",
+        default=["tiny", "smollm2:4", "smollm2"],
+        help="refiner backbones to compare (name or name:first_n_layers)",
+    )
+    p.add_argument("--dataset", help="codebook: ml-100k (default) or sim; quality: sim (default) or ml-100k")
+    p.add_argument("--checkpoint", help="model folder (default runs/demo; trained on the simulator when missing)")
     p.add_argument("--out", default="bench", help="folder for the JSON results")
     p.set_defaults(func=cmd_bench)
 

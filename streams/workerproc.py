@@ -71,6 +71,15 @@ class WorkerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout:.0f}s; log: {self.log}")
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the worker process now (Linux ``/proc``), 0 when it is not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 0
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
     def kill(self) -> None:
         """SIGKILL: a crash, no clean shutdown, no final offset commit."""
         if self.proc and self.proc.poll() is None:

@@ -57,6 +57,7 @@ class _Services:
         self.kafka: str | None = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         self.redis: str | None = os.environ.get("REDIS_URL")
         self.origin = "environment"
+        self.local: set[str] = set()  # services this session started with deploy/stack.py
         if self.kafka and self.redis:
             return
         if _docker_answers():
@@ -83,8 +84,20 @@ class _Services:
             raise RuntimeError(f"could not start the local stack:\n{out.stderr}")
         self._stack.callback(subprocess.run, [*STACK, "down", "--wipe", *TEST_PORTS], check=False)
         env = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("KAFKA_", "REDIS_")))
+        self.local = {name for name, given in (("kafka", self.kafka), ("redis", self.redis)) if not given}
         self.kafka = self.kafka or env["KAFKA_BOOTSTRAP_SERVERS"]
         self.redis = self.redis or env["REDIS_URL"]
+
+    def stop(self, service: str) -> None:
+        """Stops one service (fault tests); only one this session started itself."""
+        if service not in self.local:
+            pytest.skip(f"{service} was not started by this test session, so it is not ours to stop")
+        subprocess.run([*STACK, "down", "--only", service, *TEST_PORTS], check=True, capture_output=True)
+
+    def start(self, service: str) -> None:
+        out = subprocess.run([*STACK, "up", "--only", service, *TEST_PORTS], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"could not restart {service}:\n{out.stderr}")
 
     def close(self) -> None:
         self._stack.close()

@@ -12,9 +12,9 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, OffsetSpec
+from pipeline_checks import COARSE_TOL, VECTOR_TOL, assert_matches_offline, offline, replay, snapshot
 
 from models.data import load
-from models.refiner import UserInput
 from models.user_model import Checkpoint
 from state.keys import Keys
 from state.store import InterestReader
@@ -24,8 +24,6 @@ from streams.workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration
 USERS = 12  # ~1,300 events over three scenarios
-COARSE_TOL = 1e-5  # float64 running sums: only summation order differs between stream and offline
-VECTOR_TOL = 1e-4  # float32 refiner; the same inputs up to the coarse tolerance
 
 
 @pytest.fixture(scope="module")
@@ -33,50 +31,11 @@ def ds():
     return load("sim")
 
 
-def offline(ckpt: Checkpoint, ds, user: str, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """What the models compute for a user without any stream: coarse interests and refined vectors."""
-    u = int(np.flatnonzero(ds.user_ids.astype(str) == user)[0])
-    sl = ds.user_slice(u)
-    items = ckpt.item_vectors[ds.item[sl]]
-    enc = ckpt.codebook.encode(items)
-    decoded = ckpt.codebook.decode(enc.codes, enc.alphas)
-    model = ckpt.model
-    state = model.coarse.update(model.coarse.init_state(), decoded, ds.scenario[sl], ds.action[sl], ds.ts[sl])
-    coarse = model.coarse.read(state)
-    keep = slice(max(0, len(decoded) - cap), None)
-    recent = UserInput(coarse, decoded[keep], ds.scenario[sl][keep], ds.action[sl][keep], ds.ts[sl][keep])
-    return coarse, model.refine_users([recent], list(range(len(ds.scenarios))))[0]
-
-
-def snapshot(redis_url: str, prefix: str, users: list[str]) -> dict[str, tuple]:
-    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
-    out = {}
-    for u in users:
-        s = r.hgetall(keys.user_state(u))
-        v = r.hgetall(keys.user_vectors(u))
-        out[u] = (
-            s[b"seq"],
-            s[b"coarse"],
-            r.get(keys.user_history(u)),
-            v.get(b"seq"),
-            tuple(sorted((k, val) for k, val in v.items() if k.startswith(b"vec:"))),
-        )
-    return out
-
-
-def replay(settings, ds, users=USERS, **kw):
-    p = plan(ds, max_users=users)
-    ensure_topics(settings)
-    send_items(settings, ds, p.items, progress=False)
-    send_events(settings, ds, p.events, progress=False, **kw)
-    return expected_seq(ds, p.events)
-
-
 def test_replay_parity_lookup_and_group_reset(pipeline_settings, ds, tmp_path):
     settings = pipeline_settings
     ckpt = Checkpoint.load(settings.checkpoint)
     with WorkerProcess(settings, log=tmp_path / "worker.log"):
-        expected = replay(settings, ds)
+        expected = replay(settings, ds, USERS)
         assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
         page = orjson.loads(urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/users/0/interests").read())
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics").read().decode()
@@ -117,7 +76,6 @@ def test_replay_parity_lookup_and_group_reset(pipeline_settings, ds, tmp_path):
 def test_sigkill_mid_stream_then_restart(pipeline_settings, ds, tmp_path):
     # Parked events must outlive the downtime: the parking clock keeps running while no worker is up.
     settings = pipeline_settings.with_(park_timeout_s=120.0)
-    ckpt = Checkpoint.load(settings.checkpoint)
     r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
     worker = WorkerProcess(settings, log=tmp_path / "worker.log").start()
     p = plan(ds, max_users=USERS)
@@ -133,14 +91,7 @@ def test_sigkill_mid_stream_then_restart(pipeline_settings, ds, tmp_path):
     expected = expected_seq(ds, p.events)
     with WorkerProcess(settings, log=tmp_path / "worker2.log"):
         assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
-    reader = InterestReader(settings.redis_url, settings.prefix)
-    for user, n in expected.items():
-        _, meta = reader.get_user_interests(user)
-        assert meta.seq == n, "an event was lost or applied twice"
-        state = np.frombuffer(r.hget(keys.user_state(user), "coarse"), dtype="<f8")
-        coarse_off, vectors_off = offline(ckpt, ds, user, settings.history_cap)
-        np.testing.assert_allclose(ckpt.model.coarse.read(state), coarse_off, atol=COARSE_TOL)
-        np.testing.assert_allclose(meta.vectors["feed"], vectors_off[0], atol=VECTOR_TOL)
+    assert_matches_offline(settings, ds, expected)
 
 
 BAD = [
