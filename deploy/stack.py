@@ -184,13 +184,27 @@ def ensure_kafka_jars() -> None:
 
 @dataclass(frozen=True)
 class KafkaNode:
-    """One KRaft node acting as broker and controller on loopback."""
+    """One KRaft node acting as broker and controller on loopback; ``size`` nodes form one cluster.
 
-    port: int
+    Node n (1-based) of a cluster based at ``base`` listens on base + 2(n-1) and its controller on the
+    port after; every node votes in the controller quorum, so losing one of three keeps a majority.
+    """
+
+    base: int
+    node: int = 1
+    size: int = 1
+
+    @property
+    def port(self) -> int:
+        return self.base + 2 * (self.node - 1)
 
     @property
     def controller_port(self) -> int:
         return self.port + 1
+
+    @property
+    def peers(self) -> list[KafkaNode]:
+        return [KafkaNode(self.base, n, self.size) for n in range(1, self.size + 1)]
 
     @property
     def dir(self) -> Path:
@@ -205,11 +219,13 @@ class KafkaNode:
         return self.dir / "kafka.out"
 
     def properties(self) -> str:
+        voters = ",".join(f"{p.node}@127.0.0.1:{p.controller_port}" for p in self.peers)
+        rf = min(3, self.size)
         return "\n".join(
             [
                 "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                f"node.id={self.node}",
+                f"controller.quorum.voters={voters}",
                 f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
                 f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
                 "controller.listener.names=CONTROLLER",
@@ -217,10 +233,12 @@ class KafkaNode:
                 "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
                 f"log.dirs={self.dir / 'data'}",
                 "num.partitions=1",
-                "offsets.topic.replication.factor=1",
+                f"default.replication.factor={rf}",
+                f"min.insync.replicas={max(1, rf - 1)}",
+                f"offsets.topic.replication.factor={rf}",
                 "offsets.topic.num.partitions=8",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
+                f"transaction.state.log.replication.factor={rf}",
+                f"transaction.state.log.min.isr={max(1, rf - 1)}",
                 "group.initial.rebalance.delay.ms=0",
                 "auto.create.topics.enable=true",
                 "message.max.bytes=1048588",
@@ -228,6 +246,14 @@ class KafkaNode:
                 "",
             ]
         )
+
+    def cluster_id(self) -> str:
+        """One id for every node of the cluster, kept next to the first node's data."""
+        path = RUN / f"kafka-{self.base}-x{self.size}.cluster-id"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        return path.read_text().strip()
 
     def _java(self, main: str, *args: str) -> list[str]:
         log4j = self.dir / "log4j.properties"
@@ -246,10 +272,14 @@ class KafkaNode:
         ]
 
     def up(self) -> None:
+        self.wait_ready(self.start())
+
+    def start(self) -> int | None:
+        """Spawns the node (nodes of a cluster must all be spawned before any can be ready)."""
         pid = _read_pid(self.pidfile)
         if pid is not None and kafka_metadata_ok(self.port):
             print(f"kafka already running (pid {pid}) on 127.0.0.1:{self.port}", file=sys.stderr)
-            return
+            return None
         if pid is None and (_port_open(self.port) or _port_open(self.controller_port)):
             if kafka_metadata_ok(self.port):
                 raise StackError(
@@ -257,6 +287,8 @@ class KafkaNode:
                     f"use it with KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{self.port} or pick another --kafka-port"
                 )
             raise StackError(f"port {self.port} or {self.controller_port} is busy; pick another --kafka-port")
+        if pid is not None:
+            return pid  # spawned, still starting
         if shutil.which("java") is None:
             raise StackError(
                 "Java 17+ ('java') is needed to run Kafka; install it (apt-get install openjdk-17-jre-headless)"
@@ -275,15 +307,18 @@ class KafkaNode:
             "log4j.logger.state.change.logger=WARN\n"
         )
         if not (self.dir / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(
-                self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id(), "-c", str(props)),
                 capture_output=True,
                 text=True,
             )
             if fmt.returncode != 0:
                 raise StackError(f"kafka storage format failed: {fmt.stderr.strip() or fmt.stdout.strip()}")
-        pid = _spawn(self._java("kafka.Kafka", str(props)), self.logfile, self.pidfile)
+        return _spawn(self._java("kafka.Kafka", str(props)), self.logfile, self.pidfile)
+
+    def wait_ready(self, pid: int | None) -> None:
+        if pid is None:
+            return
         _wait(lambda: kafka_metadata_ok(self.port), 90, f"kafka on 127.0.0.1:{self.port}", self.dir / "server.log", pid)
         print(f"kafka {KAFKA_VERSION} up (pid {pid}) on 127.0.0.1:{self.port}", file=sys.stderr)
 
@@ -329,9 +364,11 @@ def ensure_redis_server() -> str:
 
 @dataclass(frozen=True)
 class RedisNode:
-    """A redis-server with AOF persistence (appendfsync everysec) in a data dir this script owns."""
+    """A redis-server with AOF persistence (appendfsync everysec) in a data dir this script owns;
+    with ``cluster`` it runs in cluster mode, one master of a Redis Cluster (see ``form_redis_cluster``)."""
 
     port: int
+    cluster: bool = False
 
     @property
     def dir(self) -> Path:
@@ -362,6 +399,7 @@ class RedisNode:
             "no",
             "--logfile",
             str(self.dir / "redis.log"),
+            *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if self.cluster else []),
         ]
 
     def up(self) -> None:
@@ -390,11 +428,33 @@ class RedisNode:
         return f"running (pid {pid}, {'ready' if redis_ping(self.port) else 'not answering'})"
 
 
+def _cluster_ok(port: int) -> bool:
+    out = subprocess.run(["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True)
+    return "cluster_state:ok" in out.stdout
+
+
+def form_redis_cluster(nodes: list[RedisNode]) -> None:
+    """Joins the nodes into one cluster, slots spread evenly, no replicas (idempotent)."""
+    if all(_cluster_ok(n.port) for n in nodes):
+        return
+    if shutil.which("redis-cli") is None:
+        raise StackError("redis-cli is missing; install Debian's package: sudo apt-get install redis-tools")
+    cmd = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
+    out = subprocess.run([*cmd, "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise StackError(f"redis-cli --cluster create failed: {out.stdout.strip()[-400:]} {out.stderr.strip()}")
+    for n in nodes:
+        _wait(lambda n=n: _cluster_ok(n.port), 30, f"redis cluster state ok on 127.0.0.1:{n.port}")
+    print(f"redis cluster of {len(nodes)} masters formed", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
-def env_lines(kafka: KafkaNode, redis: RedisNode) -> str:
-    return f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka.port}\nREDIS_URL=redis://127.0.0.1:{redis.port}/0"
+def env_lines(kafka: list[KafkaNode], redis: list[RedisNode]) -> str:
+    servers = ",".join(f"127.0.0.1:{k.port}" for k in kafka)
+    url = f"redis+cluster://127.0.0.1:{redis[0].port}" if redis[0].cluster else f"redis://127.0.0.1:{redis[0].port}/0"
+    return f"KAFKA_BOOTSTRAP_SERVERS={servers}\nREDIS_URL={url}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,24 +462,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--kafka-port", type=int, default=int(os.environ.get("MIRSTREAM_KAFKA_PORT", 9092)))
     parser.add_argument("--redis-port", type=int, default=int(os.environ.get("MIRSTREAM_REDIS_PORT", 6379)))
+    parser.add_argument("--brokers", type=int, default=1, help="Kafka nodes (ports --kafka-port, +2, +4, ...)")
+    parser.add_argument(
+        "--redis-cluster", type=int, default=0, help="run a Redis Cluster of N masters (ports --redis-port, +1, ...)"
+    )
     parser.add_argument("--wipe", action="store_true", help="with down: delete the data and logs too")
     parser.add_argument("--only", choices=["kafka", "redis"], help="act on one service (e.g. restart Redis alone)")
+    parser.add_argument("--node", type=int, help="with --only: act on node N (1-based) of a multi-node service")
     args = parser.parse_args(argv)
-    kafka, redis = KafkaNode(args.kafka_port), RedisNode(args.redis_port)
-    nodes = [n for n, name in ((redis, "redis"), (kafka, "kafka")) if args.only in (None, name)]
+    kafka = KafkaNode(args.kafka_port, 1, args.brokers).peers
+    redis = [RedisNode(args.redis_port + i, cluster=True) for i in range(args.redis_cluster)] or [
+        RedisNode(args.redis_port)
+    ]
+    chosen: list = [*(redis if args.only in (None, "redis") else []), *(kafka if args.only in (None, "kafka") else [])]
+    if args.node is not None:
+        group = kafka if args.only == "kafka" else redis
+        if not args.only or not 1 <= args.node <= len(group):
+            parser.error("--node needs --only and a node number within the service's nodes")
+        chosen = [group[args.node - 1]]
     try:
         if args.action == "up":
-            for node in nodes:  # Redis first: it is up in a blink, Kafka takes seconds
+            for node in [n for n in chosen if isinstance(n, RedisNode)]:  # up in a blink
                 node.up()
+            if args.redis_cluster and args.node is None and args.only in (None, "redis"):
+                form_redis_cluster(redis)
+            started = [(node, node.start()) for node in chosen if isinstance(node, KafkaNode)]
+            for node, pid in started:  # a KRaft quorum needs its voters up before any node is ready
+                node.wait_ready(pid)
             print(env_lines(kafka, redis))
         elif args.action == "down":
-            for node in reversed(nodes):
+            for node in reversed(chosen):
                 node.down()
                 if args.wipe:
                     shutil.rmtree(node.dir, ignore_errors=True)
+            if args.wipe and args.only in (None, "kafka") and args.node is None:
+                (RUN / f"kafka-{args.kafka_port}-x{args.brokers}.cluster-id").unlink(missing_ok=True)
         else:
-            print(f"kafka 127.0.0.1:{kafka.port}: {kafka.status()}")
-            print(f"redis 127.0.0.1:{redis.port}: {redis.status()}")
+            for k in kafka:
+                print(f"kafka 127.0.0.1:{k.port}: {k.status()}")
+            for r in redis:
+                print(f"redis 127.0.0.1:{r.port}: {r.status()}")
     except StackError as exc:
         print(f"stack: {exc}", file=sys.stderr)
         return 1

@@ -111,38 +111,58 @@ class CoarseInterests(nn.Module):
         m, d, h = self.cfg.interests, self.cfg.d_model, self._head
         return state[h : h + m], state[h + m : h + 2 * m], state[h + 2 * m :].reshape(m, d)
 
-    @torch.inference_mode()
     def update(
         self, state: np.ndarray, items: np.ndarray, scenario: np.ndarray, action: np.ndarray, ts: np.ndarray
     ) -> np.ndarray:
         """Folds events (any order) into a copy of ``state``; cost O(events), independent of history."""
         if state.shape != (self.state_size,):
             raise ValueError(f"coarse state must have {self.state_size} values, got {state.shape}")
-        n = len(ts)
-        new = state.copy()
-        if n == 0:
+        return self.update_many(state[None], items, scenario, action, ts, np.zeros(len(ts), np.int64))[0]
+
+    @torch.inference_mode()
+    def update_many(
+        self,
+        states: np.ndarray,
+        items: np.ndarray,
+        scenario: np.ndarray,
+        action: np.ndarray,
+        ts: np.ndarray,
+        owner: np.ndarray,
+    ) -> np.ndarray:
+        """Folds the events of many users into copies of their states: one forward for all the events.
+
+        ``states`` (U, state_size); event i belongs to ``states[owner[i]]``.  Per event, a small model
+        costs far more in framework overhead than in arithmetic, so a batch of users shares one call.
+        """
+        if states.ndim != 2 or states.shape[1] != self.state_size:
+            raise ValueError(f"coarse states must be (users, {self.state_size}), got {states.shape}")
+        new = states.copy()
+        if len(ts) == 0:
             return new
-        ts = np.asarray(ts, dtype=np.float64)
-        count, t0 = new[0], new[1]
-        if count == 0:
-            t0 = ts[0]  # any reference works: it shifts every logit of a query alike
+        ts, owner = np.asarray(ts, dtype=np.float64), np.asarray(owner, dtype=np.int64)
+        first = np.full(len(new), np.nan)
+        first[owner[::-1]] = ts[::-1]  # each owner's first event (in input order)
+        fresh = new[:, 0] == 0
+        new[fresh, 1] = np.where(np.isnan(first[fresh]), 0.0, first[fresh])  # any reference works (see read)
         logits, values = self.event_terms(
             torch.as_tensor(np.asarray(items, dtype=np.float32)),
             torch.as_tensor(np.asarray(scenario, dtype=np.int64)),
             torch.as_tensor(np.asarray(action, dtype=np.int64)),
             torch.as_tensor(hour_of_day(ts)),
-            torch.as_tensor((ts - t0) / DAY, dtype=torch.float32),
+            torch.as_tensor((ts - new[owner, 1]) / DAY, dtype=torch.float32),
         )
         logits, values = logits.double().numpy(), values.double().numpy()  # (n, M), (n, d)
-        mu, z, s = self._split(new)
-        batch_max = logits.max(axis=0)
-        new_mu = np.maximum(mu, batch_max)
-        old_scale = np.where(np.isfinite(mu), np.exp(mu - new_mu), 0.0)
-        w = np.exp(logits - new_mu)  # (n, M)
-        z[:] = z * old_scale + w.sum(axis=0)
-        s[:] = s * old_scale[:, None] + w.T @ values
-        mu[:] = new_mu
-        new[0], new[1] = count + n, t0
+        for u in np.unique(owner):
+            rows = owner == u
+            mu, z, s = self._split(new[u])
+            lg = logits[rows]
+            new_mu = np.maximum(mu, lg.max(axis=0))
+            old_scale = np.where(np.isfinite(mu), np.exp(mu - new_mu), 0.0)
+            w = np.exp(lg - new_mu)  # (n_u, M)
+            z[:] = z * old_scale + w.sum(axis=0)
+            s[:] = s * old_scale[:, None] + w.T @ values[rows]
+            mu[:] = new_mu
+            new[u, 0] += int(rows.sum())
         return new
 
     def read(self, state: np.ndarray) -> np.ndarray:

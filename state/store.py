@@ -43,6 +43,21 @@ class UserRow:
 
 
 @dataclass
+class ApplyStep:
+    """One user's batch for the apply script: compare-and-set on ``expected_seq``, then state, history and
+    ``fields`` ("" deletes one) in one step."""
+
+    expected_seq: int
+    n_events: int
+    coarse: bytes
+    last_ts: float
+    records: bytes
+    record_size: int
+    cap: int
+    fields: dict[str, object]
+
+
+@dataclass
 class RefineRow:
     """What the refiner needs of a user."""
 
@@ -105,35 +120,36 @@ class StreamStore:
         return [(m.decode(), float(s)) for m, s in got]
 
     # ---------------------------------------------------------------- users: ingest
-    async def read_users(self, users: list[str], watermark_fields: list[str]) -> dict[str, UserRow]:
+    async def read_users(self, fields: dict[str, list[str]]) -> dict[str, UserRow]:
+        """Each user's seq, coarse state and the named extra fields (watermarks, origins), one round trip."""
         pipe = self.r.pipeline(transaction=False)
-        for u in users:
-            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", *watermark_fields])
+        for u, names in fields.items():
+            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", *names])
         rows = {}
-        for u, vals in zip(users, await pipe.execute(), strict=True):
-            marks = {f: int(float(v)) for f, v in zip(watermark_fields, vals[2:], strict=True) if v is not None}
+        for (u, names), vals in zip(fields.items(), await pipe.execute(), strict=True):
+            marks = {f: int(float(v)) for f, v in zip(names, vals[2:], strict=True) if v is not None}
             rows[u] = UserRow(int(vals[0] or 0), vals[1], marks)
         return rows
 
-    async def apply(
-        self,
-        user: str,
-        expected_seq: int,
-        n_events: int,
-        coarse: bytes,
-        last_ts: float,
-        records: bytes,
-        record_size: int,
-        cap: int,
-        fields: dict[str, object],
-    ) -> tuple[int, int] | None:
-        """Atomically applies a user's batch and sets ``fields`` ("" deletes one); None when another writer
-        got there first (re-read, retry)."""
-        args: list = [expected_seq, n_events, coarse, repr(float(last_ts)), records, record_size, cap]
-        for f, value in fields.items():
+    def _apply_call(self, user: str, step: ApplyStep) -> tuple[list[str], list]:
+        args: list = [step.expected_seq, step.n_events, step.coarse, repr(float(step.last_ts)), step.records]
+        args += [step.record_size, step.cap]
+        for f, value in step.fields.items():
             args += [f, value]
-        new_seq, refined = await self._apply(keys=[self.keys.user_state(user), self.keys.user_history(user)], args=args)
-        return None if new_seq == -1 else (int(new_seq), int(refined))
+        return [self.keys.user_state(user), self.keys.user_history(user)], args
+
+    async def apply_many(self, steps: dict[str, ApplyStep]) -> dict[str, tuple[int, int] | None]:
+        """Atomically applies each user's batch (one Lua call per user, one round trip for all); per user
+        (new seq, refined seq), or None when another writer got there first (re-read, retry)."""
+        pipe = self.r.pipeline(transaction=False)
+        for user, step in steps.items():
+            keys, args = self._apply_call(user, step)
+            # EVAL, not EVALSHA: a cluster pipeline does not load scripts on the nodes it reaches.
+            pipe.eval(scripts.APPLY_EVENTS, len(keys), *keys, *args)
+        out: dict[str, tuple[int, int] | None] = {}
+        for user, (new_seq, refined) in zip(steps, await pipe.execute(), strict=True):
+            out[user] = None if new_seq == -1 else (int(new_seq), int(refined))
+        return out
 
     async def mark_parked(self, user: str, origins: list[str]) -> None:
         """Notes in the user's state that these events were parked (see ``streams.ingest``)."""

@@ -24,13 +24,14 @@ import orjson
 from models.user_model import Checkpoint
 from state.history import pack
 from state.keys import Keys
-from state.store import StreamStore
+from state.store import ApplyStep, StreamStore, UserRow
 from streams import metrics
 from streams.events import Event, Rejected, parse_event
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_CAS_RETRIES = 20
+_CONFLICT = object()  # another writer changed the user between our read and our apply: re-read, retry
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,27 @@ class Ingestor:
             groups[(a.msg.partition, a.event.user_id)].append(a)
         codes = await self.store.item_codes(sorted({a.event.item_id for a in accepted})) if accepted else {}
         dirty: dict[int, dict[str, int]] = defaultdict(dict)
-        for (partition, user), items in groups.items():
-            seq = await self._apply_user(scenario, user, items, codes)
-            if seq is not None:
-                dirty[partition][user] = seq
+        parked_now: dict[str, set[str]] = defaultdict(set)
+        pending = dict(groups)
+        for _ in range(MAX_CAS_RETRIES):
+            if not pending:
+                break
+            # One round trip reads every user, one model call folds them, one round trip applies them.
+            # A user seen under two partitions (a producer that ignores the key) waits for the next round.
+            this_round: dict[tuple[int, str], list[_Accepted]] = {}
+            for key, items in pending.items():
+                if all(key[1] != other[1] for other in this_round):
+                    this_round[key] = items
+            results = await self._apply_round(scenario, this_round, codes, parked_now)
+            for key, result in results.items():
+                if result is not _CONFLICT:
+                    del pending[key]
+                    if result is not None:
+                        dirty[key[0]][key[1]] = result
+            metrics.CONFLICTS.inc(sum(r is _CONFLICT for r in results.values()))
+        if pending:
+            stuck = sorted(u for _, u in pending)[:5]
+            raise RuntimeError(f"users {stuck}: {MAX_CAS_RETRIES} compare-and-set conflicts in a row")
         for partition, users in dirty.items():
             await self.store.mark_dirty(partition, users)
         metrics.BATCH.labels(f"events-{scenario}").observe(time.perf_counter() - t0)
@@ -121,17 +139,26 @@ class Ingestor:
             return _Accepted(msg, event, f"{msg.topic}:{msg.partition}:{msg.offset}", replayed=False)
         return _Accepted(msg, event, event.origin, replayed=True)
 
-    async def _apply_user(
-        self, scenario: str, user: str, items: list[_Accepted], codes: dict[str, bytes | None]
-    ) -> int | None:
-        topic, partition = items[0].msg.topic, items[0].msg.partition
-        mark = Keys.watermark(topic, partition)
-        origin_fields = [f"{tag}:{a.origin}" for a in items for tag in ("o", "p")]
-        parked_now: set[str] = set()
-        for _ in range(MAX_CAS_RETRIES):
-            row = (await self.store.read_users([user], [mark, "refined_seq", *origin_fields]))[user]
+    async def _apply_round(
+        self,
+        scenario: str,
+        groups: dict[tuple[int, str], list[_Accepted]],
+        codes: dict[str, bytes | None],
+        parked_now: dict[str, set[str]],
+    ) -> dict[tuple[int, str], object]:
+        """Per (partition, user): the seq to refine, None (nothing to refine), or ``_CONFLICT`` (retry)."""
+        marks = {key: Keys.watermark(items[0].msg.topic, key[0]) for key, items in groups.items()}
+        wanted = {
+            user: [marks[(p, user)], "refined_seq", *(f"{tag}:{a.origin}" for a in items for tag in ("o", "p"))]
+            for (p, user), items in groups.items()
+        }
+        rows = await self.store.read_users(wanted)
+        out: dict[tuple[int, str], object] = {}
+        plans: dict[tuple[int, str], tuple[UserRow, list[_Accepted], dict[str, object]]] = {}
+        for key, items in groups.items():
+            user, row = key[1], rows[key[1]]
             seen = row.watermarks
-            done = seen.get(mark, -1)
+            done = seen.get(marks[key], -1)
             fresh, origins = [], set()
             for a in items:  # a parked copy and its redelivered original can even share a batch
                 if a.msg.offset > done and f"o:{a.origin}" not in seen and a.origin not in origins:
@@ -139,56 +166,70 @@ class Ingestor:
                     origins.add(a.origin)
             metrics.DUPLICATES.labels(scenario).inc(len(items) - len(fresh))
             if not fresh:
-                return row.seq if row.seq > seen.get("refined_seq", 0) else None  # re-mark after a crash
+                out[key] = row.seq if row.seq > seen.get("refined_seq", 0) else None  # re-mark after a crash
+                continue
             applied = [a for a in fresh if codes.get(a.event.item_id) is not None]
-            parked = [a for a in fresh if codes.get(a.event.item_id) is None and a.origin not in parked_now]
+            parked = [a for a in fresh if codes.get(a.event.item_id) is None and a.origin not in parked_now[user]]
             if parked:  # noted and parked before the watermark passes them: a crash re-parks, never loses
                 await self.store.mark_parked(user, [a.origin for a in parked])
                 for a in parked:
                     await self._park(a)
-                    parked_now.add(a.origin)
-            fields: dict[str, object] = {mark: max(a.msg.offset for a in fresh)}
+                    parked_now[user].add(a.origin)
+            fields: dict[str, object] = {marks[key]: max(a.msg.offset for a in fresh)}
             for a in applied:  # an event that was ever parked may arrive twice: remember it was applied
-                if a.replayed or f"p:{a.origin}" in seen or a.origin in parked_now:
+                if a.replayed or f"p:{a.origin}" in seen or a.origin in parked_now[user]:
                     fields[f"o:{a.origin}"] = 1
                     fields[f"p:{a.origin}"] = ""
-            state, records, last_ts = self._fold(row.coarse, applied, codes)
             if applied:
                 fields["kts"] = max(a.msg.timestamp for a in applied)
-            result = await self.store.apply(
-                user,
-                row.seq,
-                len(applied),
-                state,
-                last_ts,
-                records,
-                self.record_size,
-                self.settings.history_cap,
-                fields,
+            plans[key] = (row, applied, fields)
+        if not plans:
+            return out
+        folded = self._fold_many([(row.coarse, applied) for row, applied, _ in plans.values()], codes)
+        steps = {
+            key[1]: ApplyStep(
+                row.seq, len(applied), state, last_ts, records, self.record_size, self.settings.history_cap, fields
             )
-            if result is not None:
-                metrics.EVENTS.labels(scenario).inc(len(applied))
-                new_seq, refined = result
-                return new_seq if new_seq > refined else None
-            metrics.CONFLICTS.inc()
-        raise RuntimeError(f"user {user}: {MAX_CAS_RETRIES} compare-and-set conflicts in a row")
+            for (key, (row, applied, fields)), (state, records, last_ts) in zip(plans.items(), folded, strict=True)
+        }
+        results = await self.store.apply_many(steps)
+        for key, (_, applied, _) in plans.items():
+            result = results[key[1]]
+            if result is None:
+                out[key] = _CONFLICT
+                continue
+            metrics.EVENTS.labels(scenario).inc(len(applied))
+            new_seq, refined = result
+            out[key] = new_seq if new_seq > refined else None
+        return out
 
-    def _fold(
-        self, coarse: bytes | None, applied: list[_Accepted], codes: dict[str, bytes | None]
-    ) -> tuple[bytes, bytes, float]:
+    def _fold_many(
+        self, users: list[tuple[bytes | None, list[_Accepted]]], codes: dict[str, bytes | None]
+    ) -> list[tuple[bytes, bytes, float]]:
+        """Per user (coarse state, applied events) → (new state bytes, history records, newest ts)."""
         model = self.ckpt.model.coarse
-        state = np.frombuffer(coarse, dtype="<f8").copy() if coarse else model.init_state()
-        if not applied:
-            return state.tobytes(), b"", 0.0
-        applied = sorted(applied, key=lambda a: (a.event.ts, a.msg.offset))
-        blob = b"".join(codes[a.event.item_id] for a in applied)  # type: ignore[misc]
-        vecs = self.ckpt.codebook.from_bytes(blob, len(applied))
-        scen = np.asarray([a.event.scenario for a in applied])
-        act = np.asarray([a.event.action for a in applied])
-        ts = np.asarray([a.event.ts for a in applied])
-        state = model.update(state, vecs, scen, act, ts)
-        raw_codes = np.frombuffer(blob, dtype=np.uint8).reshape(len(applied), self.code_bytes)
-        return state.tobytes(), pack(raw_codes, scen, act, ts), float(ts.max())
+        states = np.stack([np.frombuffer(c, dtype="<f8") if c else model.init_state() for c, _ in users])
+        ordered = [sorted(applied, key=lambda a: (a.event.ts, a.msg.offset)) for _, applied in users]
+        flat = [a for applied in ordered for a in applied]
+        if flat:
+            blob = b"".join(codes[a.event.item_id] for a in flat)  # type: ignore[misc]
+            vecs = self.ckpt.codebook.from_bytes(blob, len(flat))
+            scen = np.asarray([a.event.scenario for a in flat])
+            act = np.asarray([a.event.action for a in flat])
+            ts = np.asarray([a.event.ts for a in flat])
+            owner = np.repeat(np.arange(len(users)), [len(applied) for applied in ordered])
+            states = model.update_many(states, vecs, scen, act, ts, owner)
+            raw_codes = np.frombuffer(blob, dtype=np.uint8).reshape(len(flat), self.code_bytes)
+        out, start = [], 0
+        for i, applied in enumerate(ordered):
+            end = start + len(applied)
+            if applied:
+                records = pack(raw_codes[start:end], scen[start:end], act[start:end], ts[start:end])
+                out.append((states[i].tobytes(), records, float(ts[start:end].max())))
+            else:
+                out.append((states[i].tobytes(), b"", 0.0))
+            start = end
+        return out
 
     async def _park(self, a: _Accepted) -> None:
         body = orjson.loads(a.msg.value)

@@ -45,8 +45,8 @@ _SERVICES_USED: list[str] = []
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """Says which real services the integration tests ran against (or that none were needed)."""
-    used = _SERVICES_USED[0] if _SERVICES_USED else "none (no integration test ran)"
-    terminalreporter.write_sep("-", f"services: {used}")
+    for used in _SERVICES_USED or ["none (no integration test ran)"]:
+        terminalreporter.write_sep("-", f"services: {used}")
 
 
 class _Services:
@@ -111,6 +111,51 @@ def services() -> Iterator[_Services]:
         yield svc
     finally:
         svc.close()
+
+
+CLUSTER_ARGS = [
+    "--kafka-port",
+    os.environ.get("MIRSTREAM_TEST_CLUSTER_KAFKA_PORT", "29092"),
+    "--brokers",
+    "3",
+    "--redis-port",
+    os.environ.get("MIRSTREAM_TEST_CLUSTER_REDIS_PORT", "26379"),
+    "--redis-cluster",
+    "3",
+]
+
+
+class _Cluster:
+    """A 3-node KRaft Kafka and a 3-master Redis Cluster, real processes on loopback (deploy/stack.py)."""
+
+    def __init__(self) -> None:
+        out = subprocess.run([*STACK, "up", *CLUSTER_ARGS], capture_output=True, text=True)
+        if out.returncode != 0:
+            subprocess.run([*STACK, "down", "--wipe", *CLUSTER_ARGS], capture_output=True)
+            raise RuntimeError(f"could not start the 3-broker / Redis Cluster stack:\n{out.stderr}")
+        env = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("KAFKA_", "REDIS_")))
+        self.kafka, self.redis = env["KAFKA_BOOTSTRAP_SERVERS"], env["REDIS_URL"]
+
+    def stop_broker(self, node: int) -> None:
+        subprocess.run([*STACK, "down", "--only", "kafka", "--node", str(node), *CLUSTER_ARGS], check=True)
+
+    def start_broker(self, node: int) -> None:
+        out = subprocess.run([*STACK, "up", "--only", "kafka", "--node", str(node), *CLUSTER_ARGS], text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"could not restart broker {node}")
+
+    def close(self) -> None:
+        subprocess.run([*STACK, "down", "--wipe", *CLUSTER_ARGS], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[_Cluster]:
+    c = _Cluster()
+    _SERVICES_USED.append(f"cluster: kafka={c.kafka} redis={c.redis} via local stack (3 brokers, 3 masters)")
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import redis
 
 from models.refiner import UserInput
 from models.user_model import Checkpoint
 from state.keys import Keys
-from state.store import InterestReader
+from state.store import InterestReader, connect_sync
 from streams.replay import expected_seq, plan, send_events, send_items
 from streams.topics import ensure_topics
 
@@ -33,7 +32,7 @@ def offline(ckpt: Checkpoint, ds, user: str, cap: int) -> tuple[np.ndarray, np.n
 
 def snapshot(redis_url: str, prefix: str, users: list[str]) -> dict[str, tuple]:
     """Every byte of each user's state, history and vectors (timestamps of writes aside)."""
-    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
+    r, keys = connect_sync(redis_url), Keys(prefix)
     out = {}
     for u in users:
         s = r.hgetall(keys.user_state(u))
@@ -60,7 +59,7 @@ def assert_matches_offline(settings, ds, expected: dict[str, int], scenarios: tu
     """Each user applied exactly its events (``seq``), and state + vectors equal the offline models."""
     ckpt = Checkpoint.load(settings.checkpoint)
     reader = InterestReader(settings.redis_url, settings.prefix)
-    r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
+    r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
     for user, n in expected.items():
         _, meta = reader.get_user_interests(user)
         assert meta.seq == n, f"user {user}: seq {meta.seq} != {n} events (one lost or applied twice)"

@@ -101,3 +101,24 @@ def test_empty_state_and_bad_state():
     assert np.isfinite(model.read(model.init_state())).all()
     with pytest.raises(ValueError, match="coarse state"):
         model.update(np.zeros(3), np.zeros((1, 4), np.float32), np.zeros(1, int), np.zeros(1, int), np.zeros(1))
+
+
+def test_update_many_equals_one_user_at_a_time():
+    """The ingest path folds many users in one call: each user's state must be what its own update gives."""
+    torch.manual_seed(3)
+    cfg = CoarseConfig(item_dim=24, num_scenarios=3, num_actions=5, d_model=32, interests=4, decay_per_day=0.05)
+    model = CoarseInterests(cfg).eval()
+    rng = np.random.default_rng(3)
+    users = 5
+    states = np.stack([model.init_state() for _ in range(users)])
+    states[1] = model.update(states[1], *_history(rng, 20, cfg))  # some users already have history
+    states[3] = model.update(states[3], *_history(rng, 3, cfg))
+    items, scen, act, ts = _history(rng, 40, cfg)
+    owner = rng.integers(0, users - 1, 40)  # user 4 gets no events this batch
+    got = model.update_many(states, items, scen, act, ts, owner)
+    for u in range(users):
+        mine = owner == u
+        want = model.update(states[u], items[mine], scen[mine], act[mine], ts[mine])
+        # float32 event terms: a batched matmul may sum in another order than a one-user call.
+        np.testing.assert_allclose(got[u], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[4], states[4])

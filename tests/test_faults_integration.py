@@ -35,10 +35,10 @@ def _applied(settings) -> int:
     return sum(int(r.hget(keys.user_state(str(u)), "seq") or 0) for u in range(USERS))
 
 
-def _wait_applied(settings, at_least: int, timeout: float = 60) -> None:
+def _wait_applied(settings, at_least: int, timeout: float = 60, poll: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _applied(settings) < at_least:
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -46,26 +46,27 @@ def test_sigkill_at_random_points_while_replaying(pipeline_settings, ds, tmp_pat
     settings = pipeline_settings.with_(park_timeout_s=120.0)
     rng = random.Random(seed)
     p = plan(ds, max_users=USERS)
+    n = len(p.events)
+    # Two crashes at seeded random points of the stream: once that many events are applied.
+    points = sorted([int(n * rng.uniform(0.05, 0.45)), int(n * rng.uniform(0.5, 0.9))])
     ensure_topics(settings)
     send_items(settings, ds, p.items, progress=False)
-    sender = threading.Thread(
-        target=send_events, args=(settings, ds, p.events), kwargs={"rate": 120, "progress": False}
-    )
+    sender = threading.Thread(target=send_events, args=(settings, ds, p.events), kwargs={"rate": 60, "progress": False})
     worker = WorkerProcess(settings, log=tmp_path / "worker.log").start()
     sender.start()
-    kills = []
-    for _ in range(2):  # two crashes at seeded random moments while events keep flowing
-        time.sleep(rng.uniform(0.3, 3.0))
-        kills.append(_applied(settings))
-        worker.kill()
-        worker = WorkerProcess(settings, log=tmp_path / "worker.log").start()
-    sender.join()
-    expected = expected_seq(ds, p.events)
+    killed_at = []
     try:
+        for point in points:
+            _wait_applied(settings, point, poll=0.02)
+            worker.kill()
+            killed_at.append(_applied(settings))
+            worker = WorkerProcess(settings, log=tmp_path / "worker.log").start()
+        sender.join()
+        expected = expected_seq(ds, p.events)
         assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
     finally:
         worker.stop()
-    assert kills[-1] < len(p.events), "the crashes must land mid-stream"
+    assert all(k < n for k in killed_at), f"crashes must land mid-stream: applied {killed_at} of {n}"
     assert_matches_offline(settings, ds, expected)
 
 
