@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from models.backbone import load_backbone
 from models.item_tower import ProjectionHead
@@ -150,28 +151,70 @@ class Refiner(nn.Module):
         ask: torch.Tensor,
     ) -> torch.Tensor:
         """Left-padded events (B, N, ...) with ``mask``; ``ask`` (B,) scenario per row → (B, K, retrieval_dim)."""
-        b = mask.shape[0]
         k = self.cfg.interests
-        from_newest = torch.flip(torch.cumsum(torch.flip(mask.long(), [1]), 1), [1]) - 1
-        ev = self.item_proj(items) + self.scenario(scenario) + self.action(action) + self.gap(gap)
-        ev = ev + self.position(from_newest.clamp(min=0))
-        ev = ev * mask.unsqueeze(-1)
-        parts, masks = [ev], [mask]
-        if self.cfg.use_coarse:
-            parts.insert(0, self.coarse_proj(coarse))
-            masks.insert(0, torch.ones(b, coarse.shape[1], dtype=torch.bool, device=mask.device))
-        parts.append(self.queries[ask if self.cfg.scenario_queries else torch.zeros_like(ask)])
-        masks.append(torch.ones(b, k, dtype=torch.bool, device=mask.device))
-        embeds, attn = torch.cat(parts, 1), torch.cat(masks, 1)
+        embeds, attn = self._prefix(coarse, items, scenario, action, gap, mask)
+        embeds = torch.cat([embeds, self._queries(ask)], 1)
+        attn = torch.cat([attn, torch.ones(mask.shape[0], k, dtype=torch.bool, device=mask.device)], 1)
         positions = (torch.cumsum(attn.long(), 1) - 1).clamp(min=0)
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=attn.long(), position_ids=positions)
         return self.head(self.out(hidden.last_hidden_state[:, -k:]))
 
+    def _prefix(
+        self,
+        coarse: torch.Tensor,
+        items: torch.Tensor,
+        scenario: torch.Tensor,
+        action: torch.Tensor,
+        gap: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[coarse tokens] + [mixed recent events]: what every scenario's queries read, and its mask."""
+        b = mask.shape[0]
+        from_newest = torch.flip(torch.cumsum(torch.flip(mask.long(), [1]), 1), [1]) - 1
+        ev = self.item_proj(items) + self.scenario(scenario) + self.action(action) + self.gap(gap)
+        ev = ev + self.position(from_newest.clamp(min=0))
+        ev = ev * mask.unsqueeze(-1)
+        if not self.cfg.use_coarse:
+            return ev, mask
+        ones = torch.ones(b, coarse.shape[1], dtype=torch.bool, device=mask.device)
+        return torch.cat([self.coarse_proj(coarse), ev], 1), torch.cat([ones, mask], 1)
+
+    def _queries(self, ask: torch.Tensor) -> torch.Tensor:
+        return self.queries[ask if self.cfg.scenario_queries else torch.zeros_like(ask)]
+
     @torch.inference_mode()
     def refine(self, users: list[UserInput], scenarios: list[int]) -> np.ndarray:
-        """(U, S, K, retrieval_dim) float32 interest vectors for every user and scenario asked for."""
+        """(U, S, K, retrieval_dim) float32 interest vectors for every user and scenario asked for.
+
+        The decoder is causal, so the shared prefix (coarse tokens + events) does not depend on the
+        scenario asked: it runs once per user into a KV cache, and only each scenario's K query tokens
+        run on top of it — the same vectors as ``forward`` on one row per scenario, for about 1/S of
+        the work.
+        """
+        n_s, k = len(scenarios), self.cfg.interests
         if not users:
-            return np.zeros((0, len(scenarios), self.cfg.interests, self.head.norm.normalized_shape[0]), np.float32)
-        rows = [(i, s) for i in range(len(users)) for s in scenarios]
-        out = self(**collate(self.cfg, users, rows))
-        return out.reshape(len(users), len(scenarios), self.cfg.interests, -1).float().numpy()
+            return np.zeros((0, n_s, k, self.head.norm.normalized_shape[0]), np.float32)
+        t = collate(self.cfg, users, [(i, scenarios[0]) for i in range(len(users))])
+        embeds, attn = self._prefix(t["coarse"], t["items"], t["scenario"], t["action"], t["gap"], t["mask"])
+        positions = (torch.cumsum(attn.long(), 1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        self.backbone(
+            inputs_embeds=embeds,
+            attention_mask=attn.long(),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache.batch_repeat_interleave(n_s)  # row u * S + j: user u asking for scenarios[j]
+        ask = torch.as_tensor(scenarios).repeat(len(users))
+        attn = torch.cat([attn.repeat_interleave(n_s, 0), torch.ones(len(ask), k, dtype=torch.bool)], 1)
+        start = attn[:, :-k].sum(1, keepdim=True)  # the queries continue each row's positions
+        hidden = self.backbone(
+            inputs_embeds=self._queries(ask),
+            attention_mask=attn.long(),
+            position_ids=start + torch.arange(k),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        out = self.head(self.out(hidden.last_hidden_state))
+        return out.reshape(len(users), n_s, k, -1).float().numpy()

@@ -10,6 +10,7 @@ float32 history, and worker RSS / Redis memory over a 100k-event soak.  Prints m
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.request
 from pathlib import Path
@@ -68,13 +69,18 @@ def run_worker(
     refine: bool,
     tag: str,
     rss_samples: int = 0,
+    workers: int = 1,
 ) -> tuple[dict, Settings]:
     """One worker run over the plan's events on a fresh prefix; the row and the settings it used."""
     s = _fresh_prefix(settings, tag, refine=refine)
     expected = expected_seq(ds, p.events)
     ensure_topics(s)
     rss: list[int] = []
-    with WorkerProcess(s, log=Path(settings.datadir) / f"{s.prefix}.log") as worker:
+    with contextlib.ExitStack() as stack:
+        worker = stack.enter_context(WorkerProcess(s, log=Path(settings.datadir) / f"{s.prefix}.log"))
+        for i in range(1, workers):  # more members of the same consumer group share the partitions
+            more = s.with_(web_port=s.web_port + i, datadir=str(Path(s.datadir) / f"{s.prefix}-{i}"))
+            stack.enter_context(WorkerProcess(more, log=Path(settings.datadir) / f"{s.prefix}-{i}.log"))
         send_items(s, ds, p.items, progress=False)
         _wait_items(s, len(p.items))  # time events only, not the catalogue
         t0 = time.perf_counter()
@@ -135,6 +141,9 @@ def bench_ingest(settings: Settings, users: int = 100, out: str = "bench") -> li
         rows.append({"run": f"pipeline, refinement {'on' if refine else 'off'}", **row})
     naive = run_naive_baseline(settings, ckpt, ds, p)
     rows.append({"run": "naive: per event fetch raw history, recompute, write", "refine": False, **naive})
+    for refine in (False, True):  # the same two cores shared by two workers: a scale-out check, not a gain
+        row, _ = run_worker(settings, ds, p, None, refine, "two", workers=2)
+        rows.append({"run": f"pipeline, refinement {'on' if refine else 'off'}, 2 workers", **row})
     write_rows(out, "ingest", rows)
     print(
         f"ingest: simulator, {len(p.events):,} events of {users} users, {settings.partitions} partitions, one worker\n"
@@ -143,7 +152,7 @@ def bench_ingest(settings: Settings, users: int = 100, out: str = "bench") -> li
     print("|---|---:|---:|---|")
     for r in rows:
         print(f"| {r['run']} | {r['events_per_s']:.0f} | {r['wall_s']:.1f} | {r['complete']} |")
-    off, on, base = (r["events_per_s"] for r in rows)
+    off, on, base = (r["events_per_s"] for r in rows[:3])
     print(
         f"\npipeline (refinement off) / naive: {off / base:.1f}x; refinement on / naive: {on / base:.1f}x; "
         f"off / on: {off / on:.2f}x  (single passes in one run)"

@@ -60,10 +60,10 @@ def run_naive(
                 hist = hist[np.argsort(hist["ts"], kind="stable")][-settings.history_cap :]
                 with torch.inference_mode():
                     interests = model(
-                        torch.as_tensor(hist["v"])[None],
+                        torch.as_tensor(hist["v"].copy())[None],
                         torch.as_tensor(hist["s"].astype(np.int64))[None],
                         torch.as_tensor(hist["a"].astype(np.int64))[None],
-                        torch.as_tensor(hist["ts"])[None],
+                        torch.as_tensor(hist["ts"].copy())[None],
                         torch.ones(1, len(hist), dtype=torch.bool),
                     )
                 store.save(ev["user_id"], hist.tobytes(), interests.numpy().astype("<f4").tobytes())

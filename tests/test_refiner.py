@@ -82,3 +82,17 @@ def test_truncated_backbone_layers():
     )
     model = Refiner(cfg, ProjectionHead(8, 4))
     assert len(model.backbone.layers) == 1
+
+
+def test_shared_prefix_cache_equals_one_row_per_scenario(refiner):
+    """``refine`` runs the prefix once and each scenario's queries on its KV cache: same as ``forward``."""
+    from models.refiner import collate
+
+    rng = np.random.default_rng(4)
+    users = [_user(rng, n) for n in (25, 3, 0)]
+    scenarios = [2, 0, 1]
+    fast = refiner.refine(users, scenarios)
+    with torch.inference_mode():
+        rows = [(i, s) for i in range(len(users)) for s in scenarios]
+        slow = refiner(**collate(refiner.cfg, users, rows)).reshape(len(users), len(scenarios), 3, -1).numpy()
+    np.testing.assert_allclose(fast, slow, atol=1e-5)
