@@ -192,8 +192,8 @@ def bench_memory(
     ckpt = ensure_checkpoint(settings)
     ds = simulate(users=users, events_per_user=(history, history + 1))
     p = plan(ds)
-    _, s = run_worker(settings, ds, p, None, True, "mem")
-    run_naive_baseline(settings, ckpt, ds, p, prefix=s.prefix)
+    long_row, s = run_worker(settings, ds, p, None, True, "mem")
+    naive = run_naive_baseline(settings, ckpt, ds, p, prefix=s.prefix)
     r = connect_sync(settings.redis_url)
     per_user = [user_memory(r, s.prefix, str(u)) for u in ds.user_ids]
     raw = [int(r.memory_usage(Keys(s.prefix).baseline_history(str(u))) or 0) for u in ds.user_ids]
@@ -201,6 +201,16 @@ def bench_memory(
     rows: list[dict] = [{"what": f"pipeline user, {history} events: {k}", "bytes": v} for k, v in ours.items()]
     rows.append({"what": f"pipeline user, {history} events: total", "bytes": sum(ours.values())})
     rows.append({"what": f"naive user, {history} events: raw float32 history", "bytes": float(np.median(raw))})
+    rows.append(
+        {
+            "what": f"{users} users × {history} events: pipeline events/s (refinement on)",
+            "bytes": None,
+            "value": long_row["events_per_s"],
+        }
+    )
+    rows.append(
+        {"what": f"{users} users × {history} events: naive events/s", "bytes": None, "value": naive["events_per_s"]}
+    )
 
     # Soak: many users with long histories, a history cap below them, refinement on.
     per = max(1, soak_events // 200)
