@@ -12,6 +12,7 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 |                                  |        | action, ts), trimmed to the history cap                     |               |
 | ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float32), ``version``, ``seq``,     | S × K × d × 4 |
 |                                  |        | ``updated_at``, ``event_ts``, ``k``, ``d``                  |               |
+| ``<p>:{u:<id>}:v@<version>``     | hash   | the same, as written by one model version (TTL: roll-outs)  | S × K × d × 4 |
 | ``<p>:{i:<id>}``                 | hash   | ``code`` (codes + α bytes), ``ret`` (float32 retrieval      | ~0.3 KB       |
 |                                  |        | vector), ``version``, ``updated_at``                        |               |
 | ``<p>:{i:<id>}:parked``          | list   | events waiting for this item to arrive                      | bounded       |
@@ -47,6 +48,9 @@ class Keys:
 
     def baseline_interests(self, user: str) -> str:
         return f"{self.prefix}:{{u:{user}}}:rawv"
+
+    def user_vectors_at(self, user: str, version: str) -> str:
+        return f"{self.prefix}:{{u:{user}}}:v@{version}"
 
     def item(self, item: str) -> str:
         return f"{self.prefix}:{{i:{item}}}"

@@ -38,19 +38,29 @@ local refined = tonumber(redis.call('HGET', KEYS[1], 'refined_seq') or '0')
 return {new_seq, refined}
 """
 
-#: Write refined vectors unless newer ones (a higher seq) are already there.
-#: KEYS: vectors hash, state hash. ARGV: seq, version, updated_at, event_ts, produced_at, k, d, [field, bytes]...
-#: Returns 1 when written, 0 when skipped as stale.
+#: Write refined vectors unless newer ones (a higher seq) are already there, to the latest key and to
+#: the key of this model version (kept ``ttl`` seconds, so readers can pin a version during a roll-out).
+#: KEYS: vectors hash, state hash, vectors hash of this version.
+#: ARGV: seq, version, updated_at, event_ts, produced_at, k, d, ttl, [field, bytes]...
+#: Returns 1 when the latest key was written, 0 when it was skipped as stale.
 WRITE_VECTORS = """
-local have = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
-if have > tonumber(ARGV[1]) then
+local function write(key)
+  redis.call('HSET', key, 'seq', ARGV[1], 'version', ARGV[2], 'updated_at', ARGV[3], 'event_ts', ARGV[4],
+             'produced_at', ARGV[5], 'k', ARGV[6], 'd', ARGV[7])
+  for i = 9, #ARGV, 2 do
+    redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+  end
+end
+if tonumber(redis.call('HGET', KEYS[3], 'seq') or '-1') <= tonumber(ARGV[1]) then
+  write(KEYS[3])
+  if tonumber(ARGV[8]) > 0 then
+    redis.call('EXPIRE', KEYS[3], ARGV[8])
+  end
+end
+if tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1') > tonumber(ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'version', ARGV[2], 'updated_at', ARGV[3], 'event_ts', ARGV[4],
-           'produced_at', ARGV[5], 'k', ARGV[6], 'd', ARGV[7])
-for i = 8, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
+write(KEYS[1])
 local refined = tonumber(redis.call('HGET', KEYS[2], 'refined_seq') or '0')
 if tonumber(ARGV[1]) > refined then
   redis.call('HSET', KEYS[2], 'refined_seq', ARGV[1])

@@ -177,13 +177,22 @@ class StreamStore:
         return out
 
     async def write_vectors(
-        self, user: str, seq: int, version: str, event_ts: float, produced_at: float, vectors: dict[str, np.ndarray]
+        self,
+        user: str,
+        seq: int,
+        version: str,
+        event_ts: float,
+        produced_at: float,
+        vectors: dict[str, np.ndarray],
+        version_ttl_s: float = 0,
     ) -> bool:
+        """Latest vectors (unless newer are there) and this version's copy; True when the latest was written."""
         k, d = next(iter(vectors.values())).shape
         args: list = [seq, version, repr(time.time()), repr(float(event_ts)), repr(float(produced_at)), k, d]
+        args.append(int(version_ttl_s))
         for scenario, v in vectors.items():
             args += [f"vec:{scenario}", np.ascontiguousarray(v, dtype="<f4").tobytes()]
-        keys = [self.keys.user_vectors(user), self.keys.user_state(user)]
+        keys = [self.keys.user_vectors(user), self.keys.user_state(user), self.keys.user_vectors_at(user, version)]
         return bool(await self._write(keys=keys, args=args))
 
     async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
@@ -259,13 +268,18 @@ class InterestReader:
         self.r = connect_sync(redis_url)
         self.keys = Keys(prefix)
 
-    def interests(self, user: str) -> Interests | None:
-        return parse_interests(user, self.r.hgetall(self.keys.user_vectors(user)))
+    def interests(self, user: str, version: str | None = None) -> Interests | None:
+        """The latest vectors, or those of one model version (kept for ``version_ttl_s`` after its writes)."""
+        key = self.keys.user_vectors(user) if version is None else self.keys.user_vectors_at(user, version)
+        return parse_interests(user, self.r.hgetall(key))
 
-    def get_user_interests(self, user: str, scenario: str | None = None) -> tuple[np.ndarray, Interests]:
-        found = self.interests(user)
+    def get_user_interests(
+        self, user: str, scenario: str | None = None, version: str | None = None
+    ) -> tuple[np.ndarray, Interests]:
+        found = self.interests(user, version)
         if found is None:
-            raise KeyError(f"no interest vectors for user {user!r} yet")
+            at = "" if version is None else f" of model version {version!r}"
+            raise KeyError(f"no interest vectors{at} for user {user!r} yet")
         return found.matrix(scenario), found
 
     def item_vectors(self) -> tuple[list[str], np.ndarray]:
@@ -285,13 +299,17 @@ class AsyncInterestReader:
         self.r = connect_async(redis_url)
         self.keys = Keys(prefix)
 
-    async def interests(self, user: str) -> Interests | None:
-        return parse_interests(user, await self.r.hgetall(self.keys.user_vectors(user)))
+    async def interests(self, user: str, version: str | None = None) -> Interests | None:
+        key = self.keys.user_vectors(user) if version is None else self.keys.user_vectors_at(user, version)
+        return parse_interests(user, await self.r.hgetall(key))
 
-    async def get_user_interests(self, user: str, scenario: str | None = None) -> tuple[np.ndarray, Interests]:
-        found = await self.interests(user)
+    async def get_user_interests(
+        self, user: str, scenario: str | None = None, version: str | None = None
+    ) -> tuple[np.ndarray, Interests]:
+        found = await self.interests(user, version)
         if found is None:
-            raise KeyError(f"no interest vectors for user {user!r} yet")
+            at = "" if version is None else f" of model version {version!r}"
+            raise KeyError(f"no interest vectors{at} for user {user!r} yet")
         return found.matrix(scenario), found
 
     async def close(self) -> None:

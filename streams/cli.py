@@ -132,9 +132,10 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     from state.store import InterestReader
 
     settings = _settings(args)
-    found = InterestReader(settings.redis_url, settings.prefix).interests(args.user)
+    found = InterestReader(settings.redis_url, settings.prefix).interests(args.user, args.model_version)
     if found is None:
-        print(f"no interest vectors for user {args.user!r} yet", file=sys.stderr)
+        at = f" of model version {args.model_version!r}" if args.model_version else ""
+        print(f"no interest vectors{at} for user {args.user!r} yet", file=sys.stderr)
         return 1
     body = found.to_json()
     if not args.full:
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.add_argument("user")
     p.add_argument("--full", action="store_true", help="print whole vectors")
+    p.add_argument("--model-version", help="the vectors one model version wrote (default: the latest)")
     p.set_defaults(func=cmd_lookup)
 
     p = sub.add_parser("search", help="top items for a user: faiss top-k per interest, merged by max score")

@@ -4,7 +4,7 @@
     <prefix>.items              → item agent (streams.items)         → Redis: item codes + retrieval vectors
     dirty users (Redis)         → refinement timer (streams.refinement) → Redis vectors + <prefix>.interests
     rejected messages           → <prefix>.deadletter
-Web: ``GET /users/{id}/interests`` (JSON), ``GET /metrics`` (Prometheus).
+Web: ``GET /users/{id}/interests[?version=v]`` (JSON), ``GET /metrics`` (Prometheus).
 """
 
 from __future__ import annotations
@@ -177,9 +177,11 @@ async def lag_gauge() -> None:
 
 @app.page("/users/{user_id}/interests")
 async def user_interests(web, request, user_id: str):
-    found = await reader.interests(user_id)
+    version = request.query.get("version")  # ?version=<model version> pins one; default: the latest
+    found = await reader.interests(user_id, version)
     if found is None:
-        return web.json({"error": f"no interest vectors for user {user_id!r} yet"}, status=404)
+        at = f" of model version {version!r}" if version else ""
+        return web.json({"error": f"no interest vectors{at} for user {user_id!r} yet"}, status=404)
     return web.json(found.to_json())
 
 

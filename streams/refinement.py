@@ -85,7 +85,7 @@ class Refresher:
             row = rows[user]
             per_scenario = {s: vecs[i] for i, s in enumerate(self.scenarios)}
             written = await self.store.write_vectors(
-                user, row.seq, self.ckpt.version, row.last_ts, row.kts, per_scenario
+                user, row.seq, self.ckpt.version, row.last_ts, row.kts, per_scenario, self.settings.version_ttl_s
             )
             await self.store.clear_dirty(p, user, row.seq)
             self.last_refined[user] = time.monotonic()

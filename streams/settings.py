@@ -39,6 +39,8 @@ class Settings:
     checkpoint: str = "runs/demo"
     #: Events kept per user history (codes, a few bytes each).
     history_cap: int = 1000
+    #: How long a model version's own copy of a user's vectors is kept (readers can pin a version).
+    version_ttl_s: float = 7 * 86400.0
     #: Kafka consumer session timeout: a crashed worker's partitions move after this many seconds.
     session_timeout_s: float = 10.0
     #: Max events an agent takes from its stream per batch, and how long it waits to fill one.

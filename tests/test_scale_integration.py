@@ -4,6 +4,7 @@ compute offline for every user: no event lost, none applied twice, no refinement
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -11,8 +12,9 @@ import pytest
 from pipeline_checks import assert_matches_offline, replay
 
 from models.data import load
+from models.user_model import Checkpoint
 from state.keys import Keys
-from state.store import connect_sync
+from state.store import InterestReader, connect_sync
 from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -89,3 +91,43 @@ def test_two_workers_rebalance_then_one_killed(pipeline_settings, ds, tmp_path):
         b.stop()
     assert_matches_offline(settings, ds, expected)
     assert "Traceback" not in b_log
+
+
+def test_model_rollout_worker_by_worker(pipeline_settings, ds, tmp_path):
+    """A worker with a new checkpoint joins, the old one leaves, the stream never stops; readers get the
+    latest vectors by default and can still pin the old version."""
+    settings = pipeline_settings
+    old = Checkpoint.load(settings.checkpoint).version
+    new_dir = tmp_path / "checkpoint-new"
+    shutil.copytree(settings.checkpoint, new_dir)  # same weights, so the offline check still holds
+    (new_dir / "VERSION").write_text("rollout-2\n")
+    p = plan(ds, max_users=USERS)
+    half = len(p.events) // 2
+    ensure_topics(settings)
+    send_items(settings, ds, p.items, progress=False)
+    a = WorkerProcess(settings, log=tmp_path / "old.log").start()
+    send_events(settings, ds, p.events[:half], progress=False)
+    assert wait_for_vectors(settings, expected_seq(ds, p.events[:half]), timeout=120, progress=False) == {}
+    b_settings = settings.with_(
+        checkpoint=str(new_dir), web_port=settings.web_port + 1, datadir=str(tmp_path / "faust-new")
+    )
+    b = WorkerProcess(b_settings, log=tmp_path / "new.log").start()
+    try:
+        a.stop()  # the old version leaves; its partitions move to the new one
+        send_events(settings, ds, p.events[half:], progress=False)
+        expected = expected_seq(ds, p.events)
+        assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
+    finally:
+        b.stop()
+        a.stop()
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    early = expected_seq(ds, p.events[:half])
+    late = {str(ds.user_ids[u]) for u in ds.user[p.events[half:]]}
+    for user in expected:
+        latest, pinned = reader.interests(user), reader.interests(user, version=old)
+        if user in early:  # refined by the old version before it left
+            assert pinned is not None and pinned.version == old and early[user] <= pinned.seq <= latest.seq
+        if user in late:
+            assert latest.version == "rollout-2" and latest.seq == expected[user]
+            assert reader.interests(user, version="rollout-2").seq == expected[user]
+    assert_matches_offline(settings, ds, expected)
