@@ -113,11 +113,11 @@ class Ingestor:
             # One round trip reads every user, one model call folds them, one round trip applies them.
             # A user seen under two partitions (a producer that ignores the key) waits for the next round.
             this_round: dict[tuple[int, str], list[_Accepted]] = {}
-            users: set[str] = set()
+            taken: set[str] = set()
             for key, items in pending.items():
-                if key[1] not in users:
+                if key[1] not in taken:
                     this_round[key] = items
-                    users.add(key[1])
+                    taken.add(key[1])
             results = await self._apply_round(scenario, this_round, codes, parked_now)
             for key, result in results.items():
                 if result is not _CONFLICT:
