@@ -98,13 +98,18 @@ def _replay_around(settings, ds, tmp_path, services, service: str) -> str:
     return log
 
 
+# An outage delays the item agent too: events parked for a late item must outlive it (the default is 60 s).
+OUTAGE_PARK_S = 120.0
+
+
 def test_redis_restart_mid_stream(pipeline_settings, ds, tmp_path, services):
-    log = _replay_around(pipeline_settings, ds, tmp_path, services, "redis")
+    settings = pipeline_settings.with_(park_timeout_s=OUTAGE_PARK_S)
+    log = _replay_around(settings, ds, tmp_path, services, "redis")
     assert "retrying" in log.lower(), "the worker should have logged its back-off while Redis was down"
 
 
 def test_kafka_restart_mid_stream(pipeline_settings, ds, tmp_path, services):
-    _replay_around(pipeline_settings, ds, tmp_path, services, "kafka")
+    _replay_around(pipeline_settings.with_(park_timeout_s=OUTAGE_PARK_S), ds, tmp_path, services, "kafka")
 
 
 def test_soak_100k_events_memory_stays_bounded(pipeline_settings, tmp_path):

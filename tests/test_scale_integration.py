@@ -49,7 +49,8 @@ def test_pipeline_on_redis_cluster(cluster_settings, ds, tmp_path):
 
 
 def test_broker_loss_with_replication_3(cluster_settings, cluster, ds, tmp_path):
-    settings = cluster_settings
+    # Leaders move when the broker goes: items can be late, so parked events wait longer than the 5 s default.
+    settings = cluster_settings.with_(park_timeout_s=120.0)
     p = plan(ds, max_users=USERS)
     ensure_topics(settings)
     expected = expected_seq(ds, p.events)
