@@ -49,7 +49,7 @@ def test_pipeline_on_redis_cluster(cluster_settings, ds, tmp_path):
 
 
 def test_broker_loss_with_replication_3(cluster_settings, cluster, ds, tmp_path):
-    # Leaders move when the broker goes: items can be late, so parked events wait longer than the 5 s default.
+    # Leaders move when the broker goes: items can be late, so parked events wait longer than these tests' usual 5 s.
     settings = cluster_settings.with_(park_timeout_s=120.0)
     p = plan(ds, max_users=USERS)
     ensure_topics(settings)
