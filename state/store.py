@@ -86,12 +86,22 @@ class StreamStore:
             pipe.hget(self.keys.item(it), "code")
         return dict(zip(items, await pipe.execute(), strict=True))
 
-    async def put_item(self, item: str, code: bytes, retrieval: bytes, version: str, title: str = "") -> None:
+    async def put_items(self, items: list[tuple[str, bytes, bytes, str, str]]) -> None:
+        """Stores (item id, code, retrieval vector, version, title) rows, one round trip for all."""
         pipe = self.r.pipeline(transaction=False)
-        fields = {"code": code, "ret": retrieval, "version": version, "updated_at": time.time(), "title": title[:120]}
-        pipe.hset(self.keys.item(item), mapping=fields)
-        pipe.sadd(self.keys.items, item)
+        now = time.time()
+        for item, code, retrieval, version, title in items:
+            fields = {"code": code, "ret": retrieval, "version": version, "updated_at": now, "title": title[:120]}
+            pipe.hset(self.keys.item(item), mapping=fields)
+            pipe.sadd(self.keys.items, item)
         await pipe.execute()
+
+    async def parked_counts(self, items: list[str]) -> dict[str, int]:
+        """How many events wait for each item, one round trip for all."""
+        pipe = self.r.pipeline(transaction=False)
+        for it in items:
+            pipe.llen(self.keys.parked(it))
+        return dict(zip(items, (int(n) for n in await pipe.execute()), strict=True))
 
     async def park(self, item: str, raw: bytes, max_parked: int) -> bool:
         """Parks an event until its item arrives; False when the item's parking list is full."""

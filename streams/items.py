@@ -49,13 +49,17 @@ class ItemHandler:
         vectors = await asyncio.get_running_loop().run_in_executor(None, self._vectors, items)
         enc = self.ckpt.codebook.encode(vectors)
         retrieval = self.ckpt.model.retrieval_vectors(vectors).astype("<f4")
-        for i, item in enumerate(items):
-            await self.store.put_item(
-                item.item_id, enc.to_bytes(i), retrieval[i].tobytes(), self.ckpt.version, item.text or ""
-            )
-            metrics.ITEMS.inc()
-            await release_parked(self.store, self.republish, item.item_id)
-        return [it.item_id for it in items]
+        rows = [
+            (item.item_id, enc.to_bytes(i), retrieval[i].tobytes(), self.ckpt.version, item.text or "")
+            for i, item in enumerate(items)
+        ]
+        await self.store.put_items(rows)  # stored first, then the parking lists are read (see ingest._park)
+        metrics.ITEMS.inc(len(items))
+        ids = [it.item_id for it in items]
+        for item_id, waiting in (await self.store.parked_counts(ids)).items():
+            if waiting:
+                await release_parked(self.store, self.republish, item_id)
+        return ids
 
     def _vectors(self, items: list[Item]) -> np.ndarray:
         out = np.zeros((len(items), self.ckpt.codebook.cfg.dim), np.float32)
