@@ -39,6 +39,14 @@ def write_rows(out: str | Path, part: str, rows: list[dict]) -> None:
     (Path(out) / f"{part}.json").write_text(json.dumps(rows, indent=2))
 
 
+def print_table(header: list[str], align: str, cells: list[list[str]]) -> None:
+    """Prints a markdown table; ``align`` has one letter per column: l (left) or r (right)."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "".join("---:|" if a == "r" else "---|" for a in align))
+    for row in cells:
+        print("| " + " | ".join(row) + " |")
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
@@ -97,35 +105,34 @@ def bench_codebook(dataset: str = "ml-100k", layers: tuple[int, ...] = (1, 2, 3,
             median_time(lambda b=book: b.encode(test), 3),
         )
         budget = book.cfg.bytes_per_item  # one byte per code, one per alpha
-        rq = faiss.ResidualQuantizer(d, budget, 8)
-        rq.train(train)
-        codes = rq.compute_codes(test)
-        row(
-            f"faiss ResidualQuantizer {budget}x8 bits",
-            rq.code_size,
-            rq.decode(codes),
-            median_time(lambda q=rq: q.compute_codes(test), 3),
-        )
+        faiss_quantizers = [("ResidualQuantizer", faiss.ResidualQuantizer(d, budget, 8))]
         if d % budget == 0:
-            pq = faiss.ProductQuantizer(d, budget, 8)
-            pq.train(train)
-            codes = pq.compute_codes(test)
+            faiss_quantizers.append(("ProductQuantizer", faiss.ProductQuantizer(d, budget, 8)))
+        for name, q in faiss_quantizers:
+            q.train(train)
             row(
-                f"faiss ProductQuantizer {budget}x8 bits",
-                pq.code_size,
-                pq.decode(codes),
-                median_time(lambda q=pq: q.compute_codes(test), 3),
+                f"faiss {name} {budget}x8 bits",
+                q.code_size,
+                q.decode(q.compute_codes(test)),
+                median_time(lambda q=q: q.compute_codes(test), 3),
             )
     write_rows(out, "codebook", rows)
     print(f"codebook: {source}, {len(train)} items to fit, {n} held-out items to measure, d={d}\n")
-    print("| method | bytes/item | × smaller than float32 | held-out cosine | centred cosine | encode items/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        speed = f"{r['encode_items_per_s']:,.0f}" if r["encode_items_per_s"] else "—"
-        print(
-            f"| {r['method']} | {r['bytes_per_item']} | {r['x_smaller_than_float32']:.0f} | "
-            f"{r['reconstruction_cosine']:.4f} | {r['centred_cosine']:.4f} | {speed} |"
-        )
+    print_table(
+        ["method", "bytes/item", "× smaller than float32", "held-out cosine", "centred cosine", "encode items/s"],
+        "lrrrrr",
+        [
+            [
+                r["method"],
+                str(r["bytes_per_item"]),
+                f"{r['x_smaller_than_float32']:.0f}",
+                f"{r['reconstruction_cosine']:.4f}",
+                f"{r['centred_cosine']:.4f}",
+                f"{r['encode_items_per_s']:,.0f}" if r["encode_items_per_s"] else "—",
+            ]
+            for r in rows
+        ],
+    )
     return rows
 
 
@@ -176,17 +183,32 @@ def bench_coarse(histories: tuple[int, ...] = (100, 1000, 10000), out: str = "be
             }
         )
     write_rows(out, "coarse", rows)
-    print(
-        "| history | recompute µs/event | incremental µs/event (1 event/call) | ratio | "
-        "incremental µs/event (256 events of 100 users/call, as ingest) | ratio | state bytes | raw float32 bytes |"
+    print_table(
+        [
+            "history",
+            "recompute µs/event",
+            "incremental µs/event (1 event/call)",
+            "ratio",
+            "incremental µs/event (256 events of 100 users/call, as ingest)",
+            "ratio",
+            "state bytes",
+            "raw float32 bytes",
+        ],
+        "rrrrrrrr",
+        [
+            [
+                f"{r['history']:,}",
+                f"{r['recompute_us_per_event']:,.0f}",
+                f"{r['incremental_us_per_event']:.0f}",
+                f"{r['ratio']:.1f}x",
+                f"{r['batched_us_per_event']:.1f}",
+                f"{r['ratio_batched']:.0f}x",
+                f"{r['state_bytes']:,}",
+                f"{r['raw_history_bytes']:,}",
+            ]
+            for r in rows
+        ],
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['history']:,} | {r['recompute_us_per_event']:,.0f} | {r['incremental_us_per_event']:.0f} | "
-            f"{r['ratio']:.1f}x | {r['batched_us_per_event']:.1f} | {r['ratio_batched']:.0f}x | "
-            f"{r['state_bytes']:,} | {r['raw_history_bytes']:,} |"
-        )
     return rows
 
 
@@ -247,13 +269,21 @@ def bench_refiner(
             )
     write_rows(out, "refiner", rows)
     print(f"refiner: {recent} recent events + 4 coarse tokens + 3 queries per row, 3 scenarios per user\n")
-    print("| backbone | params (M) | batch (users) | users/s | p50 batch (ms) | max (ms) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['backbone']} | {r['params_m']:.1f} | {r['batch']} | {r['users_per_s']:.1f} | "
-            f"{r['p50_s'] * 1e3:.1f} | {r['max_s'] * 1e3:.1f} |"
-        )
+    print_table(
+        ["backbone", "params (M)", "batch (users)", "users/s", "p50 batch (ms)", "max (ms)"],
+        "lrrrrr",
+        [
+            [
+                r["backbone"],
+                f"{r['params_m']:.1f}",
+                str(r["batch"]),
+                f"{r['users_per_s']:.1f}",
+                f"{r['p50_s'] * 1e3:.1f}",
+                f"{r['max_s'] * 1e3:.1f}",
+            ]
+            for r in rows
+        ],
+    )
     return rows
 
 

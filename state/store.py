@@ -74,7 +74,6 @@ class StreamStore:
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self.r = client
         self.keys = Keys(prefix)
-        self._apply = client.register_script(scripts.APPLY_EVENTS)
         self._write = client.register_script(scripts.WRITE_VECTORS)
         self._clear = client.register_script(scripts.CLEAR_DIRTY)
         self._drop = client.register_script(scripts.DROP_PARKED)

@@ -17,14 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bench import write_rows
+from models.bench import print_table, write_rows
 from models.data import Dataset, load, simulate
 from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
 from state.keys import Keys
 from state.store import connect_sync, user_memory
 from streams.naive import run_naive
-from streams.replay import ReplayPlan, expected_seq, plan, send_events, send_items, wait_for_vectors
+from streams.replay import (
+    ReplayPlan,
+    expected_seq,
+    plan,
+    send_events,
+    send_items,
+    wait_for_items,
+    wait_for_vectors,
+)
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -47,13 +55,6 @@ def ensure_checkpoint(settings: Settings) -> Checkpoint:
         print(f"== training a small model on the multi-scenario simulator → {settings.checkpoint}")
         run_train(TrainConfig(dataset="sim", steps=150), settings.checkpoint)
     return Checkpoint.load(settings.checkpoint)
-
-
-def _wait_items(settings: Settings, n: int, timeout: float = 120.0) -> None:
-    r, key = connect_sync(settings.redis_url), Keys(settings.prefix).items
-    deadline = time.monotonic() + timeout
-    while r.scard(key) < n and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 def _fresh_prefix(settings: Settings, tag: str, **changes: object) -> Settings:
@@ -82,7 +83,7 @@ def run_worker(
             more = s.with_(web_port=s.web_port + i, datadir=str(Path(s.datadir) / f"{s.prefix}-{i}"))
             stack.enter_context(WorkerProcess(more, log=Path(settings.datadir) / f"{s.prefix}-{i}.log"))
         send_items(s, ds, p.items, progress=False)
-        _wait_items(s, len(p.items))  # time events only, not the catalogue
+        wait_for_items(s, len(p.items))  # time events only, not the catalogue
         t0 = time.perf_counter()
         offered, sent = [], 0
         for chunk in np.array_split(p.events, max(1, rss_samples)):  # RSS once each slice is absorbed
@@ -148,10 +149,11 @@ def bench_ingest(settings: Settings, users: int = 100, out: str = "bench") -> li
     print(
         f"ingest: simulator, {len(p.events):,} events of {users} users, {settings.partitions} partitions, one worker\n"
     )
-    print("| run | events/s absorbed | wall (s) | complete |")
-    print("|---|---:|---:|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['events_per_s']:.0f} | {r['wall_s']:.1f} | {r['complete']} |")
+    print_table(
+        ["run", "events/s absorbed", "wall (s)", "complete"],
+        "lrrl",
+        [[r["run"], f"{r['events_per_s']:.0f}", f"{r['wall_s']:.1f}", str(r["complete"])] for r in rows],
+    )
     off, on, base = (r["events_per_s"] for r in rows[:3])
     print(
         f"\npipeline (refinement off) / naive: {off / base:.1f}x; refinement on / naive: {on / base:.1f}x; "
@@ -173,13 +175,20 @@ def bench_freshness(
         rows.append({"run": f"{rate:.0f} ev/s offered", **row})
     write_rows(out, "freshness", rows)
     print(f"freshness: simulator, {len(p.events):,} events of {users} users, refinement on, one worker\n")
-    print("| offered ev/s | achieved offer | absorbed ev/s | p50 (s) | p95 (s) | p99 (s) | complete |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(
-            f"| {r['offered_rate']:.0f} | {r['achieved_offer']:.0f} | {r['events_per_s']:.0f} | "
-            f"≤{r['freshness_p50_s']:g} | ≤{r['freshness_p95_s']:g} | ≤{r['freshness_p99_s']:g} | {r['complete']} |"
-        )
+    print_table(
+        ["offered ev/s", "achieved offer", "absorbed ev/s", "p50 (s)", "p95 (s)", "p99 (s)", "complete"],
+        "rrrrrrl",
+        [
+            [
+                f"{r['offered_rate']:.0f}",
+                f"{r['achieved_offer']:.0f}",
+                f"{r['events_per_s']:.0f}",
+                *(f"≤{r[f'freshness_{q}_s']:g}" for q in ("p50", "p95", "p99")),
+                str(r["complete"]),
+            ]
+            for r in rows
+        ],
+    )
     ok = [r["offered_rate"] for r in rows if r["complete"] and r["freshness_p99_s"] <= 1.0]
     print(f"\nhighest offered rate with p99 ≤ 1 s: {max(ok):.0f} ev/s" if ok else "\nno rate kept p99 ≤ 1 s")
     return rows
@@ -243,12 +252,12 @@ def bench_memory(
         }
     )
     write_rows(out, "memory", rows)
-    print("| measure | bytes / value |")
-    print("|---|---:|")
-    for x in rows:
+
+    def shown(x: dict) -> str:
         v = x.get("value")
-        shown = f"{x['bytes']:,.0f}" if x["bytes"] is not None else (f"{v:,.0f}" if isinstance(v, float) else str(v))
-        print(f"| {x['what']} | {shown} |")
+        return f"{x['bytes']:,.0f}" if x["bytes"] is not None else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+
+    print_table(["measure", "bytes / value"], "lr", [[x["what"], shown(x)] for x in rows])
     print(
         f"\nhistory, codes vs raw float32: {np.median(raw) / max(ours['history'], 1):.1f}x smaller; "
         f"whole user vs raw history alone: {np.median(raw) / max(sum(ours.values()), 1):.1f}x smaller"

@@ -97,6 +97,20 @@ def expected_seq(ds: Dataset, events: np.ndarray) -> dict[str, int]:
     return {str(ds.user_ids[u]): int(c) for u, c in zip(users, counts, strict=True)}
 
 
+def wait_for_items(settings: Settings, n: int, timeout: float = 120.0) -> bool:
+    """Polls Redis until ``n`` items are stored (a replay's catalogue is in); False on timeout."""
+    from state.keys import Keys
+    from state.store import connect_sync
+
+    r, key = connect_sync(settings.redis_url), Keys(settings.prefix).items
+    deadline = time.monotonic() + timeout
+    while r.scard(key) < n:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def wait_for_vectors(
     settings: Settings,
     expected: dict[str, int],

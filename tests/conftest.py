@@ -49,6 +49,14 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_sep("-", f"services: {used}")
 
 
+def _stack_up(args: list[str], what: str) -> dict[str, str]:
+    """``deploy/stack.py up`` with ``args``; the ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` it prints."""
+    out = subprocess.run([*STACK, "up", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"could not start {what}:\n{out.stderr}")
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("KAFKA_", "REDIS_")))
+
+
 class _Services:
     """Resolves both services once per session and tears down whatever it started."""
 
@@ -79,11 +87,8 @@ class _Services:
 
     def _from_local_stack(self) -> None:
         self.origin = "local stack (deploy/stack.py)"
-        out = subprocess.run([*STACK, "up", *TEST_PORTS], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"could not start the local stack:\n{out.stderr}")
+        env = _stack_up(TEST_PORTS, "the local stack")
         self._stack.callback(subprocess.run, [*STACK, "down", "--wipe", *TEST_PORTS], check=False)
-        env = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("KAFKA_", "REDIS_")))
         self.local = {name for name, given in (("kafka", self.kafka), ("redis", self.redis)) if not given}
         self.kafka = self.kafka or env["KAFKA_BOOTSTRAP_SERVERS"]
         self.redis = self.redis or env["REDIS_URL"]
@@ -129,11 +134,11 @@ class _Cluster:
     """A 3-node KRaft Kafka and a 3-master Redis Cluster, real processes on loopback (deploy/stack.py)."""
 
     def __init__(self) -> None:
-        out = subprocess.run([*STACK, "up", *CLUSTER_ARGS], capture_output=True, text=True)
-        if out.returncode != 0:
+        try:
+            env = _stack_up(CLUSTER_ARGS, "the 3-broker / Redis Cluster stack")
+        except RuntimeError:
             subprocess.run([*STACK, "down", "--wipe", *CLUSTER_ARGS], capture_output=True)
-            raise RuntimeError(f"could not start the 3-broker / Redis Cluster stack:\n{out.stderr}")
-        env = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("KAFKA_", "REDIS_")))
+            raise
         self.kafka, self.redis = env["KAFKA_BOOTSTRAP_SERVERS"], env["REDIS_URL"]
 
     def stop_broker(self, node: int) -> None:

@@ -16,9 +16,11 @@ import pytest
 import redis
 from pipeline_checks import assert_matches_offline
 
-from models.data import load
+from models.data import load, simulate
+from models.user_model import Checkpoint
 from state.keys import Keys
-from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
+from state.store import user_memory
+from streams.replay import expected_seq, plan, send_events, send_items, wait_for_items, wait_for_vectors
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
 
@@ -115,9 +117,6 @@ def test_kafka_restart_mid_stream(pipeline_settings, ds, tmp_path, services):
 def test_soak_100k_events_memory_stays_bounded(pipeline_settings, tmp_path):
     """100,000 events of 200 users through one worker with history capped at 200: every event applied
     once, each user's history at the cap, worker RSS flat from the first quarter of the stream on."""
-    from models.data import simulate
-    from state.store import user_memory
-
     settings = pipeline_settings.with_(history_cap=200, park_timeout_s=120.0)
     soak = simulate(users=200, events_per_user=(500, 501))
     p = plan(soak)
@@ -126,10 +125,7 @@ def test_soak_100k_events_memory_stays_bounded(pipeline_settings, tmp_path):
     rss = []
     with WorkerProcess(settings, log=tmp_path / "worker.log") as worker:
         send_items(settings, soak, p.items, progress=False)
-        r = redis.Redis.from_url(settings.redis_url)
-        deadline = time.monotonic() + 60
-        while r.scard(Keys(settings.prefix).items) < len(p.items) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the catalogue first: this test is about memory, not parking
+        wait_for_items(settings, len(p.items), timeout=60)  # the catalogue first: this is about memory, not parking
         sent = 0
         for chunk in np.array_split(p.events, 4):
             send_events(settings, soak, chunk, progress=False)
@@ -143,8 +139,7 @@ def test_soak_100k_events_memory_stays_bounded(pipeline_settings, tmp_path):
             rss.append(worker.rss_bytes())
         assert wait_for_vectors(settings, expected, timeout=300, progress=False) == {}
     assert len(p.events) == 100_000
-    from models.user_model import Checkpoint
-
+    r = redis.Redis.from_url(settings.redis_url)
     record = Checkpoint.load(settings.checkpoint).codebook.cfg.bytes_per_item + 10  # codes + α, then 10 B
     for user in list(expected)[:20]:
         assert len(r.get(Keys(settings.prefix).user_history(user))) == 200 * record
