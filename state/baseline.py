@@ -26,4 +26,4 @@ class BaselineStore:
         pipe.execute()
 
     def memory_usage(self, user: str) -> int:
-        return int(self.r.memory_usage(self.keys.baseline_history(user)) or 0)
+        return int(self.r.memory_usage(self.keys.baseline_history(user), samples=0) or 0)

@@ -263,11 +263,15 @@ def parse_interests(user: str, raw: dict[bytes, bytes]) -> Interests | None:
     )
 
 
-def user_memory(client: redis.Redis, prefix: str, user: str) -> dict[str, int]:
-    """Redis ``MEMORY USAGE`` of each of one user's keys, bytes (0 for a missing key)."""
+def user_memory(client: redis.Redis, prefix: str, user: str, version: str | None = None) -> dict[str, int]:
+    """Redis ``MEMORY USAGE`` of each of one user's keys (with ``version``: that model version's copy of the
+    vectors too), bytes, 0 for a missing key.  Exact (every field counted): Redis's default samples only
+    five fields of a large hash and misses the big ones."""
     keys = Keys(prefix)
     named = {"state": keys.user_state(user), "history": keys.user_history(user), "vectors": keys.user_vectors(user)}
-    return {name: int(client.memory_usage(key) or 0) for name, key in named.items()}
+    if version is not None:
+        named["vectors_of_version"] = keys.user_vectors_at(user, version)
+    return {name: int(client.memory_usage(key, samples=0) or 0) for name, key in named.items()}
 
 
 class InterestReader:

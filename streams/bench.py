@@ -21,7 +21,7 @@ from models.bench import print_table, write_rows
 from models.data import Dataset, load, simulate
 from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
-from state.keys import Keys
+from state.baseline import BaselineStore
 from state.store import connect_sync, user_memory
 from streams.naive import run_naive
 from streams.replay import (
@@ -204,9 +204,9 @@ def bench_memory(
     long_row, s = run_worker(settings, ds, p, None, True, "mem")
     naive = run_naive_baseline(settings, ckpt, ds, p, prefix=s.prefix)
     r = connect_sync(settings.redis_url)
-    per_user = [user_memory(r, s.prefix, str(u)) for u in ds.user_ids]
-    raw = [int(r.memory_usage(Keys(s.prefix).baseline_history(str(u))) or 0) for u in ds.user_ids]
-    ours = {k: float(np.median([m[k] for m in per_user])) for k in ("state", "history", "vectors")}
+    per_user = [user_memory(r, s.prefix, str(u), ckpt.version) for u in ds.user_ids]
+    raw = [BaselineStore(r, s.prefix).memory_usage(str(u)) for u in ds.user_ids]
+    ours = {k: float(np.median([m[k] for m in per_user])) for k in per_user[0]}
     rows: list[dict] = [{"what": f"pipeline user, {history} events: {k}", "bytes": v} for k, v in ours.items()]
     rows.append({"what": f"pipeline user, {history} events: total", "bytes": sum(ours.values())})
     rows.append({"what": f"naive user, {history} events: raw float32 history", "bytes": float(np.median(raw))})

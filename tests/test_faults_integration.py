@@ -140,9 +140,10 @@ def test_soak_100k_events_memory_stays_bounded(pipeline_settings, tmp_path):
         assert wait_for_vectors(settings, expected, timeout=300, progress=False) == {}
     assert len(p.events) == 100_000
     r = redis.Redis.from_url(settings.redis_url)
-    record = Checkpoint.load(settings.checkpoint).codebook.cfg.bytes_per_item + 10  # codes + α, then 10 B
+    ckpt = Checkpoint.load(settings.checkpoint)
+    record = ckpt.codebook.cfg.bytes_per_item + 10  # codes + α, then 10 B
     for user in list(expected)[:20]:
         assert len(r.get(Keys(settings.prefix).user_history(user))) == 200 * record
-        assert sum(user_memory(r, settings.prefix, user).values()) < 64 * 1024
+        assert sum(user_memory(r, settings.prefix, user, ckpt.version).values()) < 64 * 1024
     growth = (rss[-1] - rss[0]) / rss[0]
     assert growth < 0.10, f"worker RSS grew {growth:.1%} from the first to the last quarter: {rss}"
