@@ -247,9 +247,13 @@ class KafkaNode:
             ]
         )
 
+    @property
+    def cluster_id_file(self) -> Path:
+        return RUN / f"kafka-{self.base}-x{self.size}.cluster-id"
+
     def cluster_id(self) -> str:
-        """One id for every node of the cluster, kept next to the first node's data."""
-        path = RUN / f"kafka-{self.base}-x{self.size}.cluster-id"
+        """One id for every node of the cluster, kept next to the nodes' data."""
+        path = self.cluster_id_file
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
@@ -496,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.wipe:
                     shutil.rmtree(node.dir, ignore_errors=True)
             if args.wipe and args.only in (None, "kafka") and args.node is None:
-                (RUN / f"kafka-{args.kafka_port}-x{args.brokers}.cluster-id").unlink(missing_ok=True)
+                kafka[0].cluster_id_file.unlink(missing_ok=True)
         else:
             for k in kafka:
                 print(f"kafka 127.0.0.1:{k.port}: {k.status()}")
