@@ -11,13 +11,15 @@ for the start, then capacity-bounded reassignment rounds so no codeword hoards t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import faiss
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, load_file, save, save_file
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class Encoded:
     def to_bytes(self, row: int) -> bytes:
         """One item's compact record: L codes then L int8 alphas."""
         return self.codes[row].tobytes() + self.alphas[row].tobytes()
+
+    def records(self) -> np.ndarray:
+        """Every item's record at once: (n, bytes_per_item) uint8, rows equal to ``to_bytes``."""
+        n = len(self.codes)
+        return np.concatenate([self.codes.view(np.uint8).reshape(n, -1), self.alphas.view(np.uint8)], axis=1)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -210,6 +217,27 @@ class ResidualCodebook:
             report.append({"used": float((counts > 0).mean()), "entropy": entropy})
         return report
 
+    # ---------------------------------------------------------------- identity (roll-outs)
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short id of these exact codewords: stored codes name the codebook that can decode them."""
+        h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        h.update(self.codewords.tobytes())
+        h.update(self.alpha_scale.tobytes())
+        return h.hexdigest()[:12]
+
+    def to_blob(self) -> bytes:
+        """The whole codebook as one byte string (config + safetensors), to share it through a store."""
+        meta = {"config": json.dumps(asdict(self.cfg))}
+        return save({"codewords": self.codewords, "alpha_scale": self.alpha_scale}, metadata=meta)
+
+    @classmethod
+    def from_blob(cls, blob: bytes) -> ResidualCodebook:
+        header_len = int.from_bytes(blob[:8], "little")
+        cfg = CodebookConfig(**json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["config"]))
+        tensors = load(blob)
+        return cls(cfg, tensors["codewords"], tensors["alpha_scale"])
+
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
@@ -223,3 +251,11 @@ class ResidualCodebook:
         cfg = CodebookConfig(**json.loads((d / "codebook.json").read_text()))
         tensors = load_file(str(d / "codebook.safetensors"))
         return cls(cfg, tensors["codewords"], tensors["alpha_scale"])
+
+
+def transcode(records: bytes | np.ndarray, count: int, source: ResidualCodebook, target: ResidualCodebook) -> bytes:
+    """Item records of ``source`` → records of ``target`` (decode, then encode): what a codebook switch does
+    to codes whose raw vector is gone.  Loses a little more than encoding the raw vector would."""
+    if count == 0:
+        return b""
+    return target.encode(source.from_bytes(records, count)).records().tobytes()

@@ -7,8 +7,10 @@ options (``use_coarse``, K) in ``RefinerConfig``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,21 @@ class Checkpoint:
     item_ids: np.ndarray
     item_vectors: np.ndarray  # (n, item_dim) item-tower vectors (what the codebook compresses)
     version: str
+
+    @property
+    def codebook_id(self) -> str:
+        """Which codebook stored codes need to be decoded with."""
+        return self.codebook.fingerprint
+
+    @cached_property
+    def state_id(self) -> str:
+        """Which coarse states this checkpoint can continue: they depend on the codebook (decoded inputs)
+        and on the coarse model's weights; a state of another id is rebuilt from the stored history."""
+        h = hashlib.sha256(self.codebook_id.encode())
+        for name, tensor in sorted(self.model.coarse.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
 
     @classmethod
     def load(cls, directory: str | Path) -> Checkpoint:

@@ -7,18 +7,22 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 |----------------------------------|--------|-------------------------------------------------------------|---------------|
 | ``<p>:{u:<id>}:s``               | hash   | ``coarse`` state (float64 bytes), ``seq`` (events applied), | ~2.2 KB       |
 |                                  |        | ``last_ts``, ``refined_seq``, ``w:<topic>:<partition>``     |               |
-|                                  |        | (highest applied offset: the idempotency watermark)         |               |
+|                                  |        | (highest applied offset: the idempotency watermark),        |               |
+|                                  |        | ``cb`` (codebook of the history), ``gen`` (state id)        |               |
 | ``<p>:{u:<id>}:h``               | string | recent history, fixed-size records (codes, α, scenario,     | cap × 16 B    |
 |                                  |        | action, ts), trimmed to the history cap                     |               |
 | ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float32), ``version``, ``seq``,     | S × K × d × 4 |
 |                                  |        | ``updated_at``, ``event_ts``, ``k``, ``d``                  |               |
 | ``<p>:{u:<id>}:v@<version>``     | hash   | the same, as written by one model version (TTL: roll-outs)  | S × K × d × 4 |
-| ``<p>:{i:<id>}``                 | hash   | ``code`` (codes + α bytes), ``ret`` (float32 retrieval      | ~0.3 KB       |
-|                                  |        | vector), ``version``, ``updated_at``                        |               |
+| ``<p>:{i:<id>}``                 | hash   | ``code:<codebook id>`` (codes + α bytes; two during a       | ~0.3 KB       |
+|                                  |        | codebook switch), ``ret`` (float32 retrieval vector),       |               |
+|                                  |        | ``version``, ``updated_at``, ``title``                      |               |
 | ``<p>:{i:<id>}:parked``          | list   | events waiting for this item to arrive                      | bounded       |
 | ``<p>:items``                    | set    | every known item id (the search index is built from it)     |               |
 | ``<p>:parked``                   | zset   | item id → time its first event was parked                   |               |
 | ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → their ``seq``    |               |
+| ``<p>:codebook:<id>``            | string | a codebook any worker can load to decode codes of that id   | ~1.8 MB       |
+| ``<p>:codebook:<id>:recoded``    | string | set once every item has a code of that codebook             |               |
 | ``<p>:{u:<id>}:raw``             | string | naive bench baseline only: full raw float32 history         | events × ~4d B|
 | ``<p>:{u:<id>}:rawv``            | string | naive bench baseline only: its coarse interests             | M × d × 4     |
 
@@ -57,6 +61,17 @@ class Keys:
 
     def parked(self, item: str) -> str:
         return f"{self.prefix}:{{i:{item}}}:parked"
+
+    def codebook(self, codebook_id: str) -> str:
+        return f"{self.prefix}:codebook:{codebook_id}"
+
+    def codebook_recoded(self, codebook_id: str) -> str:
+        return f"{self.prefix}:codebook:{codebook_id}:recoded"
+
+    @staticmethod
+    def item_code(codebook_id: str) -> str:
+        """The item-hash field holding the item's codes in one codebook."""
+        return f"code:{codebook_id}"
 
     @property
     def items(self) -> str:

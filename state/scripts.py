@@ -6,7 +6,8 @@ from __future__ import annotations
 #: Apply a batch of a user's events: compare-and-set on ``seq`` (a concurrent writer makes it return
 #: the current seq so the caller re-reads and recomputes), then state + watermarks + history in one step.
 #: KEYS: state hash, history string.
-#: ARGV: expected_seq, n_events, coarse_bytes, last_ts, history_records, record_size, cap, [field, value]...
+#: ARGV: expected_seq, n_events, coarse_bytes, last_ts, history_records, record_size, cap,
+#: replacement history ('' keeps it; a codebook switch re-encodes it), [field, value]...
 #: (an empty value deletes the field)
 #: Returns {new_seq, refined_seq} or {-1, current_seq} on conflict.
 APPLY_EVENTS = """
@@ -20,12 +21,15 @@ local last = tonumber(redis.call('HGET', KEYS[1], 'last_ts') or '0')
 if tonumber(ARGV[4]) > last then
   redis.call('HSET', KEYS[1], 'last_ts', ARGV[4])
 end
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   if ARGV[i + 1] == '' then
     redis.call('HDEL', KEYS[1], ARGV[i])
   else
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
+end
+if #ARGV[8] > 0 then
+  redis.call('SET', KEYS[2], ARGV[8])
 end
 if #ARGV[5] > 0 then
   local len = redis.call('APPEND', KEYS[2], ARGV[5])
@@ -36,6 +40,19 @@ if #ARGV[5] > 0 then
 end
 local refined = tonumber(redis.call('HGET', KEYS[1], 'refined_seq') or '0')
 return {new_seq, refined}
+"""
+
+#: Store an item: its codes in the writer's codebook replace those of any other codebook (they were
+#: made from the item's previous content), then the other fields.
+#: KEYS: item hash. ARGV: [field, value]... (one of them ``code:<codebook id>``)
+PUT_ITEM = """
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(name, 1, 5) == 'code:' then
+    redis.call('HDEL', KEYS[1], name)
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
 """
 
 #: Write refined vectors unless newer ones (a higher seq) are already there, to the latest key and to

@@ -40,6 +40,8 @@ class UserRow:
     seq: int = 0
     coarse: bytes | None = None
     watermarks: dict[str, int] = field(default_factory=dict)
+    codebook: str | None = None  # the codebook of the history's codes (None: a user without one yet)
+    state_id: str | None = None  # the checkpoint state id that built ``coarse``
 
 
 @dataclass
@@ -55,6 +57,7 @@ class ApplyStep:
     record_size: int
     cap: int
     fields: dict[str, object]
+    history: bytes = b""  # replaces the stored history first (a re-encoded one), when not empty
 
 
 @dataclass
@@ -66,6 +69,8 @@ class RefineRow:
     history: bytes
     last_ts: float  # newest event time applied
     kts: float  # newest Kafka (producer) timestamp applied: freshness is measured from it
+    codebook: str | None = None
+    state_id: str | None = None
 
 
 class StreamStore:
@@ -79,21 +84,63 @@ class StreamStore:
         self._drop = client.register_script(scripts.DROP_PARKED)
 
     # ---------------------------------------------------------------- items
-    async def item_codes(self, items: list[str]) -> dict[str, bytes | None]:
+    async def item_codes(self, items: list[str], codebook: str) -> dict[str, bytes | None]:
+        """Each item's codes in one codebook (None: unknown item, or only coded in another codebook)."""
         pipe = self.r.pipeline(transaction=False)
         for it in items:
-            pipe.hget(self.keys.item(it), "code")
+            pipe.hget(self.keys.item(it), Keys.item_code(codebook))
         return dict(zip(items, await pipe.execute(), strict=True))
 
-    async def put_items(self, items: list[tuple[str, bytes, bytes, str, str]]) -> None:
-        """Stores (item id, code, retrieval vector, version, title) rows, one round trip for all."""
+    async def item_codes_any(self, items: list[str]) -> dict[str, dict[str, bytes]]:
+        """Each item's codes in every codebook that has them: {item: {codebook id: codes}}."""
         pipe = self.r.pipeline(transaction=False)
-        now = time.time()
+        for it in items:
+            pipe.hgetall(self.keys.item(it))
+        out = {}
+        for it, raw in zip(items, await pipe.execute(), strict=True):
+            out[it] = {f.decode()[5:]: v for f, v in raw.items() if f.startswith(b"code:")}
+        return out
+
+    async def add_item_codes(self, codes: dict[str, bytes], codebook: str) -> dict[str, bytes]:
+        """Adds codes in ``codebook`` to items that have none in it yet (a re-encode never overwrites
+        codes the item agent made from the item's own vector); returns the codes stored afterwards."""
+        pipe = self.r.pipeline(transaction=False)
+        for it, code in codes.items():
+            pipe.hsetnx(self.keys.item(it), Keys.item_code(codebook), code)
+            pipe.hget(self.keys.item(it), Keys.item_code(codebook))
+        stored = (await pipe.execute())[1::2]
+        return {it: got if got is not None else code for (it, code), got in zip(codes.items(), stored, strict=True)}
+
+    async def put_items(self, items: list[tuple[str, bytes, bytes, str, str]], codebook: str) -> None:
+        """Stores (item id, code, retrieval vector, version, title) rows, one round trip for all; codes of
+        other codebooks are dropped (they encoded the item's previous content)."""
+        pipe = self.r.pipeline(transaction=False)
+        now = repr(time.time())
         for item, code, retrieval, version, title in items:
-            fields = {"code": code, "ret": retrieval, "version": version, "updated_at": now, "title": title[:120]}
-            pipe.hset(self.keys.item(item), mapping=fields)
+            fields = [Keys.item_code(codebook), code, "ret", retrieval, "version", version, "updated_at", now]
+            fields += ["title", title[:120]]
+            pipe.eval(scripts.PUT_ITEM, 1, self.keys.item(item), *fields)
             pipe.sadd(self.keys.items, item)
         await pipe.execute()
+
+    async def scan_items(self, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One step of a scan over every known item id (0 starts and ends a scan)."""
+        cursor, got = await self.r.sscan(self.keys.items, cursor, count=count)
+        return int(cursor), [m.decode() for m in got]
+
+    # ---------------------------------------------------------------- codebooks
+    async def register_codebook(self, codebook: str, blob: bytes) -> bool:
+        """Publishes a codebook so any worker can decode codes made with it; True when it was new."""
+        return bool(await self.r.set(self.keys.codebook(codebook), blob, nx=True))
+
+    async def codebook_blob(self, codebook: str) -> bytes | None:
+        return await self.r.get(self.keys.codebook(codebook))
+
+    async def recoded(self, codebook: str) -> bool:
+        return bool(await self.r.exists(self.keys.codebook_recoded(codebook)))
+
+    async def mark_recoded(self, codebook: str) -> None:
+        await self.r.set(self.keys.codebook_recoded(codebook), 1)
 
     async def parked_counts(self, items: list[str]) -> dict[str, int]:
         """How many events wait for each item, one round trip for all."""
@@ -133,16 +180,22 @@ class StreamStore:
         """Each user's seq, coarse state and the named extra fields (watermarks, origins), one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for u, names in fields.items():
-            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", *names])
+            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", "cb", "gen", *names])
         rows = {}
         for (u, names), vals in zip(fields.items(), await pipe.execute(), strict=True):
-            marks = {f: int(float(v)) for f, v in zip(names, vals[2:], strict=True) if v is not None}
-            rows[u] = UserRow(int(vals[0] or 0), vals[1], marks)
+            marks = {f: int(float(v)) for f, v in zip(names, vals[4:], strict=True) if v is not None}
+            rows[u] = UserRow(int(vals[0] or 0), vals[1], marks, _text(vals[2]), _text(vals[3]))
         return rows
+
+    async def histories(self, users: list[str]) -> dict[str, bytes]:
+        pipe = self.r.pipeline(transaction=False)
+        for u in users:
+            pipe.get(self.keys.user_history(u))
+        return {u: h or b"" for u, h in zip(users, await pipe.execute(), strict=True)}
 
     def _apply_call(self, user: str, step: ApplyStep) -> tuple[list[str], list]:
         args: list = [step.expected_seq, step.n_events, step.coarse, repr(float(step.last_ts)), step.records]
-        args += [step.record_size, step.cap]
+        args += [step.record_size, step.cap, step.history]
         for f, value in step.fields.items():
             args += [f, value]
         return [self.keys.user_state(user), self.keys.user_history(user)], args
@@ -176,13 +229,15 @@ class StreamStore:
     async def read_for_refine(self, users: list[str]) -> dict[str, RefineRow]:
         pipe = self.r.pipeline(transaction=False)
         for u in users:
-            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", "last_ts", "kts"])
+            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", "last_ts", "kts", "cb", "gen"])
             pipe.get(self.keys.user_history(u))
         vals = await pipe.execute()
         out = {}
         for i, u in enumerate(users):
-            (seq, coarse, last_ts, kts), hist = vals[2 * i], vals[2 * i + 1]
-            out[u] = RefineRow(int(seq or 0), coarse, hist or b"", float(last_ts or 0), float(kts or 0))
+            (seq, coarse, last_ts, kts, cb, gen), hist = vals[2 * i], vals[2 * i + 1]
+            out[u] = RefineRow(
+                int(seq or 0), coarse, hist or b"", float(last_ts or 0), float(kts or 0), _text(cb), _text(gen)
+            )
         return out
 
     async def write_vectors(
@@ -206,6 +261,10 @@ class StreamStore:
 
     async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
         await self._clear(keys=[self.keys.dirty(partition)], args=[user, seq])
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode()
 
 
 # --------------------------------------------------------------------------- readers for services

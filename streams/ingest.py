@@ -7,7 +7,8 @@ watermark and is skipped, so replays and restarts change nothing.  Events whose 
 are parked in Redis (their offset still advances the watermark) and re-produced by the item agent once
 the item arrives.  A parked event could reach the user twice (its re-produced copy, and the original
 redelivered after a crash), so parking notes ``p:<origin>`` in the user's state and applying such an
-event records ``o:<origin>``: whichever copy comes second is skipped.
+event records ``o:<origin>``: whichever copy comes second is skipped.  A state built by another
+checkpoint (another codebook or coarse model) is rebuilt in the same step (``streams.switch``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from state.store import ApplyStep, StreamStore, UserRow
 from streams import metrics
 from streams.events import Event, Rejected, parse_event
 from streams.settings import Settings
+from streams.switch import Codebooks, rebuild_user
 
 log = logging.getLogger(__name__)
 MAX_CAS_RETRIES = 20
@@ -79,12 +81,19 @@ class _Accepted:
 
 class Ingestor:
     def __init__(
-        self, settings: Settings, ckpt: Checkpoint, store: StreamStore, deadletter: DeadLetter, republish: Republish
+        self,
+        settings: Settings,
+        ckpt: Checkpoint,
+        store: StreamStore,
+        codebooks: Codebooks,
+        deadletter: DeadLetter,
+        republish: Republish,
     ) -> None:
         self.settings = settings
         self.republish = republish
         self.ckpt = ckpt
         self.store = store
+        self.codebooks = codebooks
         self.deadletter = deadletter
         self.actions = ckpt.model.cfg.actions
         self.code_bytes = ckpt.codebook.cfg.bytes_per_item
@@ -94,6 +103,7 @@ class Ingestor:
     async def handle(self, scenario: str, batch: list[Message]) -> dict[int, dict[str, int]]:
         """Applies a batch; returns {partition: {user: seq}} of users whose vectors need refreshing."""
         t0 = time.perf_counter()
+        await self.codebooks.publish()
         accepted = []
         for msg in batch:
             try:
@@ -103,7 +113,7 @@ class Ingestor:
         groups: dict[tuple[int, str], list[_Accepted]] = defaultdict(list)
         for a in accepted:
             groups[(a.msg.partition, a.event.user_id)].append(a)
-        codes = await self.store.item_codes(sorted({a.event.item_id for a in accepted})) if accepted else {}
+        codes = await self.codebooks.item_codes(sorted({a.event.item_id for a in accepted})) if accepted else {}
         dirty: dict[int, dict[str, int]] = defaultdict(dict)
         parked_now: dict[str, set[str]] = defaultdict(set)
         pending = dict(groups)
@@ -184,13 +194,26 @@ class Ingestor:
                     fields[f"p:{a.origin}"] = ""
             if applied:
                 fields["kts"] = max(a.msg.timestamp for a in applied)
+            if row.state_id != self.ckpt.state_id:
+                fields["gen"], fields["cb"] = self.ckpt.state_id, self.ckpt.codebook_id
             plans[key] = (row, applied, fields)
         if not plans:
             return out
-        folded = self._fold_many([(row.coarse, applied) for row, applied, _ in plans.values()], codes)
+        rebuilt = await self._rebuild({key[1]: row for key, (row, _, _) in plans.items()})
+        folded = self._fold_many(
+            [(rebuilt.get(u, (row.coarse,))[0], applied) for (_, u), (row, applied, _) in plans.items()], codes
+        )
         steps = {
             key[1]: ApplyStep(
-                row.seq, len(applied), state, last_ts, records, self.record_size, self.settings.history_cap, fields
+                row.seq,
+                len(applied),
+                state,
+                last_ts,
+                records,
+                self.record_size,
+                self.settings.history_cap,
+                fields,
+                rebuilt[key[1]][1] if key[1] in rebuilt else b"",
             )
             for (key, (row, applied, fields)), (state, records, last_ts) in zip(plans.items(), folded, strict=True)
         }
@@ -203,6 +226,22 @@ class Ingestor:
             metrics.EVENTS.labels(scenario).inc(len(applied))
             new_seq, refined = result
             out[key] = new_seq if new_seq > refined else None
+        return out
+
+    async def _rebuild(self, rows: dict[str, UserRow]) -> dict[str, tuple[bytes, bytes]]:
+        """Users whose state another checkpoint built → (coarse state, history) rebuilt for this one.
+        A state without a ``gen`` predates the field and was built with this codebook and model."""
+        stale = [u for u, row in rows.items() if row.seq and row.state_id not in (None, self.ckpt.state_id)]
+        if not stale:
+            return {}
+        out = {}
+        for user, history in (await self.store.histories(stale)).items():
+            source = await self.codebooks.get(rows[user].codebook or self.ckpt.codebook_id)
+            state, records = rebuild_user(self.ckpt, source, history)
+            out[user] = (state.tobytes(), records)
+            n = len(records) // self.record_size
+            log.info("rebuilt user %s for state %s from its %d stored events", user, self.ckpt.state_id, n)
+        metrics.USERS_REBUILT.inc(len(out))
         return out
 
     def _fold_many(
@@ -244,7 +283,7 @@ class Ingestor:
             )
             # The item may have been stored between our look-up and the park, after the item agent had
             # already released its (then empty) parking list: look again and release it ourselves.
-            if (await self.store.item_codes([a.event.item_id]))[a.event.item_id] is not None:
+            if (await self.codebooks.item_codes([a.event.item_id]))[a.event.item_id] is not None:
                 await release_parked(self.store, self.republish, a.event.item_id)
         else:
             await self.deadletter(a.msg, f"unknown item {a.event.item_id!r} and its parking list is full", "event")

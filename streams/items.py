@@ -17,6 +17,7 @@ from streams import metrics
 from streams.events import Item, Rejected, parse_item
 from streams.ingest import DeadLetter, Message, Republish, release_parked
 from streams.settings import Settings
+from streams.switch import Codebooks
 
 
 class ItemHandler:
@@ -25,6 +26,7 @@ class ItemHandler:
         settings: Settings,
         ckpt: Checkpoint,
         store: StreamStore,
+        codebooks: Codebooks,
         deadletter: DeadLetter,
         republish: Republish,
         text_backbone: str = "smollm2",
@@ -32,12 +34,14 @@ class ItemHandler:
         self.settings = settings
         self.ckpt = ckpt
         self.store = store
+        self.codebooks = codebooks
         self.deadletter = deadletter
         self.republish = republish
         self.text_backbone = text_backbone
         self._encoder = None
 
     async def handle(self, batch: list[Message]) -> list[str]:
+        await self.codebooks.publish()
         items: list[Item] = []
         for msg in batch:
             try:
@@ -47,13 +51,14 @@ class ItemHandler:
         if not items:
             return []
         vectors = await asyncio.get_running_loop().run_in_executor(None, self._vectors, items)
-        enc = self.ckpt.codebook.encode(vectors)
+        codes = self.ckpt.codebook.encode(vectors).records()
         retrieval = self.ckpt.model.retrieval_vectors(vectors).astype("<f4")
         rows = [
-            (item.item_id, enc.to_bytes(i), retrieval[i].tobytes(), self.ckpt.version, item.text or "")
+            (item.item_id, codes[i].tobytes(), retrieval[i].tobytes(), self.ckpt.version, item.text or "")
             for i, item in enumerate(items)
         ]
-        await self.store.put_items(rows)  # stored first, then the parking lists are read (see ingest._park)
+        # Stored first, then the parking lists are read (see ingest._park).
+        await self.store.put_items(rows, self.ckpt.codebook_id)
         metrics.ITEMS.inc(len(items))
         ids = [it.item_id for it in items]
         for item_id, waiting in (await self.store.parked_counts(ids)).items():

@@ -14,6 +14,14 @@ DEADLETTER = Counter(
 )
 PARKED = Counter("mirstream_parked_total", "events parked until their item arrives", registry=REGISTRY)
 ITEMS = Counter("mirstream_items_total", "items encoded and stored", registry=REGISTRY)
+ITEMS_RECODED = Counter(
+    "mirstream_items_recoded_total", "item codes re-encoded from another codebook", registry=REGISTRY
+)
+USERS_REBUILT = Counter(
+    "mirstream_users_rebuilt_total",
+    "user states rebuilt for this checkpoint (codebook or model change)",
+    registry=REGISTRY,
+)
 REFINEMENTS = Counter("mirstream_refinements_total", "user refinements written", registry=REGISTRY)
 CONFLICTS = Counter("mirstream_cas_conflicts_total", "per-user compare-and-set retries", registry=REGISTRY)
 FRESHNESS = Histogram(

@@ -27,6 +27,7 @@ from streams.ingest import Ingestor, Message, release_parked
 from streams.items import ItemHandler
 from streams.refinement import Refresher
 from streams.settings import Settings
+from streams.switch import Codebooks, recode_items
 
 log = logging.getLogger("mirstream")
 settings = Settings.from_env()
@@ -67,9 +68,10 @@ async def emit(user: str, body: dict) -> None:
     await interests_topic.send(key=user.encode(), value=orjson.dumps(body))
 
 
-ingestor = Ingestor(settings, ckpt, store, deadletter, republish)
-item_handler = ItemHandler(settings, ckpt, store, deadletter, republish)
-refresher = Refresher(settings, ckpt, store, emit)
+codebooks = Codebooks(store, ckpt.codebook)
+ingestor = Ingestor(settings, ckpt, store, codebooks, deadletter, republish)
+item_handler = ItemHandler(settings, ckpt, store, codebooks, deadletter, republish)
+refresher = Refresher(settings, ckpt, store, codebooks, emit)
 
 
 def _messages(events) -> list[Message]:
@@ -136,6 +138,13 @@ async def refine_loop() -> None:
         await asyncio.sleep(0 if busy else settings.refine_wait_ms / 1000)
 
 
+@app.task
+async def recode_loop() -> None:
+    """After a codebook change: gives every stored item a code of this worker's codebook, in the
+    background (events meanwhile re-encode the items they meet on their own, see ``streams.switch``)."""
+    await retrying("item re-encoding", lambda: recode_items(store, codebooks, pause_s=0.01))
+
+
 @app.timer(interval=5.0)
 async def expire_parked() -> None:
     await retrying("parking expiry", _expire_parked)
@@ -146,7 +155,7 @@ async def _expire_parked() -> None:
     its events leaves some behind); dead-letters the rest once they waited ``park_timeout_s``."""
     deadline = time.time() - settings.park_timeout_s
     for item, parked_at in await store.parked_items(limit=1000):
-        if (await store.item_codes([item]))[item] is not None:
+        if (await codebooks.item_codes([item]))[item] is not None:
             await release_parked(store, republish, item)
         elif parked_at < deadline:
             bodies = await store.parked(item)

@@ -4,7 +4,9 @@ Each tick takes up to ``refine_batch`` users from the dirty sets of the partitio
 (a user is skipped while it was refined less than ``refine_debounce_ms`` ago), reads their coarse
 state and recent history, runs the refiner in a thread, and writes K vectors per scenario with the
 seq they reflect.  A user leaves its dirty set only if no newer event re-marked it meanwhile, so no
-refinement is lost across crashes or rebalances.
+refinement is lost across crashes or rebalances.  A history is decoded with the codebook that wrote it,
+and a coarse state another checkpoint built is recomputed from the history for the call
+(``streams.switch``).
 """
 
 from __future__ import annotations
@@ -16,25 +18,40 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from models.codebook import ResidualCodebook
 from models.refiner import UserInput
 from models.user_model import Checkpoint
 from state.history import unpack
 from state.store import RefineRow, StreamStore
 from streams import metrics
 from streams.settings import Settings
+from streams.switch import Codebooks, rebuild_user
 
 Emit = Callable[[str, dict], Awaitable[None]]
 
 
-def user_inputs(ckpt: Checkpoint, rows: list[RefineRow]) -> list[UserInput]:
-    """Redis rows → refiner inputs: coarse interests read from the state, history decoded, time-ordered."""
+def user_inputs(
+    ckpt: Checkpoint, rows: list[RefineRow], books: dict[str, ResidualCodebook] | None = None
+) -> list[UserInput]:
+    """Redis rows → refiner inputs: coarse interests read from the state, history decoded, time-ordered.
+    ``books`` holds the codebooks of rows written by another checkpoint (see ``streams.switch``)."""
     model = ckpt.model.coarse
-    states = np.stack([np.frombuffer(r.coarse, dtype="<f8") if r.coarse else model.init_state() for r in rows])
-    coarse = model.read_many(states).numpy()
+    books = {**(books or {}), ckpt.codebook_id: ckpt.codebook}
+    states, histories = [], []
+    for r in rows:
+        book = books[r.codebook or ckpt.codebook_id]
+        if r.state_id not in (None, ckpt.state_id):  # built by another checkpoint: rebuild for this call
+            state, history = rebuild_user(ckpt, book, r.history)
+            states.append(state)
+            histories.append(history)
+        else:
+            states.append(np.frombuffer(r.coarse, dtype="<f8") if r.coarse else model.init_state())
+            histories.append(r.history)
+    coarse = model.read_many(np.stack(states)).numpy()
     code_bytes = ckpt.codebook.cfg.bytes_per_item
     out = []
-    for row, c in zip(rows, coarse, strict=True):
-        rec = unpack(row.history, code_bytes)
+    for history, c in zip(histories, coarse, strict=True):
+        rec = unpack(history, code_bytes)
         order = np.lexsort((rec["scenario"], rec["ts"]))  # time order; scenario breaks ties
         rec = rec[order]
         items = (
@@ -51,10 +68,13 @@ def user_inputs(ckpt: Checkpoint, rows: list[RefineRow]) -> list[UserInput]:
 
 
 class Refresher:
-    def __init__(self, settings: Settings, ckpt: Checkpoint, store: StreamStore, emit: Emit) -> None:
+    def __init__(
+        self, settings: Settings, ckpt: Checkpoint, store: StreamStore, codebooks: Codebooks, emit: Emit
+    ) -> None:
         self.settings = settings
         self.ckpt = ckpt
         self.store = store
+        self.codebooks = codebooks
         self.emit = emit
         self.scenarios = list(ckpt.model.cfg.scenarios)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refiner")
@@ -76,9 +96,10 @@ class Refresher:
             return 0
         users = [u for _, u in picked]
         rows = await self.store.read_for_refine(users)
+        books = {cb: await self.codebooks.get(cb) for cb in {r.codebook for r in rows.values()} if cb}
         t0 = time.perf_counter()
         vectors = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._refine, [rows[u] for u in users]
+            self.executor, self._refine, [rows[u] for u in users], books
         )
         metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
         for (p, user), vecs in zip(picked, vectors, strict=True):
@@ -106,6 +127,6 @@ class Refresher:
                 )
         return len(picked)
 
-    def _refine(self, rows: list[RefineRow]) -> np.ndarray:
-        inputs = user_inputs(self.ckpt, rows)
+    def _refine(self, rows: list[RefineRow], books: dict[str, ResidualCodebook]) -> np.ndarray:
+        inputs = user_inputs(self.ckpt, rows, books)
         return self.ckpt.model.refine_users(inputs, list(range(len(self.scenarios))))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from models.codebook import CodebookConfig, ResidualCodebook, transcode
 from models.refiner import UserInput
 from models.user_model import Checkpoint
 from state.keys import Keys
@@ -15,19 +17,46 @@ COARSE_TOL = 1e-5  # float64 running sums: only summation order differs between 
 VECTOR_TOL = 1e-4  # float32 refiner; the same inputs up to the coarse tolerance
 
 
-def offline(ckpt: Checkpoint, ds, user: str, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """What the models compute for a user without any stream: coarse interests and refined vectors."""
+def offline(
+    ckpt: Checkpoint, ds, user: str, cap: int, stored_by: Checkpoint | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """What the models compute for a user without any stream: coarse interests and refined vectors.
+    ``stored_by``: the items were stored by a worker of that checkpoint's codebook, then re-encoded
+    into ``ckpt``'s (a codebook switch, ``streams.switch``)."""
     u = int(np.flatnonzero(ds.user_ids.astype(str) == user)[0])
     sl = ds.user_slice(u)
     items = ckpt.item_vectors[ds.item[sl]]
-    enc = ckpt.codebook.encode(items)
-    decoded = ckpt.codebook.decode(enc.codes, enc.alphas)
+    decoded = ckpt.codebook.from_bytes(item_records(ckpt, items, stored_by), len(items))
     model = ckpt.model
     state = model.coarse.update(model.coarse.init_state(), decoded, ds.scenario[sl], ds.action[sl], ds.ts[sl])
     coarse = model.coarse.read(state)
     keep = slice(max(0, len(decoded) - cap), None)
     recent = UserInput(coarse, decoded[keep], ds.scenario[sl][keep], ds.action[sl][keep], ds.ts[sl][keep])
     return coarse, model.refine_users([recent], list(range(len(ds.scenarios))))[0]
+
+
+def item_records(ckpt: Checkpoint, items: np.ndarray, stored_by: Checkpoint | None = None) -> bytes:
+    """The codes a worker of ``ckpt`` uses for these item vectors: its own encoding, or after a switch
+    from ``stored_by``'s codebook the re-encoded codes of that one."""
+    if stored_by is None:
+        return ckpt.codebook.encode(items).records().tobytes()
+    old = stored_by.codebook.encode(items).records().tobytes()
+    return transcode(old, len(items), stored_by.codebook, ckpt.codebook)
+
+
+def retrained(src: str, out, version: str) -> Checkpoint:
+    """A checkpoint as a retrain would give: another codebook (4 layers instead of 3, so a history record
+    changes size too) and other coarse weights; the refiner and item table kept."""
+    ckpt = Checkpoint.load(src)
+    cfg = ckpt.codebook.cfg
+    ckpt.codebook = ResidualCodebook.fit(ckpt.item_vectors, CodebookConfig(cfg.dim, 4, cfg.codewords, seed=11))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ckpt.model.coarse.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    ckpt.version = version
+    ckpt.save(out)
+    return Checkpoint.load(out)
 
 
 def snapshot(redis_url: str, prefix: str, users: list[str]) -> dict[str, tuple]:

@@ -1,4 +1,4 @@
-"""Cosine residual codebook: round trip, monotone reconstruction, balance, persistence."""
+"""Cosine residual codebook: round trip, monotone reconstruction, balance, persistence, switching codebooks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from models.codebook import CodebookConfig, ResidualCodebook
+from models.codebook import CodebookConfig, ResidualCodebook, transcode
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def test_encode_decode_round_trip_through_bytes(book, pool):
     packed = b"".join(enc.to_bytes(i) for i in range(50))
     assert len(packed) == 50 * book.cfg.bytes_per_item == 50 * 8
     np.testing.assert_allclose(book.from_bytes(packed, 50), book.decode(enc.codes, enc.alphas), rtol=0, atol=0)
+    assert enc.records().tobytes() == packed
 
 
 def test_first_layer_picks_max_cosine_codeword(book, pool):
@@ -77,3 +78,31 @@ def test_bad_input_is_refused(book):
         book.encode(bad)
     with pytest.raises(ValueError, match="at least"):
         ResidualCodebook.fit(np.ones((10, 32), np.float32), CodebookConfig(dim=32, codewords=64))
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_blob_round_trip_and_fingerprint(book, pool):
+    again = ResidualCodebook.from_blob(book.to_blob())
+    assert again.cfg == book.cfg and again.fingerprint == book.fingerprint
+    np.testing.assert_array_equal(again.codewords, book.codewords)
+    other = ResidualCodebook.fit(pool, CodebookConfig(dim=32, layers=4, codewords=64, seed=1))
+    assert other.fingerprint != book.fingerprint
+
+
+def test_transcode_to_a_new_codebook_keeps_the_items(book, pool):
+    """A switch re-encodes stored codes (the raw vectors are gone): the result decodes with the new
+    codebook, even one with another record size, and stays close to the item."""
+    new = ResidualCodebook.fit(pool, CodebookConfig(dim=32, layers=3, codewords=64, seed=5))
+    x = pool[:200]
+    old_records = book.encode(x).records().tobytes()
+    moved = transcode(old_records, 200, book, new)
+    assert len(moved) == 200 * new.cfg.bytes_per_item == 200 * 6
+    via_old = _cos(x, new.from_bytes(moved, 200)).mean()
+    enc = new.encode(x)
+    direct = _cos(x, new.decode(enc.codes, enc.alphas)).mean()
+    assert direct - 0.05 < via_old < direct  # a little worse than encoding the raw vector (0.893 vs 0.919)
+    again = new.from_bytes(transcode(moved, 200, new, new), 200)  # a second pass moves it little
+    assert _cos(again, new.from_bytes(moved, 200)).mean() > 0.98

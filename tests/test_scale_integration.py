@@ -1,6 +1,7 @@
-"""Scale-out on real engines: a 3-master Redis Cluster, a 3-broker KRaft Kafka losing a broker, and two
-workers of one consumer group across a rebalance and a SIGKILL.  Each ends with the state the models
-compute offline for every user: no event lost, none applied twice, no refinement lost."""
+"""Scale-out on real engines: a 3-master Redis Cluster, a 3-broker KRaft Kafka losing a broker, two
+workers of one consumer group across a rebalance and a SIGKILL, and model roll-outs (same codebook, and
+a new codebook + coarse model).  Each ends with the state the models compute offline for every user:
+no event lost, none applied twice, no refinement lost."""
 
 from __future__ import annotations
 
@@ -8,11 +9,21 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
-from pipeline_checks import assert_matches_offline, replay
+from pipeline_checks import (
+    COARSE_TOL,
+    VECTOR_TOL,
+    assert_matches_offline,
+    item_records,
+    offline,
+    replay,
+    retrained,
+)
 
 from models.data import load
 from models.user_model import Checkpoint
+from state.history import record_dtype, unpack
 from state.keys import Keys
 from state.store import InterestReader, connect_sync
 from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
@@ -132,3 +143,70 @@ def test_model_rollout_worker_by_worker(pipeline_settings, ds, tmp_path):
             assert latest.version == "rollout-2" and latest.seq == expected[user]
             assert reader.interests(user, version="rollout-2").seq == expected[user]
     assert_matches_offline(settings, ds, expected)
+
+
+def test_codebook_switch_rollout(pipeline_settings, ds, tmp_path):
+    """A checkpoint with a new codebook and coarse model takes over mid-stream: items get codes of the new
+    codebook (on first use and by the background pass), each user the new version meets has its history
+    re-encoded and coarse state rebuilt in one atomic step, and users it never meets stay decodable with
+    the old codebook.  Every figure is checked against the models run offline."""
+    settings = pipeline_settings.with_(park_timeout_s=120.0)
+    old = Checkpoint.load(settings.checkpoint)
+    new = retrained(settings.checkpoint, tmp_path / "checkpoint-cb2", "cb-2")
+    assert new.codebook_id != old.codebook_id and new.state_id != old.state_id
+    p = plan(ds, max_users=USERS)
+    half = len(p.events) // 2
+    ensure_topics(settings)
+    send_items(settings, ds, p.items, progress=False)
+    a = WorkerProcess(settings, log=tmp_path / "old.log").start()
+    send_events(settings, ds, p.events[:half], progress=False)
+    early = expected_seq(ds, p.events[:half])
+    assert wait_for_vectors(settings, early, timeout=120, progress=False) == {}
+    b_settings = settings.with_(checkpoint=str(tmp_path / "checkpoint-cb2"), web_port=settings.web_port + 1)
+    b = WorkerProcess(b_settings.with_(datadir=str(tmp_path / "faust-new")), log=tmp_path / "new.log").start()
+    try:
+        a.stop()
+        send_events(settings, ds, p.events[half:], progress=False)
+        expected = expected_seq(ds, p.events)
+        assert wait_for_vectors(settings, expected, timeout=180, progress=False) == {}
+        b_log = b.log_text()
+    finally:
+        b.stop()
+        a.stop()
+    assert "rebuilt user" in b_log and "Traceback" not in b_log
+
+    r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    late = {str(ds.user_ids[u]) for u in ds.user[p.events[half:]]}
+    for user, n in expected.items():
+        state = r.hgetall(keys.user_state(user))
+        history = r.get(keys.user_history(user))
+        u = int(np.flatnonzero(ds.user_ids.astype(str) == user)[0])
+        sl = ds.user_slice(u)
+        if user not in late:  # never met by the new version: still the old codebook's, and decodable
+            assert state[b"cb"].decode() == old.codebook_id and state[b"gen"].decode() == old.state_id
+            assert len(unpack(history, old.codebook.cfg.bytes_per_item)) == n
+            continue
+        assert int(state[b"seq"]) == n
+        assert state[b"cb"].decode() == new.codebook_id and state[b"gen"].decode() == new.state_id
+        # The history: every event's item in the new codebook, as re-encoded from the old one's codes.
+        want = np.empty(n, dtype=record_dtype(new.codebook.cfg.bytes_per_item))
+        codes = item_records(new, new.item_vectors[ds.item[sl]], stored_by=old)
+        want["code"] = np.frombuffer(codes, np.uint8).reshape(n, -1)
+        want["scenario"], want["action"], want["ts"] = ds.scenario[sl], ds.action[sl], ds.ts[sl]
+        got = unpack(history, new.codebook.cfg.bytes_per_item)
+        assert sorted(x.tobytes() for x in got) == sorted(x.tobytes() for x in want)
+        # The coarse state and the vectors: the new models over that history, as if it had always run.
+        coarse_off, vectors_off = offline(new, ds, user, settings.history_cap, stored_by=old)
+        coarse = new.model.coarse.read(np.frombuffer(state[b"coarse"], dtype="<f8"))
+        np.testing.assert_allclose(coarse, coarse_off, atol=COARSE_TOL)
+        latest = reader.interests(user)
+        assert latest.version == "cb-2" and latest.seq == n
+        for i, scenario in enumerate(ds.scenarios):
+            np.testing.assert_allclose(latest.vectors[scenario], vectors_off[i], atol=VECTOR_TOL)
+    assert late & set(early), "some users should be met by both versions (their state is rebuilt)"
+    # The background pass gave every item a code of the new codebook, next to the old one.
+    for item in r.smembers(keys.items):
+        fields = r.hkeys(keys.item(item.decode()))
+        assert {Keys.item_code(old.codebook_id).encode(), Keys.item_code(new.codebook_id).encode()} <= set(fields)
+    assert r.exists(keys.codebook_recoded(new.codebook_id))
