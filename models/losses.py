@@ -5,6 +5,15 @@ the group centres are Hungarian-matched to the K interest outputs, and each targ
 against its matched interest with InfoNCE over in-batch + sampled negatives.  Negatives too similar to
 the target (cosine > 0.98: the same or a duplicate item) are masked; the temperature is learned
 (logit scale starts at ln(1/0.07), capped at ln(100)).
+
+Two options beyond the paper's loss, both measured in the README's quality tables:
+
+- ``served_weight``: adds the same InfoNCE on the score retrieval serves, max over the K interests
+  (``models.metrics.multi_interest_topk`` merges by max), so the K interests are trained for how they
+  are used, not only each on its matched share of the targets.
+- ``item_log_prior`` (sampled-softmax correction, "logQ"): in-batch candidates are drawn in proportion to
+  popularity and the sampled ones uniformly, so popular items are over-represented as negatives; each
+  candidate's logit is lowered by the log of its expected count among the candidates.
 """
 
 from __future__ import annotations
@@ -62,11 +71,18 @@ def match_targets(interests: np.ndarray, targets: np.ndarray, valid: np.ndarray)
 
 
 class DMILLoss(nn.Module):
-    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0, false_negative_cos: float = 0.98):
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        max_scale: float = 100.0,
+        false_negative_cos: float = 0.98,
+        served_weight: float = 0.0,
+    ):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_scale)
         self.false_negative_cos = false_negative_cos
+        self.served_weight = served_weight
 
     def forward(
         self,
@@ -76,8 +92,10 @@ class DMILLoss(nn.Module):
         valid: torch.Tensor,
         negatives: torch.Tensor,
         negative_ids: torch.Tensor,
+        item_log_prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """interests (B, K, d), targets (B, W, d), target_ids/valid (B, W), negatives (S, d) → scalar loss."""
+        """interests (B, K, d), targets (B, W, d), target_ids/valid (B, W), negatives (S, d) → scalar loss.
+        ``item_log_prior`` (n_items,): log popularity of each item among training targets (logQ)."""
         _b, _w, _d = targets.shape
         match = match_targets(interests.detach().float().numpy(), targets.detach().float().numpy(), valid.numpy())
         rows, cols = np.nonzero(match >= 0)
@@ -97,5 +115,13 @@ class DMILLoss(nn.Module):
             dup = (pos @ cand.T > self.false_negative_cos) | (cand_ids[None, :] == cand_ids[:p, None])
             mask = same_user | dup
             mask[torch.arange(p), torch.arange(p)] = False  # keep the positive
-        logits = logits.masked_fill(mask, float("-inf"))
-        return F.cross_entropy(logits, torch.arange(p))
+            offset = torch.zeros(len(cand_ids))
+            if item_log_prior is not None:  # expected count: P draws by popularity + S uniform draws
+                prior = item_log_prior.exp()
+                offset = torch.log(p * prior[cand_ids] + len(negatives) / len(prior))
+        loss = F.cross_entropy((logits - offset).masked_fill(mask, float("-inf")), torch.arange(p))
+        if self.served_weight > 0:
+            served = scale * torch.einsum("pkd,cd->pkc", interests[rows], cand).amax(dim=1)
+            served = (served - offset).masked_fill(mask, float("-inf"))
+            loss = loss + self.served_weight * F.cross_entropy(served, torch.arange(p))
+        return loss

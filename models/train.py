@@ -59,6 +59,10 @@ class TrainConfig:
     codebook_layers: int = 3
     codewords: int = 256
     item_tower_epochs: int = 4
+    #: Weight of the InfoNCE on the served score (max over interests) next to DMIL (``models.losses``).
+    served_weight: float = 0.0
+    #: Sampled-softmax popularity correction of the candidates' logits (``models.losses``).
+    log_q: bool = False
     seed: int = 0
     #: Use only the first N users (fast tests); None = all.
     max_users: int | None = None
@@ -204,6 +208,12 @@ def train_user_model(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     item_x = torch.as_tensor(vectors, dtype=torch.float32)
+    model.loss.served_weight = cfg.served_weight
+    prior = None
+    if cfg.log_q:
+        seen = np.concatenate([ds.item[ds.offsets[u] : limit[u]] for u in range(ds.n_users)])
+        counts = np.bincount(seen, minlength=ds.n_items) + 1.0
+        prior = torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
     losses: list[float] = []
     model.train()
     bar = tqdm(total=total, desc=desc, disable=not progress)
@@ -218,9 +228,8 @@ def train_user_model(
             interests = model.interests(batch)
             all_ret = model.item_tower.retrieval_head(item_x)
             neg_ids = torch.as_tensor(rng.choice(ds.n_items, min(cfg.negatives, ds.n_items), replace=False))
-            loss = model.loss(
-                interests, all_ret[batch["target_ids"]], batch["target_ids"], batch["valid"], all_ret[neg_ids], neg_ids
-            )
+            targets = all_ret[batch["target_ids"]]
+            loss = model.loss(interests, targets, batch["target_ids"], batch["valid"], all_ret[neg_ids], neg_ids, prior)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -155,6 +155,35 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0 if hits else 1
 
 
+def cmd_recode(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from models.user_model import Checkpoint
+    from state.store import StreamStore, connect_async
+    from streams.switch import Codebooks, recode_items
+
+    settings = _settings(args, checkpoint=args.checkpoint)
+    ckpt = Checkpoint.load(settings.checkpoint)
+
+    async def run() -> int:
+        store = StreamStore(connect_async(settings.redis_url), settings.prefix)
+        codebooks = Codebooks(store, ckpt.codebook)
+        await codebooks.publish()
+        if args.force:
+            await store.r.delete(store.keys.codebook_recoded(codebooks.own_id))
+        total = await store.r.scard(store.keys.items)
+        with tqdm(total=total, desc=f"items → codebook {codebooks.own_id}", unit="item") as bar:
+            done = await recode_items(store, codebooks, progress=bar.update)
+        await store.r.aclose()
+        return done
+
+    done = asyncio.run(run())
+    print(f"re-encoded {done} items into codebook {ckpt.codebook_id} (checkpoint version {ckpt.version})")
+    return 0
+
+
 BENCH_PARTS = ("codebook", "coarse", "refiner", "ingest", "freshness", "memory", "quality")
 
 
@@ -188,7 +217,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("dataset", "steps", "backbone", "backbone_layers", "interests", "max_users", "seed", "item_backbone")
+        for k in (
+            "dataset",
+            "steps",
+            "backbone",
+            "backbone_layers",
+            "interests",
+            "max_users",
+            "seed",
+            "item_backbone",
+            "served_weight",
+            "log_q",
+        )
         if getattr(args, k) is not None
     }
     run_train(TrainConfig(**overrides), args.out, progress=not args.quiet)
@@ -251,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", help="the vectors one model version wrote (default: the latest)")
     p.set_defaults(func=cmd_lookup)
 
+    p = sub.add_parser(
+        "recode", help="after a codebook change: give every stored item a code of this checkpoint's codebook"
+    )
+    _add_connection_flags(p)
+    p.add_argument("--checkpoint", help="model folder (default runs/demo)")
+    p.add_argument("--force", action="store_true", help="scan again even if a worker already finished the pass")
+    p.set_defaults(func=cmd_recode)
+
     p = sub.add_parser("search", help="top items for a user: faiss top-k per interest, merged by max score")
     _add_connection_flags(p)
     p.add_argument("user")
@@ -289,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-backbone", help="item tower LLM for text datasets (default smollm2)")
     p.add_argument("--interests", type=int, help="K interest vectors per scenario")
     p.add_argument("--max-users", type=int, help="train on the first N users only")
+    p.add_argument("--served-weight", type=float, help="weight of the loss on the served (max-over-interests) score")
+    p.add_argument(
+        "--log-q", action="store_true", default=None, help="correct the candidates' logits for popularity sampling"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--evaluate", action="store_true", help="run `evaluate` on the new checkpoint afterwards")
     p.add_argument("-q", "--quiet", action="store_true")
