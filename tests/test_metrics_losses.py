@@ -70,3 +70,54 @@ def test_dmil_loss_decreases_on_toy_problem():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
     assert loss_fn.logit_scale.exp().item() <= 100.0 + 1e-4
+
+
+def _one_user_case():
+    """One user, two interests, two targets in different directions, three sampled negatives."""
+    eye = torch.eye(6)
+    interests = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.2, 0, 0, 0, 0], [0, 0, 1.0, 0.3, 0, 0]]]), dim=-1)
+    target_ids = torch.tensor([[0, 2]])
+    negative_ids = torch.tensor([3, 4, 5])
+    return interests, eye[target_ids], target_ids, torch.ones(1, 2, dtype=torch.bool), eye[negative_ids], negative_ids
+
+
+def test_log_q_correction_by_hand():
+    interests, targets, target_ids, valid, negatives, negative_ids = _one_user_case()
+    loss_fn = DMILLoss()
+    plain = loss_fn(interests, targets, target_ids, valid, negatives, negative_ids)
+    uniform = torch.full((6,), math.log(1 / 6))
+    # A uniform prior shifts every candidate by the same amount: no change.
+    assert loss_fn(interests, targets, target_ids, valid, negatives, negative_ids, uniform).item() == pytest.approx(
+        plain.item(), abs=1e-6
+    )
+    prior = torch.log(torch.tensor([0.5, 0.1, 0.2, 0.1, 0.05, 0.05]))
+    got = loss_fn(interests, targets, target_ids, valid, negatives, negative_ids, prior)
+    # By hand: target 0 → interest 0, target 2 → interest 1 (the Hungarian match); candidates are
+    # [item 0, item 2, items 3..5]; the other target of the same user is masked; each logit minus
+    # log(2 · prior + 3 / 6).
+    scale = loss_fn.logit_scale.exp()
+    cand = torch.eye(6)[[0, 2, 3, 4, 5]]
+    offset = torch.log(2 * prior.exp()[[0, 2, 3, 4, 5]] + 3 / 6)
+    rows = []
+    for p, k in ((0, 0), (1, 1)):
+        logits = scale * interests[0, k] @ cand.T - offset
+        logits[1 - p] = float("-inf")
+        rows.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([p])))
+    assert got.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+
+
+def test_served_score_term_by_hand():
+    """The added term is InfoNCE on max over interests, the score multi-interest retrieval ranks by."""
+    interests, targets, target_ids, valid, negatives, negative_ids = _one_user_case()
+    base = DMILLoss()(interests, targets, target_ids, valid, negatives, negative_ids)
+    loss_fn = DMILLoss(served_weight=0.5)
+    got = loss_fn(interests, targets, target_ids, valid, negatives, negative_ids)
+    scale = loss_fn.logit_scale.exp()
+    cand = torch.eye(6)[[0, 2, 3, 4, 5]]
+    served = scale * (interests[0] @ cand.T).amax(dim=0)
+    rows = []
+    for p in (0, 1):
+        logits = served.clone()
+        logits[1 - p] = float("-inf")
+        rows.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([p])))
+    assert got.item() == pytest.approx(base.item() + 0.5 * torch.stack(rows).mean().item(), rel=1e-5)
