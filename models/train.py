@@ -60,9 +60,9 @@ class TrainConfig:
     codewords: int = 256
     item_tower_epochs: int = 4
     #: Weight of the InfoNCE on the served score (max over interests) next to DMIL (``models.losses``).
-    served_weight: float = 0.0
+    served_weight: float = 1.0
     #: Sampled-softmax popularity correction of the candidates' logits (``models.losses``).
-    log_q: bool = False
+    log_q: bool = True
     seed: int = 0
     #: Use only the first N users (fast tests); None = all.
     max_users: int | None = None

@@ -337,9 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-backbone", help="item tower LLM for text datasets (default smollm2)")
     p.add_argument("--interests", type=int, help="K interest vectors per scenario")
     p.add_argument("--max-users", type=int, help="train on the first N users only")
-    p.add_argument("--served-weight", type=float, help="weight of the loss on the served (max-over-interests) score")
     p.add_argument(
-        "--log-q", action="store_true", default=None, help="correct the candidates' logits for popularity sampling"
+        "--served-weight", type=float, help="weight of the loss on the served (max-over-interests) score (default 1)"
+    )
+    p.add_argument(
+        "--log-q",
+        action=argparse.BooleanOptionalAction,
+        help="correct the candidates' logits for popularity sampling (default on)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--evaluate", action="store_true", help="run `evaluate` on the new checkpoint afterwards")
