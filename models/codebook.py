@@ -50,12 +50,8 @@ class Encoded:
     codes: np.ndarray
     alphas: np.ndarray
 
-    def to_bytes(self, row: int) -> bytes:
-        """One item's compact record: L codes then L int8 alphas."""
-        return self.codes[row].tobytes() + self.alphas[row].tobytes()
-
     def records(self) -> np.ndarray:
-        """Every item's record at once: (n, bytes_per_item) uint8, rows equal to ``to_bytes``."""
+        """Every item's compact record: (n, bytes_per_item) uint8, each row L codes then L int8 alphas."""
         n = len(self.codes)
         return np.concatenate([self.codes.view(np.uint8).reshape(n, -1), self.alphas.view(np.uint8)], axis=1)
 
@@ -188,7 +184,7 @@ class ResidualCodebook:
         return out
 
     def from_bytes(self, records: bytes | np.ndarray, count: int) -> np.ndarray:
-        """Decodes ``count`` packed item records (see ``Encoded.to_bytes``) into (count, d) vectors."""
+        """Decodes ``count`` packed item records (see ``Encoded.records``) into (count, d) vectors."""
         L, cd = self.cfg.layers, self.cfg.code_dtype
         raw = np.frombuffer(records, dtype=np.uint8).reshape(count, self.cfg.bytes_per_item)
         codes = raw[:, : L * cd.itemsize].copy().view(cd).reshape(count, L)

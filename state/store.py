@@ -139,8 +139,15 @@ class StreamStore:
     async def recoded(self, codebook: str) -> bool:
         return bool(await self.r.exists(self.keys.codebook_recoded(codebook)))
 
-    async def mark_recoded(self, codebook: str) -> None:
-        await self.r.set(self.keys.codebook_recoded(codebook), 1)
+    async def mark_recoded(self, codebook: str, done: bool = True) -> None:
+        """Notes that every item has a code of ``codebook`` (``done=False``: that it must be checked again)."""
+        if done:
+            await self.r.set(self.keys.codebook_recoded(codebook), 1)
+        else:
+            await self.r.delete(self.keys.codebook_recoded(codebook))
+
+    async def item_count(self) -> int:
+        return int(await self.r.scard(self.keys.items))
 
     async def parked_counts(self, items: list[str]) -> dict[str, int]:
         """How many events wait for each item, one round trip for all."""

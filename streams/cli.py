@@ -172,8 +172,8 @@ def cmd_recode(args: argparse.Namespace) -> int:
         codebooks = Codebooks(store, ckpt.codebook)
         await codebooks.publish()
         if args.force:
-            await store.r.delete(store.keys.codebook_recoded(codebooks.own_id))
-        total = await store.r.scard(store.keys.items)
+            await store.mark_recoded(codebooks.own_id, done=False)
+        total = await store.item_count()
         with tqdm(total=total, desc=f"items → codebook {codebooks.own_id}", unit="item") as bar:
             done = await recode_items(store, codebooks, progress=bar.update)
         await store.r.aclose()

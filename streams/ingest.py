@@ -29,7 +29,7 @@ from state.store import ApplyStep, StreamStore, UserRow
 from streams import metrics
 from streams.events import Event, Rejected, parse_event
 from streams.settings import Settings
-from streams.switch import Codebooks, rebuild_user
+from streams.switch import Codebooks, built_elsewhere, rebuild_user
 
 log = logging.getLogger(__name__)
 MAX_CAS_RETRIES = 20
@@ -201,7 +201,8 @@ class Ingestor:
             return out
         rebuilt = await self._rebuild({key[1]: row for key, (row, _, _) in plans.items()})
         folded = self._fold_many(
-            [(rebuilt.get(u, (row.coarse,))[0], applied) for (_, u), (row, applied, _) in plans.items()], codes
+            [(rebuilt[u][0] if u in rebuilt else row.coarse, applied) for (_, u), (row, applied, _) in plans.items()],
+            codes,
         )
         steps = {
             key[1]: ApplyStep(
@@ -229,9 +230,8 @@ class Ingestor:
         return out
 
     async def _rebuild(self, rows: dict[str, UserRow]) -> dict[str, tuple[bytes, bytes]]:
-        """Users whose state another checkpoint built → (coarse state, history) rebuilt for this one.
-        A state without a ``gen`` predates the field and was built with this codebook and model."""
-        stale = [u for u, row in rows.items() if row.seq and row.state_id not in (None, self.ckpt.state_id)]
+        """Users whose state another checkpoint built → (coarse state, history) rebuilt for this one."""
+        stale = [u for u, row in rows.items() if row.seq and built_elsewhere(self.ckpt, row.state_id)]
         if not stale:
             return {}
         out = {}

@@ -25,7 +25,7 @@ from state.history import unpack
 from state.store import RefineRow, StreamStore
 from streams import metrics
 from streams.settings import Settings
-from streams.switch import Codebooks, rebuild_user
+from streams.switch import Codebooks, built_elsewhere, rebuild_user
 
 Emit = Callable[[str, dict], Awaitable[None]]
 
@@ -40,7 +40,7 @@ def user_inputs(
     states, histories = [], []
     for r in rows:
         book = books[r.codebook or ckpt.codebook_id]
-        if r.state_id not in (None, ckpt.state_id):  # built by another checkpoint: rebuild for this call
+        if built_elsewhere(ckpt, r.state_id):  # rebuild for this call
             state, history = rebuild_user(ckpt, book, r.history)
             states.append(state)
             histories.append(history)

@@ -31,6 +31,12 @@ from streams import metrics
 log = logging.getLogger(__name__)
 
 
+def built_elsewhere(ckpt: Checkpoint, state_id: str | None) -> bool:
+    """Whether another checkpoint built a stored state (None: a state from before the ``gen`` field, or no
+    state yet, both this checkpoint's)."""
+    return state_id not in (None, ckpt.state_id)
+
+
 class UnknownCodebook(LookupError):
     """Codes name a codebook no worker published (its checkpoint never ran against this Redis)."""
 

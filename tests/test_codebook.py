@@ -32,7 +32,7 @@ def test_reconstruction_rises_with_layers(book, pool):
 def test_encode_decode_round_trip_through_bytes(book, pool):
     enc = book.encode(pool[:50])
     assert enc.codes.dtype == np.uint8 and enc.codes.shape == (50, 4)
-    packed = b"".join(enc.to_bytes(i) for i in range(50))
+    packed = b"".join(enc.codes[i].tobytes() + enc.alphas[i].tobytes() for i in range(50))  # L codes, L alphas
     assert len(packed) == 50 * book.cfg.bytes_per_item == 50 * 8
     np.testing.assert_allclose(book.from_bytes(packed, 50), book.decode(enc.codes, enc.alphas), rtol=0, atol=0)
     assert enc.records().tobytes() == packed

@@ -26,7 +26,7 @@ from models.user_model import Checkpoint
 from state.history import record_dtype, unpack
 from state.keys import Keys
 from state.store import InterestReader, connect_sync
-from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
+from streams.replay import ReplayPlan, expected_seq, plan, send_events, send_items, wait_for_vectors
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
 
@@ -105,14 +105,10 @@ def test_two_workers_rebalance_then_one_killed(pipeline_settings, ds, tmp_path):
     assert "Traceback" not in b_log
 
 
-def test_model_rollout_worker_by_worker(pipeline_settings, ds, tmp_path):
-    """A worker with a new checkpoint joins, the old one leaves, the stream never stops; readers get the
-    latest vectors by default and can still pin the old version."""
-    settings = pipeline_settings
-    old = Checkpoint.load(settings.checkpoint).version
-    new_dir = tmp_path / "checkpoint-new"
-    shutil.copytree(settings.checkpoint, new_dir)  # same weights, so the offline check still holds
-    (new_dir / "VERSION").write_text("rollout-2\n")
+def _hand_over(settings, new_checkpoint: str, ds, tmp_path, timeout: float) -> tuple[ReplayPlan, int, str]:
+    """A worker of the settings' checkpoint applies the first half of the stream; a worker of
+    ``new_checkpoint`` joins, the old one leaves (its partitions move), and the second half flows to the new
+    one until every user's vectors are fresh.  Returns the plan, where the halves split, the new worker's log."""
     p = plan(ds, max_users=USERS)
     half = len(p.events) // 2
     ensure_topics(settings)
@@ -121,17 +117,29 @@ def test_model_rollout_worker_by_worker(pipeline_settings, ds, tmp_path):
     send_events(settings, ds, p.events[:half], progress=False)
     assert wait_for_vectors(settings, expected_seq(ds, p.events[:half]), timeout=120, progress=False) == {}
     b_settings = settings.with_(
-        checkpoint=str(new_dir), web_port=settings.web_port + 1, datadir=str(tmp_path / "faust-new")
+        checkpoint=new_checkpoint, web_port=settings.web_port + 1, datadir=str(tmp_path / "faust-new")
     )
     b = WorkerProcess(b_settings, log=tmp_path / "new.log").start()
     try:
         a.stop()  # the old version leaves; its partitions move to the new one
         send_events(settings, ds, p.events[half:], progress=False)
-        expected = expected_seq(ds, p.events)
-        assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
+        assert wait_for_vectors(settings, expected_seq(ds, p.events), timeout=timeout, progress=False) == {}
+        return p, half, b.log_text()
     finally:
         b.stop()
         a.stop()
+
+
+def test_model_rollout_worker_by_worker(pipeline_settings, ds, tmp_path):
+    """A worker with a new checkpoint joins, the old one leaves, the stream never stops; readers get the
+    latest vectors by default and can still pin the old version."""
+    settings = pipeline_settings
+    old = Checkpoint.load(settings.checkpoint).version
+    new_dir = tmp_path / "checkpoint-new"
+    shutil.copytree(settings.checkpoint, new_dir)  # same weights, so the offline check still holds
+    (new_dir / "VERSION").write_text("rollout-2\n")
+    p, half, _ = _hand_over(settings, str(new_dir), ds, tmp_path, timeout=120)
+    expected = expected_seq(ds, p.events)
     reader = InterestReader(settings.redis_url, settings.prefix)
     early = expected_seq(ds, p.events[:half])
     late = {str(ds.user_ids[u]) for u in ds.user[p.events[half:]]}
@@ -154,25 +162,9 @@ def test_codebook_switch_rollout(pipeline_settings, ds, tmp_path):
     old = Checkpoint.load(settings.checkpoint)
     new = retrained(settings.checkpoint, tmp_path / "checkpoint-cb2", "cb-2")
     assert new.codebook_id != old.codebook_id and new.state_id != old.state_id
-    p = plan(ds, max_users=USERS)
-    half = len(p.events) // 2
-    ensure_topics(settings)
-    send_items(settings, ds, p.items, progress=False)
-    a = WorkerProcess(settings, log=tmp_path / "old.log").start()
-    send_events(settings, ds, p.events[:half], progress=False)
+    p, half, b_log = _hand_over(settings, str(tmp_path / "checkpoint-cb2"), ds, tmp_path, timeout=180)
     early = expected_seq(ds, p.events[:half])
-    assert wait_for_vectors(settings, early, timeout=120, progress=False) == {}
-    b_settings = settings.with_(checkpoint=str(tmp_path / "checkpoint-cb2"), web_port=settings.web_port + 1)
-    b = WorkerProcess(b_settings.with_(datadir=str(tmp_path / "faust-new")), log=tmp_path / "new.log").start()
-    try:
-        a.stop()
-        send_events(settings, ds, p.events[half:], progress=False)
-        expected = expected_seq(ds, p.events)
-        assert wait_for_vectors(settings, expected, timeout=180, progress=False) == {}
-        b_log = b.log_text()
-    finally:
-        b.stop()
-        a.stop()
+    expected = expected_seq(ds, p.events)
     assert "rebuilt user" in b_log and "Traceback" not in b_log
 
     r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
