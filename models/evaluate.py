@@ -104,7 +104,7 @@ def run_evaluate(
 ) -> dict:
     ckpt_dir = Path(checkpoint)
     t0 = time.perf_counter()
-    cfg = TrainConfig(**json.loads((ckpt_dir / "train.json").read_text())["config"])
+    cfg = TrainConfig.saved(json.loads((ckpt_dir / "train.json").read_text())["config"])
     ckpt = Checkpoint.load(ckpt_dir)
     ds = subset_users(load(cfg.dataset, seed=cfg.seed), cfg.max_users)
     held, limit = split(ds, cfg.window)

@@ -77,12 +77,14 @@ class DMILLoss(nn.Module):
         max_scale: float = 100.0,
         false_negative_cos: float = 0.98,
         served_weight: float = 0.0,
+        dmil_weight: float = 1.0,
     ):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_scale)
         self.false_negative_cos = false_negative_cos
         self.served_weight = served_weight
+        self.dmil_weight = dmil_weight
 
     def forward(
         self,
@@ -119,7 +121,7 @@ class DMILLoss(nn.Module):
             if item_log_prior is not None:  # expected count: P draws by popularity + S uniform draws
                 prior = item_log_prior.exp()
                 offset = torch.log(p * prior[cand_ids] + len(negatives) / len(prior))
-        loss = F.cross_entropy((logits - offset).masked_fill(mask, float("-inf")), torch.arange(p))
+        loss = self.dmil_weight * F.cross_entropy((logits - offset).masked_fill(mask, float("-inf")), torch.arange(p))
         if self.served_weight > 0:
             served = scale * torch.einsum("pkd,cd->pkc", interests[rows], cand).amax(dim=1)
             served = (served - offset).masked_fill(mask, float("-inf"))

@@ -61,6 +61,8 @@ class TrainConfig:
     item_tower_epochs: int = 4
     #: Weight of the InfoNCE on the served score (max over interests) next to DMIL (``models.losses``).
     served_weight: float = 1.0
+    #: Weight of the DMIL term itself (0: the served-score term alone trains the K interests).
+    dmil_weight: float = 1.0
     #: Sampled-softmax popularity correction of the candidates' logits (``models.losses``).
     log_q: bool = True
     seed: int = 0
@@ -69,6 +71,16 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def saved(cls, config: dict) -> TrainConfig:
+        """The config a checkpoint's ``train.json`` records.  A loss option missing there did not exist
+        when it was trained, so it was off: its baselines are then trained without it too."""
+        return cls(**{**_OFF_BEFORE_THEY_EXISTED, **config})
+
+
+#: Loss options added after the first checkpoints, with the value that means "not used".
+_OFF_BEFORE_THEY_EXISTED = {"served_weight": 0.0, "log_q": False, "dmil_weight": 1.0}
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -209,6 +221,7 @@ def train_user_model(
     )
     item_x = torch.as_tensor(vectors, dtype=torch.float32)
     model.loss.served_weight = cfg.served_weight
+    model.loss.dmil_weight = cfg.dmil_weight
     prior = None
     if cfg.log_q:
         seen = np.concatenate([ds.item[ds.offsets[u] : limit[u]] for u in range(ds.n_users)])

@@ -370,6 +370,25 @@ class InterestReader:
         vecs = [np.frombuffer(v, dtype="<f4") for v in pipe.execute()]
         return ids, (np.stack(vecs) if vecs else np.zeros((0, 0), np.float32))
 
+    def seqs(self, users: list[str], applied: bool = False) -> list[int | None]:
+        """Each user's ``seq`` (events reflected) of its vectors, or with ``applied`` of its state (events
+        folded in, refined or not); None for a user not seen yet."""
+        pipe = self.r.pipeline(transaction=False)
+        for u in users:
+            pipe.hget(self.keys.user_state(u) if applied else self.keys.user_vectors(u), "seq")
+        return [None if s is None else int(s) for s in pipe.execute()]
+
+    def item_count(self) -> int:
+        """How many items are known (a cheap check for a stale index)."""
+        return int(self.r.scard(self.keys.items))
+
+    def item_titles(self, items: list[str]) -> list[str]:
+        """Each item's title ("" when it has none), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for it in items:
+            pipe.hget(self.keys.item(it), "title")
+        return [(t or b"").decode() for t in pipe.execute()]
+
 
 class AsyncInterestReader:
     """The same lookups for asyncio services."""

@@ -68,20 +68,20 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     import orjson
-    import redis
     from kafka import KafkaProducer
 
-    from streams.smoke import smoke_key
+    from state.keys import Keys
+    from state.store import connect_sync
     from streams.topics import ensure_topics
     from streams.workerproc import WorkerProcess
 
     settings = _settings(args, web_port=0)
     topic = f"{settings.prefix}.smoke"
     ensure_topics(settings, [topic])
-    r = redis.Redis.from_url(settings.redis_url)
+    r, smoke = connect_sync(settings.redis_url), Keys(settings.prefix).smoke
     run = f"{time.time_ns():x}"
     keys = [f"{run}-{i}" for i in range(args.messages)]
-    r.delete(*(smoke_key(settings.prefix, k) for k in keys))
+    r.delete(*(smoke(k) for k in keys))
     with WorkerProcess(settings, app="smoke"):
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
         t0 = time.monotonic()
@@ -90,10 +90,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         producer.flush()
         producer.close()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and r.exists(*(smoke_key(settings.prefix, k) for k in keys)) < len(keys):
+        while time.monotonic() < deadline and r.exists(*(smoke(k) for k in keys)) < len(keys):
             time.sleep(0.1)
         elapsed = time.monotonic() - t0
-    got = [r.get(smoke_key(settings.prefix, k)) for k in keys]
+    got = [r.get(smoke(k)) for k in keys]
     print(f"{'key':<24} {'partition':>9} {'offset':>7}  value")
     for key, raw in zip(keys, got, strict=False):
         rec = orjson.loads(raw) if raw else None
@@ -227,6 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "seed",
             "item_backbone",
             "served_weight",
+            "dmil_weight",
             "log_q",
         )
         if getattr(args, k) is not None
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--served-weight", type=float, help="weight of the loss on the served (max-over-interests) score (default 1)"
     )
+    p.add_argument("--dmil-weight", type=float, help="weight of the DMIL matched-interest loss (default 1)")
     p.add_argument(
         "--log-q",
         action=argparse.BooleanOptionalAction,
@@ -352,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="the checkpoint vs baselines and ablations on one time split")
     p.add_argument("checkpoint", nargs="?", default="runs/demo")
-    p.add_argument("--variants", nargs="*", help="subset of: sasrec comirec no_coarse raw_vectors k1 single_scenario")
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        help="subset of: sasrec comirec no_coarse raw_vectors k1 single_scenario shared_queries (default: all)",
+    )
     p.set_defaults(func=cmd_evaluate)
     return parser
 

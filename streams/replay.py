@@ -15,6 +15,7 @@ from kafka import KafkaProducer
 from tqdm import tqdm
 
 from models.data import Dataset
+from state.store import InterestReader
 from streams.settings import Settings
 
 
@@ -99,12 +100,9 @@ def expected_seq(ds: Dataset, events: np.ndarray) -> dict[str, int]:
 
 def wait_for_items(settings: Settings, n: int, timeout: float = 120.0) -> bool:
     """Polls Redis until ``n`` items are stored (a replay's catalogue is in); False on timeout."""
-    from state.keys import Keys
-    from state.store import connect_sync
-
-    r, key = connect_sync(settings.redis_url), Keys(settings.prefix).items
+    reader = InterestReader(settings.redis_url, settings.prefix)
     deadline = time.monotonic() + timeout
-    while r.scard(key) < n:
+    while reader.item_count() < n:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
@@ -120,20 +118,14 @@ def wait_for_vectors(
 ) -> dict[str, int]:
     """Polls Redis until every user's vectors reflect ``expected[user]`` events (with ``applied_only``: until
     its state has applied them, for runs without refinement); returns the users still behind."""
-    from state.keys import Keys
-    from state.store import connect_sync
-
-    r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
+    reader = InterestReader(settings.redis_url, settings.prefix)
     users = list(expected)
     deadline = time.monotonic() + timeout
     bar = tqdm(total=len(users), desc="waiting for fresh vectors", unit="user", disable=not progress)
     behind = dict(expected)
     while behind and time.monotonic() < deadline:
-        pipe = r.pipeline(transaction=False)
         names = list(behind)
-        for u in names:
-            pipe.hget(keys.user_state(u) if applied_only else keys.user_vectors(u), "seq")
-        for u, seq in zip(names, pipe.execute(), strict=True):
+        for u, seq in zip(names, reader.seqs(names, applied=applied_only), strict=True):
             if seq is not None and int(seq) >= behind[u]:
                 del behind[u]
                 bar.update(1)

@@ -1,7 +1,8 @@
 """Retrieval for a user: a faiss index over every item's retrieval vector, queried with the user's K vectors.
 
-The index is built from Redis (``<prefix>:items`` + each item's ``ret``) and rebuilt by ``refresh()`` when
-the item count changed: a service calls ``refresh()`` on a timer, or after reading ``<prefix>.items``.
+The index is built from the items ``state.store.InterestReader`` lists (each one's ``ret`` vector) and
+rebuilt by ``refresh()`` when the item count changed: a service calls ``refresh()`` on a timer, or after
+reading ``<prefix>.items``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ItemSearch:
 
     def refresh(self) -> bool:
         """Rebuilds the index when items were added; returns whether it did."""
-        if self.index is not None and self.reader.r.scard(self.reader.keys.items) == len(self.ids):
+        if self.index is not None and self.reader.item_count() == len(self.ids):
             return False
         self.ids, vectors = self.reader.item_vectors()
         self.index = item_index(vectors) if len(self.ids) else None
@@ -49,11 +50,5 @@ class ItemSearch:
                 if j >= 0 and s > best.get(j, (-np.inf, 0))[0]:
                     best[j] = (s, interest)
         top = sorted(best.items(), key=lambda kv: -kv[1][0])[:k]
-        titles = self._titles([self.ids[j] for j, _ in top])
+        titles = self.reader.item_titles([self.ids[j] for j, _ in top])
         return [Hit(self.ids[j], s, i, t) for (j, (s, i)), t in zip(top, titles, strict=True)]
-
-    def _titles(self, items: list[str]) -> list[str]:
-        pipe = self.reader.r.pipeline(transaction=False)
-        for it in items:
-            pipe.hget(self.reader.keys.item(it), "title")
-        return [(t or b"").decode() for t in pipe.execute()]

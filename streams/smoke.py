@@ -9,17 +9,16 @@ from __future__ import annotations
 import orjson
 import redis.asyncio as aioredis
 
+from state.keys import Keys
+from state.store import connect_async
 from streams.faust_app import make_faust_app
 from streams.settings import Settings
 
 settings = Settings.from_env()
 app = make_faust_app(settings, app_id=f"{settings.app_id}-smoke")
 topic = app.topic(f"{settings.prefix}.smoke", partitions=settings.partitions)
+keys = Keys(settings.prefix)
 _redis: aioredis.Redis | None = None
-
-
-def smoke_key(prefix: str, key: str) -> str:
-    return f"{prefix}:smoke:{key}"
 
 
 @app.agent(topic)
@@ -27,7 +26,7 @@ async def copy_to_redis(stream):
     """Writes every message's value under its key, with the partition/offset it came from."""
     global _redis
     if _redis is None:
-        _redis = aioredis.from_url(settings.redis_url)
+        _redis = connect_async(settings.redis_url)
     async for event in stream.events():
         key = event.key.decode()
         record = {
@@ -35,4 +34,4 @@ async def copy_to_redis(stream):
             "partition": event.message.partition,
             "offset": event.message.offset,
         }
-        await _redis.set(smoke_key(settings.prefix, key), orjson.dumps(record))
+        await _redis.set(keys.smoke(key), orjson.dumps(record))

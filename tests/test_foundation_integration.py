@@ -10,8 +10,8 @@ import redis
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
+from state.keys import Keys
 from streams.settings import Settings
-from streams.smoke import smoke_key
 from streams.topics import TopicMismatch, all_topics, ensure_topics
 from streams.workerproc import WorkerProcess
 
@@ -50,7 +50,7 @@ def test_kafka_python_to_faust_agent_to_redis(kafka_bootstrap, redis_url, prefix
     settings = _settings(kafka_bootstrap, redis_url, prefix, tmp_path, partitions=3)
     topic = f"{prefix}.smoke"
     ensure_topics(settings, [topic])
-    r = redis.Redis.from_url(redis_url)
+    r, smoke = redis.Redis.from_url(redis_url), Keys(prefix).smoke
     sent = {f"user-{i}": {"n": i, "text": f"hello {i}"} for i in range(12)}
     with WorkerProcess(settings, app="smoke", log=tmp_path / "worker.log"):
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
@@ -59,9 +59,9 @@ def test_kafka_python_to_faust_agent_to_redis(kafka_bootstrap, redis_url, prefix
         producer.flush()
         producer.close()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and r.exists(*(smoke_key(prefix, k) for k in sent)) < len(sent):
+        while time.monotonic() < deadline and r.exists(*(smoke(k) for k in sent)) < len(sent):
             time.sleep(0.1)
-    records = {k: orjson.loads(r.get(smoke_key(prefix, k)) or b"null") for k in sent}
+    records = {k: orjson.loads(r.get(smoke(k)) or b"null") for k in sent}
     assert {k: rec["value"] if rec else None for k, rec in records.items()} == sent
     partitions = {rec["partition"] for rec in records.values()}
     assert partitions <= {0, 1, 2} and len(partitions) > 1, "keys should spread over partitions"

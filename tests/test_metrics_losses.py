@@ -121,3 +121,25 @@ def test_served_score_term_by_hand():
         logits[1 - p] = float("-inf")
         rows.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([p])))
     assert got.item() == pytest.approx(base.item() + 0.5 * torch.stack(rows).mean().item(), rel=1e-5)
+
+
+def test_dmil_weight_scales_only_the_matched_term():
+    """``dmil_weight=0`` leaves the served-score term alone: the loss equals that term by hand."""
+    interests, targets, target_ids, valid, negatives, negative_ids = _one_user_case()
+    both = DMILLoss(served_weight=1.0)(interests, targets, target_ids, valid, negatives, negative_ids)
+    dmil = DMILLoss()(interests, targets, target_ids, valid, negatives, negative_ids)
+    served_only = DMILLoss(served_weight=1.0, dmil_weight=0.0)(
+        interests, targets, target_ids, valid, negatives, negative_ids
+    )
+    assert served_only.item() == pytest.approx(both.item() - dmil.item(), rel=1e-5)
+    assert 0 < served_only.item() < both.item()
+
+
+def test_saved_train_config_reads_old_checkpoints_with_their_loss():
+    """A train.json written before the loss options existed was trained without them."""
+    from models.train import TrainConfig
+
+    old = TrainConfig.saved({"dataset": "sim", "steps": 5})
+    assert (old.served_weight, old.log_q, old.dmil_weight) == (0.0, False, 1.0)
+    new = TrainConfig.saved({"dataset": "sim", "steps": 5, "served_weight": 1.0, "log_q": True})
+    assert (new.served_weight, new.log_q) == (1.0, True)
