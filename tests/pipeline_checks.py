@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
+from kafka import TopicPartition
+from kafka.admin import KafkaAdminClient, OffsetSpec
 
 from models.codebook import CodebookConfig, ResidualCodebook, transcode
 from models.refiner import UserInput
@@ -15,6 +19,26 @@ from streams.topics import ensure_topics
 
 COARSE_TOL = 1e-5  # float64 running sums: only summation order differs between stream and offline
 VECTOR_TOL = 1e-4  # float32 refiner; the same inputs up to the coarse tolerance
+
+
+def lagging(settings, timeout: float = 60.0) -> dict[TopicPartition, int]:
+    """Polls until the worker group has committed every input partition to its end offset (a worker acks
+    an event only once Redis holds its effect); returns what is still behind at the timeout."""
+    topics = [*(settings.events_topic(s) for s in settings.scenarios), settings.items_topic]
+    tps = [TopicPartition(t, p) for t in topics for p in range(settings.partitions)]
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        ends = {tp: o.offset for tp, o in admin.list_partition_offsets(dict.fromkeys(tps, OffsetSpec.LATEST)).items()}
+        deadline = time.monotonic() + timeout
+        while True:
+            done = admin.list_group_offsets({settings.app_id: tps})[settings.app_id]
+            behind = {tp: end - max(done[tp].offset if tp in done else 0, 0) for tp, end in ends.items()}
+            behind = {tp: n for tp, n in behind.items() if n > 0}
+            if not behind or time.monotonic() >= deadline:
+                return behind
+            time.sleep(0.5)
+    finally:
+        admin.close()
 
 
 def offline(
