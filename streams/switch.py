@@ -108,9 +108,7 @@ def rebuild_user(ckpt: Checkpoint, source: ResidualCodebook, history: bytes) -> 
         codes = transcode(codes, len(rec), source, ckpt.codebook)
     code_rows = np.frombuffer(codes, dtype=np.uint8).reshape(len(rec), ckpt.codebook.cfg.bytes_per_item)
     vectors = ckpt.codebook.from_bytes(codes, len(rec))
-    state = model.update_many(
-        model.init_state()[None], vectors, rec["scenario"], rec["action"], rec["ts"], np.zeros(len(rec), np.int64)
-    )[0]
+    state = model.update(model.init_state(), vectors, rec["scenario"], rec["action"], rec["ts"])
     return state, pack(code_rows, rec["scenario"], rec["action"], rec["ts"])
 
 

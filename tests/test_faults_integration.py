@@ -19,7 +19,7 @@ from pipeline_checks import assert_matches_offline
 from models.data import load, simulate
 from models.user_model import Checkpoint
 from state.keys import Keys
-from state.store import user_memory
+from state.store import InterestReader, user_memory
 from streams.replay import expected_seq, plan, send_events, send_items, wait_for_items, wait_for_vectors
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -34,8 +34,8 @@ def ds():
 
 
 def _applied(settings) -> int:
-    r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
-    return sum(int(r.hget(keys.user_state(str(u)), "seq") or 0) for u in range(USERS))
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    return sum(seq or 0 for seq in reader.seqs([str(u) for u in range(USERS)], applied=True))
 
 
 def _wait_applied(settings, at_least: int, timeout: float = 60, poll: float = 0.1) -> None:
