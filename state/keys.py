@@ -21,6 +21,7 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:items``                    | set    | every known item id (the search index is built from it)     |               |
 | ``<p>:parked``                   | zset   | item id → time its first event was parked                   |               |
 | ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → their ``seq``    |               |
+| ``<p>:quarantine``                | hash   | user → JSON {seq, reason, at}: refinement failed on its data |               |
 | ``<p>:codebook:<id>``            | string | a codebook any worker can load to decode codes of that id   | ~1.8 MB       |
 | ``<p>:codebook:<id>:recoded``    | string | set once every item has a code of that codebook             |               |
 | ``<p>:smoke:<key>``              | string | ``mirstream smoke`` only: a message copied by the agent     | ~0.1 KB       |
@@ -84,6 +85,10 @@ class Keys:
     @property
     def parked_index(self) -> str:
         return f"{self.prefix}:parked"
+
+    @property
+    def quarantine(self) -> str:
+        return f"{self.prefix}:quarantine"
 
     def dirty(self, partition: int) -> str:
         return f"{self.prefix}:dirty:{{p{partition}}}"

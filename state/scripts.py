@@ -3,43 +3,83 @@
 
 from __future__ import annotations
 
-#: Apply a batch of a user's events: compare-and-set on ``seq`` (a concurrent writer makes it return
-#: the current seq so the caller re-reads and recomputes), then state + watermarks + history in one step.
+#: One consistent snapshot of a user: the named state fields and the history, in one atomic step.
+#: KEYS: state hash, history string.  ARGV: field names (``state.users.ROW_FIELDS`` first, then a
+#: batch's watermarks and origin marks).  Returns the fields' values, then the history.
+READ_USER = """
+local vals = redis.call('HMGET', KEYS[1], unpack(ARGV))
+vals[#vals + 1] = redis.call('GET', KEYS[2])
+return vals
+"""
+
+#: Apply one planned update of a user (``state.users.UserUpdate``): only if ``ver`` and ``gen`` are still
+#: what the plan read; bumps ``ver``; watermarks, ``last_ts`` and ``kts`` only ever move up.
 #: KEYS: state hash, history string.
-#: ARGV: expected_seq, n_events, coarse_bytes, last_ts, history_records, record_size, cap,
-#: replacement history ('' keeps it; a codebook switch re-encodes it), [field, value]...
-#: (an empty value deletes the field)
-#: Returns {new_seq, refined_seq} or {-1, current_seq} on conflict.
-APPLY_EVENTS = """
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if seq ~= tonumber(ARGV[1]) then
-  return {-1, seq}
+#: ARGV: expected ver, expected gen ('' none), n_events, has_coarse ('1'), coarse, last_ts, kts,
+#: records, record_size, cap, has_history ('1'), history, new gen ('' keeps), new cb, n_watermarks,
+#: [watermark field, offset]..., then [applied-mark field, parked-mark field]... of applied parked events.
+#: Returns {new seq, refined seq, new ver}, or {-1, current ver} on conflict.
+APPLY_USER = """
+local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
+local gen = redis.call('HGET', KEYS[1], 'gen') or ''
+if ver ~= tonumber(ARGV[1]) or gen ~= ARGV[2] then
+  return {-1, ver}
 end
-local new_seq = seq + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'coarse', ARGV[3], 'seq', new_seq)
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_ts') or '0')
-if tonumber(ARGV[4]) > last then
-  redis.call('HSET', KEYS[1], 'last_ts', ARGV[4])
-end
-for i = 9, #ARGV, 2 do
-  if ARGV[i + 1] == '' then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-  else
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+local function raise(name, value)
+  local cur = redis.call('HGET', KEYS[1], name)
+  if (not cur) or tonumber(value) > tonumber(cur) then
+    redis.call('HSET', KEYS[1], name, value)
   end
 end
-if #ARGV[8] > 0 then
-  redis.call('SET', KEYS[2], ARGV[8])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + tonumber(ARGV[3])
+ver = ver + 1
+redis.call('HSET', KEYS[1], 'ver', ver, 'seq', seq)
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'coarse', ARGV[5])
 end
-if #ARGV[5] > 0 then
-  local len = redis.call('APPEND', KEYS[2], ARGV[5])
-  local keep = tonumber(ARGV[6]) * tonumber(ARGV[7])
+if tonumber(ARGV[6]) > 0 then raise('last_ts', ARGV[6]) end
+if tonumber(ARGV[7]) > 0 then raise('kts', ARGV[7]) end
+if ARGV[11] == '1' then
+  if #ARGV[12] > 0 then redis.call('SET', KEYS[2], ARGV[12]) else redis.call('DEL', KEYS[2]) end
+end
+if #ARGV[8] > 0 then
+  local len = redis.call('APPEND', KEYS[2], ARGV[8])
+  local keep = tonumber(ARGV[9]) * tonumber(ARGV[10])
   if len > keep then
     redis.call('SET', KEYS[2], redis.call('GETRANGE', KEYS[2], len - keep, -1))
   end
 end
+if ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[1], 'gen', ARGV[13], 'cb', ARGV[14])
+end
+local n = tonumber(ARGV[15])
+for i = 16, 15 + 2 * n, 2 do
+  raise(ARGV[i], ARGV[i + 1])
+end
+for i = 16 + 2 * n, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], 1)
+  redis.call('HDEL', KEYS[1], ARGV[i + 1])
+end
 local refined = tonumber(redis.call('HGET', KEYS[1], 'refined_seq') or '0')
-return {new_seq, refined}
+return {seq, refined, ver}
+"""
+
+#: Note in a user's state that events are about to be parked (before the watermark passes them), as a
+#: versioned write: only if ``ver`` and ``gen`` are still what the plan read; bumps ``ver``.
+#: KEYS: state hash.  ARGV: expected ver, expected gen ('' none), parked-mark fields...
+#: Returns the new ver, or -1 on conflict.
+MARK_PARKED = """
+local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
+local gen = redis.call('HGET', KEYS[1], 'gen') or ''
+if ver ~= tonumber(ARGV[1]) or gen ~= ARGV[2] then
+  return -1
+end
+ver = ver + 1
+redis.call('HSET', KEYS[1], 'ver', ver)
+for i = 3, #ARGV do
+  redis.call('HSET', KEYS[1], ARGV[i], 1)
+end
+return ver
 """
 
 #: Store an item: its codes in the writer's codebook replace those of any other codebook (they were
@@ -95,13 +135,23 @@ end
 return 0
 """
 
-#: Drop the first N parked events of an item (after they were re-produced); deletes an empty list.
-#: KEYS: parked list. ARGV: n. Returns how many remain.
-DROP_PARKED = """
-redis.call('LTRIM', KEYS[1], tonumber(ARGV[1]), -1)
-local left = redis.call('LLEN', KEYS[1])
-if left == 0 then
-  redis.call('DEL', KEYS[1])
+#: Park an event until its item arrives, unless the item's parking list is full.
+#: KEYS: parked list.  ARGV: max length, event body.  Returns 1 when parked, 0 when the list is full.
+PARK = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
 end
-return left
+redis.call('RPUSH', KEYS[1], ARGV[2])
+return 1
+"""
+
+#: Remove parked events by value (once re-produced or dead-lettered): two releasers of the same events
+#: each remove what is there, so nothing another parker added meanwhile is lost.
+#: KEYS: parked list.  ARGV: event bodies.  Returns {removed, left}.
+UNPARK = """
+local removed = 0
+for i = 1, #ARGV do
+  removed = removed + redis.call('LREM', KEYS[1], 1, ARGV[i])
+end
+return {removed, redis.call('LLEN', KEYS[1])}
 """

@@ -7,15 +7,17 @@ callers pass bytes and numbers in, and get bytes and numbers out.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+import orjson
 import redis
 import redis.asyncio as aioredis
 from redis.cluster import RedisCluster
 
-from state import scripts
+from state import scripts, users
 from state.keys import Keys
+from state.users import UserRow
 
 
 def connect_async(url: str) -> aioredis.Redis:
@@ -33,46 +35,6 @@ def connect_sync(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
-@dataclass
-class UserRow:
-    """What an agent needs of a user before folding new events in."""
-
-    seq: int = 0
-    coarse: bytes | None = None
-    watermarks: dict[str, int] = field(default_factory=dict)
-    codebook: str | None = None  # the codebook of the history's codes (None: a user without one yet)
-    state_id: str | None = None  # the checkpoint state id that built ``coarse``
-
-
-@dataclass
-class ApplyStep:
-    """One user's batch for the apply script: compare-and-set on ``expected_seq``, then state, history and
-    ``fields`` ("" deletes one) in one step."""
-
-    expected_seq: int
-    n_events: int
-    coarse: bytes
-    last_ts: float
-    records: bytes
-    record_size: int
-    cap: int
-    fields: dict[str, object]
-    history: bytes = b""  # replaces the stored history first (a re-encoded one), when not empty
-
-
-@dataclass
-class RefineRow:
-    """What the refiner needs of a user."""
-
-    seq: int
-    coarse: bytes | None
-    history: bytes
-    last_ts: float  # newest event time applied
-    kts: float  # newest Kafka (producer) timestamp applied: freshness is measured from it
-    codebook: str | None = None
-    state_id: str | None = None
-
-
 class StreamStore:
     """The workers' async view of Redis."""
 
@@ -81,7 +43,8 @@ class StreamStore:
         self.keys = Keys(prefix)
         self._write = client.register_script(scripts.WRITE_VECTORS)
         self._clear = client.register_script(scripts.CLEAR_DIRTY)
-        self._drop = client.register_script(scripts.DROP_PARKED)
+        self._park = client.register_script(scripts.PARK)
+        self._unpark = client.register_script(scripts.UNPARK)
 
     # ---------------------------------------------------------------- items
     async def item_codes(self, items: list[str], codebook: str) -> dict[str, bytes | None]:
@@ -157,25 +120,27 @@ class StreamStore:
         return dict(zip(items, (int(n) for n in await pipe.execute()), strict=True))
 
     async def park(self, item: str, raw: bytes, max_parked: int) -> bool:
-        """Parks an event until its item arrives; False when the item's parking list is full."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.llen(self.keys.parked(item))
-        (length,) = await pipe.execute()
-        if length >= max_parked:
+        """Parks an event until its item arrives; False when the item's parking list is full (checked in
+        the same atomic step as the push)."""
+        if not await self._park(keys=[self.keys.parked(item)], args=[max_parked, raw]):
             return False
-        pipe = self.r.pipeline(transaction=False)
-        pipe.rpush(self.keys.parked(item), raw)
-        pipe.zadd(self.keys.parked_index, {item: time.time()}, nx=True)
-        await pipe.execute()
+        await self.r.zadd(self.keys.parked_index, {item: time.time()}, nx=True)
         return True
 
     async def parked(self, item: str) -> list[bytes]:
         return list(await self.r.lrange(self.keys.parked(item), 0, -1))
 
-    async def drop_parked(self, item: str, n: int) -> None:
-        """Drops the first ``n`` parked events (once they are safely re-produced or dead-lettered)."""
-        if await self._drop(keys=[self.keys.parked(item)], args=[n]) == 0:
+    async def unpark(self, item: str, bodies: list[bytes]) -> int:
+        """Removes these parked events (by value: once re-produced or dead-lettered); how many were still
+        there.  An item whose list empties leaves the index, unless a parker added an event meanwhile."""
+        if not bodies:
+            return 0
+        removed, left = await self._unpark(keys=[self.keys.parked(item)], args=bodies)
+        if left == 0:
             await self.r.zrem(self.keys.parked_index, item)
+            if await self.r.llen(self.keys.parked(item)):  # parked after our removal: keep it indexed
+                await self.r.zadd(self.keys.parked_index, {item: time.time()}, nx=True)
+        return int(removed)
 
     async def parked_items(self, limit: int) -> list[tuple[str, float]]:
         """Items with parked events, oldest first, with the time their first event was parked."""
@@ -183,46 +148,40 @@ class StreamStore:
         return [(m.decode(), float(s)) for m, s in got]
 
     # ---------------------------------------------------------------- users: ingest
-    async def read_users(self, fields: dict[str, list[str]]) -> dict[str, UserRow]:
-        """Each user's seq, coarse state and the named extra fields (watermarks, origins), one round trip."""
+    async def read_users(self, wanted: dict[str, tuple[list[str], list[str]]]) -> dict[str, UserRow]:
+        """Per user (watermark fields, event origins) → one consistent snapshot of its state and history
+        (one atomic script call per user, one round trip for all)."""
         pipe = self.r.pipeline(transaction=False)
-        for u, names in fields.items():
-            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", "cb", "gen", *names])
-        rows = {}
-        for (u, names), vals in zip(fields.items(), await pipe.execute(), strict=True):
-            marks = {f: int(float(v)) for f, v in zip(names, vals[4:], strict=True) if v is not None}
-            rows[u] = UserRow(int(vals[0] or 0), vals[1], marks, _text(vals[2]), _text(vals[3]))
-        return rows
+        for user, (marks, origins) in wanted.items():
+            keys = [self.keys.user_state(user), self.keys.user_history(user)]
+            pipe.eval(scripts.READ_USER, 2, *keys, *users.ROW_FIELDS, *users.read_args(marks, origins))
+        replies = await pipe.execute()
+        return {
+            user: users.parse_row(user, raw, marks, origins)
+            for (user, (marks, origins)), raw in zip(wanted.items(), replies, strict=True)
+        }
 
-    async def histories(self, users: list[str]) -> dict[str, bytes]:
+    async def mark_parked(self, marks: dict[str, tuple[UserRow, tuple[str, ...]]]) -> dict[str, bool]:
+        """Per user (the row its plan read, origins about to be parked): notes them as parked, a versioned
+        write; False where the user changed since the read (re-read, re-plan)."""
         pipe = self.r.pipeline(transaction=False)
-        for u in users:
-            pipe.get(self.keys.user_history(u))
-        return {u: h or b"" for u, h in zip(users, await pipe.execute(), strict=True)}
+        for user, (row, origins) in marks.items():
+            args = [row.version, row.state_id or "", *(users.parked_mark(o) for o in origins)]
+            pipe.eval(scripts.MARK_PARKED, 1, self.keys.user_state(user), *args)
+        return {user: int(v) >= 0 for user, v in zip(marks, await pipe.execute(), strict=True)}
 
-    def _apply_call(self, user: str, step: ApplyStep) -> tuple[list[str], list]:
-        args: list = [step.expected_seq, step.n_events, step.coarse, repr(float(step.last_ts)), step.records]
-        args += [step.record_size, step.cap, step.history]
-        for f, value in step.fields.items():
-            args += [f, value]
-        return [self.keys.user_state(user), self.keys.user_history(user)], args
-
-    async def apply_many(self, steps: dict[str, ApplyStep]) -> dict[str, tuple[int, int] | None]:
-        """Atomically applies each user's batch (one Lua call per user, one round trip for all); per user
-        (new seq, refined seq), or None when another writer got there first (re-read, retry)."""
+    async def apply_many(self, updates: dict[str, users.UserUpdate]) -> dict[str, users.Applied | None]:
+        """Applies each user's planned update atomically (one script call per user, one round trip for
+        all); None where the user changed since the plan read it (re-read, re-plan)."""
         pipe = self.r.pipeline(transaction=False)
-        for user, step in steps.items():
-            keys, args = self._apply_call(user, step)
+        for user, update in updates.items():
+            keys = [self.keys.user_state(user), self.keys.user_history(user)]
             # EVAL, not EVALSHA: a cluster pipeline does not load scripts on the nodes it reaches.
-            pipe.eval(scripts.APPLY_EVENTS, len(keys), *keys, *args)
-        out: dict[str, tuple[int, int] | None] = {}
-        for user, (new_seq, refined) in zip(steps, await pipe.execute(), strict=True):
-            out[user] = None if new_seq == -1 else (int(new_seq), int(refined))
+            pipe.eval(scripts.APPLY_USER, 2, *keys, *update.args())
+        out: dict[str, users.Applied | None] = {}
+        for user, reply in zip(updates, await pipe.execute(), strict=True):
+            out[user] = None if int(reply[0]) == -1 else users.Applied(int(reply[0]), int(reply[2]), int(reply[1]))
         return out
-
-    async def mark_parked(self, user: str, origins: list[str]) -> None:
-        """Notes in the user's state that these events were parked (see ``streams.ingest``)."""
-        await self.r.hset(self.keys.user_state(user), mapping={f"p:{o}": 1 for o in origins})
 
     async def mark_dirty(self, partition: int, users: dict[str, int]) -> None:
         if users:
@@ -233,19 +192,9 @@ class StreamStore:
         got = await self.r.zrange(self.keys.dirty(partition), 0, limit - 1, withscores=True)
         return [(m.decode(), int(s)) for m, s in got]
 
-    async def read_for_refine(self, users: list[str]) -> dict[str, RefineRow]:
-        pipe = self.r.pipeline(transaction=False)
-        for u in users:
-            pipe.hmget(self.keys.user_state(u), ["seq", "coarse", "last_ts", "kts", "cb", "gen"])
-            pipe.get(self.keys.user_history(u))
-        vals = await pipe.execute()
-        out = {}
-        for i, u in enumerate(users):
-            (seq, coarse, last_ts, kts, cb, gen), hist = vals[2 * i], vals[2 * i + 1]
-            out[u] = RefineRow(
-                int(seq or 0), coarse, hist or b"", float(last_ts or 0), float(kts or 0), _text(cb), _text(gen)
-            )
-        return out
+    async def read_for_refine(self, user_ids: list[str]) -> dict[str, UserRow]:
+        """Each user's state and history, one consistent snapshot per user."""
+        return await self.read_users({u: ([], []) for u in user_ids})
 
     async def write_vectors(
         self,
@@ -268,6 +217,33 @@ class StreamStore:
 
     async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
         await self._clear(keys=[self.keys.dirty(partition)], args=[user, seq])
+
+    # ---------------------------------------------------------------- users: quarantine
+    async def quarantine(self, user: str, partition: int, seq: int, reason: str) -> None:
+        """Sets a user aside whose refinement failed on its own data (listed with the reason)."""
+        entry = orjson.dumps({"partition": partition, "seq": seq, "reason": reason[:500], "at": time.time()})
+        await self.r.hset(self.keys.quarantine, user, entry)
+
+    async def unquarantine(self, user_ids: list[str]) -> None:
+        """Users refined fine again leave the quarantine."""
+        if user_ids:
+            await self.r.hdel(self.keys.quarantine, *user_ids)
+
+    async def quarantined(self) -> dict[str, dict]:
+        return {u.decode(): orjson.loads(v) for u, v in (await self.r.hgetall(self.keys.quarantine)).items()}
+
+    async def quarantined_count(self) -> int:
+        return int(await self.r.hlen(self.keys.quarantine))
+
+    async def retry_quarantined(self) -> int:
+        """Marks every quarantined user dirty again (after a fix); how many."""
+        entries = await self.quarantined()
+        for user, entry in entries.items():
+            await self.r.zadd(self.keys.dirty(int(entry["partition"])), {user: int(entry["seq"])}, gt=True)
+        return len(entries)
+
+    async def ping(self) -> bool:
+        return bool(await self.r.ping())
 
 
 def _text(raw: bytes | None) -> str | None:

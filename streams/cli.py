@@ -37,14 +37,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from streams.workerproc import settings_env
 
     settings = _settings(args, web_port=args.web_port, checkpoint=getattr(args, "checkpoint", None))
-    os.environ.update(settings_env(settings))  # the app module reads Settings.from_env() on import
     if args.app == "smoke":
+        os.environ.update(settings_env(settings))  # the smoke app reads Settings.from_env() on import
         from streams.smoke import app
     else:
+        from streams.pipeline import build_app
         from streams.topics import ensure_topics
 
         ensure_topics(settings)
-        from streams.pipeline import app
+        app = build_app(settings)
     sys.argv = [f"mirstream-{args.app}", "worker", "--loglevel", args.loglevel]
     app.main()
     return 0

@@ -42,17 +42,37 @@ class ItemHandler:
 
     async def handle(self, batch: list[Message]) -> list[str]:
         await self.codebooks.publish()
-        items: list[Item] = []
+        parsed: list[tuple[Message, Item]] = []
         for msg in batch:
             try:
-                items.append(parse_item(msg.value, self.ckpt.codebook.cfg.dim, self.settings.max_message_bytes))
+                parsed.append((msg, parse_item(msg.value, self.ckpt.codebook.cfg.dim, self.settings.max_message_bytes)))
             except Rejected as exc:
                 await self.deadletter(msg, str(exc), "item")
+        if any(item.vector is None for _, item in parsed):
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._text_encoder)
+            except Exception as exc:  # the worker cannot encode text: each text-only item says so, vectors go on
+                reason = f"text-only item, and this worker cannot encode text ({type(exc).__name__}: {exc})"
+                for msg, _ in [(m, it) for m, it in parsed if it.vector is None]:
+                    await self.deadletter(msg, reason, "item")
+                parsed = [(m, it) for m, it in parsed if it.vector is not None]
+        if not parsed:
+            return []
+        items = [item for _, item in parsed]
+        vectors = await asyncio.get_running_loop().run_in_executor(None, self._vectors, items)
+        retrieval = self.ckpt.model.retrieval_vectors(vectors).astype("<f4")
+        usable = np.isfinite(vectors).all(axis=1) & np.isfinite(retrieval).all(axis=1)
+        for (msg, _), ok in zip(parsed, usable, strict=True):
+            if not ok:
+                await self.deadletter(msg, "the item's vector gives NaN or infinite model outputs", "item")
+        items, vectors, retrieval = (
+            [it for it, ok in zip(items, usable, strict=True) if ok],
+            vectors[usable],
+            retrieval[usable],
+        )
         if not items:
             return []
-        vectors = await asyncio.get_running_loop().run_in_executor(None, self._vectors, items)
         codes = self.ckpt.codebook.encode(vectors).records()
-        retrieval = self.ckpt.model.retrieval_vectors(vectors).astype("<f4")
         rows = [
             (item.item_id, codes[i].tobytes(), retrieval[i].tobytes(), self.ckpt.version, item.text or "")
             for i, item in enumerate(items)
@@ -66,6 +86,13 @@ class ItemHandler:
                 await release_parked(self.store, self.republish, item_id)
         return ids
 
+    def _text_encoder(self):
+        if self._encoder is None:
+            from models.item_tower import TextEncoder
+
+            self._encoder = TextEncoder(self.text_backbone)
+        return self._encoder
+
     def _vectors(self, items: list[Item]) -> np.ndarray:
         out = np.zeros((len(items), self.ckpt.codebook.cfg.dim), np.float32)
         need_text = [i for i, it in enumerate(items) if it.vector is None]
@@ -73,11 +100,7 @@ class ItemHandler:
             if it.vector is not None:
                 out[i] = it.vector
         if need_text:
-            if self._encoder is None:
-                from models.item_tower import TextEncoder
-
-                self._encoder = TextEncoder(self.text_backbone)
-            states = self._encoder.encode([items[i].text or "" for i in need_text])
+            states = self._text_encoder().encode([items[i].text or "" for i in need_text])
             with torch.inference_mode():
                 out[need_text] = self.ckpt.model.item_tower.item_vectors(torch.as_tensor(states)).numpy()
         return out

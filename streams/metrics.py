@@ -35,3 +35,18 @@ REFINE_BATCH = Histogram("mirstream_refine_batch_seconds", "time of one refiner 
 LAG = Gauge(
     "mirstream_consumer_lag", "high-water mark minus next offset to process", ["topic", "partition"], registry=REGISTRY
 )
+AGENT_ERRORS = Counter(
+    "mirstream_agent_errors_total",
+    "errors an agent met: transient ones it retried, poison users it isolated, fatal ones that stopped it",
+    ["agent", "reason"],
+    registry=REGISTRY,
+)
+QUARANTINED = Gauge(
+    "mirstream_quarantined_users", "users whose refinement failed, set aside until retried", registry=REGISTRY
+)
+LAST_PROGRESS = Gauge(
+    "mirstream_last_progress_timestamp_seconds",
+    "when an agent last finished a batch (unix time)",
+    ["agent"],
+    registry=REGISTRY,
+)

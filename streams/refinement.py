@@ -12,6 +12,7 @@ and a coarse state another checkpoint built is recomputed from the history for t
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,37 +22,44 @@ import numpy as np
 from models.codebook import ResidualCodebook
 from models.refiner import UserInput
 from models.user_model import Checkpoint
-from state.history import unpack
-from state.store import RefineRow, StreamStore
+from state.store import StreamStore
+from state.users import CorruptState, UserRow, decode_coarse, decode_history
 from streams import metrics
+from streams.retry import TRANSIENT
 from streams.settings import Settings
 from streams.switch import Codebooks, built_elsewhere, rebuild_user
 
+log = logging.getLogger(__name__)
+#: Errors a user's own stored data causes (it is quarantined), as opposed to the worker's.
+DATA_ERRORS = (CorruptState, LookupError)
 Emit = Callable[[str, dict], Awaitable[None]]
 
 
 def user_inputs(
-    ckpt: Checkpoint, rows: list[RefineRow], books: dict[str, ResidualCodebook] | None = None
+    ckpt: Checkpoint, rows: list[UserRow], books: dict[str, ResidualCodebook] | None = None
 ) -> list[UserInput]:
     """Redis rows → refiner inputs: coarse interests read from the state, history decoded, time-ordered.
-    ``books`` holds the codebooks of rows written by another checkpoint (see ``streams.switch``)."""
+    ``books`` holds the codebooks of rows written by another checkpoint (see ``streams.switch``).
+    Raises ``CorruptState`` / ``KeyError`` for a row that cannot be decoded."""
     model = ckpt.model.coarse
     books = {**(books or {}), ckpt.codebook_id: ckpt.codebook}
     states, histories = [], []
     for r in rows:
         book = books[r.codebook or ckpt.codebook_id]
+        decode_history(r.history, book.cfg.bytes_per_item)  # whole records, or CorruptState
         if built_elsewhere(ckpt, r.state_id):  # rebuild for this call
             state, history = rebuild_user(ckpt, book, r.history)
             states.append(state)
             histories.append(history)
         else:
-            states.append(np.frombuffer(r.coarse, dtype="<f8") if r.coarse else model.init_state())
+            state = decode_coarse(r.coarse, model.state_size)
+            states.append(model.init_state() if state is None else state)
             histories.append(r.history)
     coarse = model.read_many(np.stack(states)).numpy()
     code_bytes = ckpt.codebook.cfg.bytes_per_item
     out = []
     for history, c in zip(histories, coarse, strict=True):
-        rec = unpack(history, code_bytes)
+        rec = decode_history(history, code_bytes)
         order = np.lexsort((rec["scenario"], rec["ts"]))  # time order; scenario breaks ties
         rec = rec[order]
         items = (
@@ -68,6 +76,10 @@ def user_inputs(
 
 
 class Refresher:
+    """Refines dirty users in micro-batches.  A user whose refinement fails is *quarantined* (listed in
+    Redis with the reason, counted, left out of its dirty set) so it cannot stall or crash its
+    partition; it is tried again when a new event marks it dirty, or by ``mirstream quarantine --retry``."""
+
     def __init__(
         self, settings: Settings, ckpt: Checkpoint, store: StreamStore, codebooks: Codebooks, emit: Emit
     ) -> None:
@@ -79,9 +91,28 @@ class Refresher:
         self.scenarios = list(ckpt.model.cfg.scenarios)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refiner")
         self.last_refined: dict[str, float] = {}
+        self.failing_since: float | None = None  # monotonic time of the first failed tick in a row
 
     async def tick(self, partitions: list[int]) -> int:
-        """One micro-batch; returns how many users were refined."""
+        """One micro-batch; returns how many users were refined.  Never raises: a failure the tick cannot
+        pin on a user is counted and logged, and ``failing_since`` tells the health check."""
+        try:
+            n = await self._tick(partitions)
+        except TRANSIENT as exc:
+            metrics.AGENT_ERRORS.labels("refine", "transient").inc()
+            log.warning("refinement tick failed (%s: %s); users stay dirty", type(exc).__name__, exc)
+            self.failing_since = self.failing_since or time.monotonic()
+            return 0
+        except Exception as exc:
+            metrics.AGENT_ERRORS.labels("refine", type(exc).__name__).inc()
+            log.exception("refinement tick failed; users stay dirty")
+            self.failing_since = self.failing_since or time.monotonic()
+            return 0
+        self.failing_since = None
+        metrics.LAST_PROGRESS.labels("refine").set(time.time())
+        return n
+
+    async def _tick(self, partitions: list[int]) -> int:
         now = time.monotonic()
         debounce = self.settings.refine_debounce_ms / 1000
         picked: list[tuple[int, str]] = []
@@ -96,20 +127,29 @@ class Refresher:
             return 0
         users = [u for _, u in picked]
         rows = await self.store.read_for_refine(users)
-        books = {cb: await self.codebooks.get(cb) for cb in {r.codebook for r in rows.values()} if cb}
+        books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
         t0 = time.perf_counter()
-        vectors = await asyncio.get_running_loop().run_in_executor(
+        vectors, failed = await asyncio.get_running_loop().run_in_executor(
             self.executor, self._refine, [rows[u] for u in users], books
         )
         metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
+        refined = []
         for (p, user), vecs in zip(picked, vectors, strict=True):
             row = rows[user]
+            if vecs is not None and not np.isfinite(vecs).all():
+                failed[user] = "refined vectors hold NaN or infinite values"
+            if user in failed:
+                await self.store.quarantine(user, p, row.seq, failed[user])
+                await self.store.clear_dirty(p, user, row.seq)
+                log.error("quarantined user %s at seq %d: %s", user, row.seq, failed[user])
+                continue
             per_scenario = {s: vecs[i] for i, s in enumerate(self.scenarios)}
             written = await self.store.write_vectors(
                 user, row.seq, self.ckpt.version, row.last_ts, row.kts, per_scenario, self.settings.version_ttl_s
             )
             await self.store.clear_dirty(p, user, row.seq)
             self.last_refined[user] = time.monotonic()
+            refined.append(user)
             if written:
                 metrics.REFINEMENTS.inc()
                 if row.kts > 0:
@@ -125,8 +165,31 @@ class Refresher:
                         "vectors": {s: v.tolist() for s, v in per_scenario.items()},
                     },
                 )
+        await self.store.unquarantine(refined)
+        metrics.QUARANTINED.set(await self.store.quarantined_count())
         return len(picked)
 
-    def _refine(self, rows: list[RefineRow], books: dict[str, ResidualCodebook]) -> np.ndarray:
+    def _refine(
+        self, rows: list[UserRow], books: dict[str, ResidualCodebook]
+    ) -> tuple[list[np.ndarray | None], dict[str, str]]:
+        """Vectors per row; when the batch fails, each row alone, so a bad row fails only itself
+        (``failed``: user → reason).  Rows that all fail alone, none of them on its own stored data,
+        point at the worker, not the users: that is raised."""
+        try:
+            return list(self._vectors(rows, books)), {}
+        except Exception as batch_exc:
+            alone = [self._alone(row, books) for row in rows] if len(rows) > 1 else [(None, batch_exc)]
+            failed = {r.user: f"{type(e).__name__}: {e}" for r, (_, e) in zip(rows, alone, strict=True) if e}
+            if len(failed) == len(rows) and not any(isinstance(e, DATA_ERRORS) for _, e in alone):
+                raise
+            return [v for v, _ in alone], failed
+
+    def _alone(self, row: UserRow, books: dict[str, ResidualCodebook]) -> tuple[np.ndarray | None, Exception | None]:
+        try:
+            return self._vectors([row], books)[0], None
+        except Exception as exc:
+            return None, exc
+
+    def _vectors(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> np.ndarray:
         inputs = user_inputs(self.ckpt, rows, books)
         return self.ckpt.model.refine_users(inputs, list(range(len(self.scenarios))))

@@ -54,6 +54,8 @@ class Settings:
     refine: bool = True
     #: Unknown item: how long an event stays parked waiting for its item before it is dead-lettered.
     park_timeout_s: float = 60.0
+    #: ``/health`` fails when a partition with lag made no progress, or refinement kept failing, this long.
+    health_stall_s: float = 60.0
     #: Largest message accepted, bytes; larger ones go to the dead-letter topic.
     max_message_bytes: int = 65536
 

@@ -67,6 +67,17 @@ class Codebooks:
             log.info("loaded codebook %s to decode codes stored with it", codebook_id)
         return self._known[codebook_id]
 
+    async def loadable(self, codebook_ids: set[str]) -> dict[str, ResidualCodebook]:
+        """This worker's codebook and each of ``codebook_ids`` that was published (others are left out:
+        a user whose history names one cannot be applied, see ``streams.planner``)."""
+        out = {self.own_id: self.own}
+        for book_id in codebook_ids:
+            try:
+                out[book_id] = await self.get(book_id)
+            except UnknownCodebook:
+                continue
+        return out
+
     async def item_codes(self, items: list[str]) -> dict[str, bytes | None]:
         """Each item's codes in this worker's codebook; re-encodes (and stores) codes of another
         codebook when the item has none in ours yet.  None: the item is not known."""

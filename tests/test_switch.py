@@ -10,7 +10,7 @@ from pipeline_checks import item_records, retrained
 from models.data import load
 from models.user_model import Checkpoint
 from state.history import pack, unpack
-from state.store import RefineRow
+from state.users import UserRow
 from streams.refinement import user_inputs
 from streams.switch import rebuild_user
 
@@ -73,7 +73,9 @@ def test_refiner_inputs_of_a_state_another_checkpoint_built(pair, user_events):
     items, scenario, action, ts = user_events
     history = _history(old, items, scenario, action, ts)
     old_state = old.model.coarse.update(old.model.coarse.init_state(), items, scenario, action, ts)
-    row = RefineRow(len(ts), old_state.tobytes(), history, float(ts.max()), 0.0, old.codebook_id, old.state_id)
+    row = UserRow(
+        "u", 1, len(ts), old_state.tobytes(), old.codebook_id, old.state_id, 0, float(ts.max()), 0.0, history=history
+    )
     (got,) = user_inputs(new, [row], {old.codebook_id: old.codebook})
     state, rebuilt = rebuild_user(new, old.codebook, history)
     np.testing.assert_allclose(got.coarse, new.model.coarse.read(state), atol=1e-6)

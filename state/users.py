@@ -1,0 +1,189 @@
+"""A user's stored state: its field names, the row a worker reads, the update it writes, and the codecs.
+
+This module is the one place that knows how a user is laid out in Redis (``state.keys`` names the keys,
+``state.scripts`` holds the Lua that reads and writes them in the argument order defined here).  The
+agents in ``streams/`` see only ``UserRow`` and ``UserUpdate``.
+
+Concurrency: every write to a user's state hash bumps ``ver``, and every write is a compare-and-set on
+the ``ver`` (and the ``gen``) its writer read.  The read is one Lua call that returns the state and the
+history together, so a row is always one consistent snapshot.  A writer that lost a race gets a conflict,
+re-reads and re-plans: no stale plan can ever land.  The only field written outside that protocol is
+``refined_seq`` (by the refiner, max-only); no plan depends on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from state.history import record_dtype
+
+VERSION = "ver"  # bumped by every apply and parking mark: the compare-and-set token
+SEQ = "seq"  # events folded in so far
+COARSE = "coarse"  # the coarse-interest state, float64 bytes
+CODEBOOK = "cb"  # the codebook of the history's codes
+STATE_ID = "gen"  # the checkpoint state id (codebook + coarse weights) that built ``coarse``
+LAST_TS = "last_ts"  # newest event time folded in
+KTS = "kts"  # newest Kafka (producer) timestamp folded in: freshness is measured from it
+REFINED_SEQ = "refined_seq"  # seq of the newest vectors written
+#: Fields every read returns, in this order, before the requested per-batch fields.
+ROW_FIELDS = (VERSION, SEQ, COARSE, CODEBOOK, STATE_ID, REFINED_SEQ, LAST_TS, KTS)
+
+
+def watermark(topic: str, partition: int) -> str:
+    """Highest offset of (topic, partition) applied to this user: a redelivery at or below it is skipped."""
+    return f"w:{topic}:{partition}"
+
+
+def applied_mark(origin: str) -> str:
+    """Set once an event that was ever parked is applied (its other copy is then skipped)."""
+    return f"o:{origin}"
+
+
+def parked_mark(origin: str) -> str:
+    """Set before an event is parked: whichever of its two copies is applied must record it."""
+    return f"p:{origin}"
+
+
+class CorruptState(ValueError):
+    """Stored bytes of a user that cannot be decoded: the user's own data, never a worker bug."""
+
+
+@dataclass(frozen=True)
+class UserRow:
+    """One consistent snapshot of a user (state hash + history), as ``StreamStore.read_users`` returns it."""
+
+    user: str
+    version: int = 0
+    seq: int = 0
+    coarse: bytes | None = None
+    codebook: str | None = None  # None: no history yet
+    state_id: str | None = None  # None: no state yet (or one from before ``gen`` existed)
+    refined_seq: int = 0
+    last_ts: float = 0.0
+    kts: float = 0.0
+    watermarks: dict[str, int] = field(default_factory=dict)  # only the fields asked for
+    applied: frozenset[str] = frozenset()  # origins (of those asked for) with an applied mark
+    parked: frozenset[str] = frozenset()  # origins (of those asked for) with a parked mark
+    history: bytes = b""
+
+
+@dataclass(frozen=True)
+class UserUpdate:
+    """One atomic write of a user: applied only if ``ver`` and ``gen`` are still what the plan read."""
+
+    expected_version: int
+    expected_state_id: str | None
+    n_events: int
+    coarse: bytes | None  # None keeps the stored state
+    records: bytes  # history records to append
+    record_size: int
+    cap: int  # history records kept
+    history: bytes | None = None  # replaces the stored history before the append (a rebuild)
+    last_ts: float = 0.0  # max-merged in Redis
+    kts: float = 0.0  # max-merged in Redis
+    watermarks: dict[str, int] = field(default_factory=dict)  # max-merged in Redis
+    applied: tuple[str, ...] = ()  # origins to mark applied; their parked marks are dropped
+    state_id: str | None = None  # new ``gen`` + ``cb`` (a rebuild, or a user's first write)
+    codebook: str | None = None
+
+    def args(self) -> list:
+        """ARGV of ``state.scripts.APPLY_USER``, in its order."""
+        out: list = [
+            self.expected_version,
+            self.expected_state_id or "",
+            self.n_events,
+            "" if self.coarse is None else "1",
+            self.coarse or b"",
+            repr(float(self.last_ts)),
+            repr(float(self.kts)),
+            self.records,
+            self.record_size,
+            self.cap,
+            "" if self.history is None else "1",
+            self.history or b"",
+            self.state_id or "",
+            self.codebook or "",
+            len(self.watermarks),
+        ]
+        for name, offset in self.watermarks.items():
+            out += [name, offset]
+        for origin in self.applied:
+            out += [applied_mark(origin), parked_mark(origin)]
+        return out
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What an applied update left: the user's new seq and version, and the seq of its newest vectors."""
+
+    seq: int
+    version: int
+    refined_seq: int
+
+
+def read_args(watermarks: list[str], origins: list[str]) -> list[str]:
+    """ARGV of ``state.scripts.READ_USER``: the extra fields of this batch."""
+    return [*watermarks, *(applied_mark(o) for o in origins), *(parked_mark(o) for o in origins)]
+
+
+def parse_row(user: str, raw: list, watermarks: list[str], origins: list[str]) -> UserRow:
+    """``READ_USER``'s reply → a row."""
+    fixed, extra, history = raw[: len(ROW_FIELDS)], raw[len(ROW_FIELDS) : -1], raw[-1]
+    ver, seq, coarse, cb, gen, refined, last_ts, kts = fixed
+    n_w, n_o = len(watermarks), len(origins)
+    marks = {w: int(float(v)) for w, v in zip(watermarks, extra[:n_w], strict=True) if v is not None}
+    applied = frozenset(o for o, v in zip(origins, extra[n_w : n_w + n_o], strict=True) if v is not None)
+    parked = frozenset(o for o, v in zip(origins, extra[n_w + n_o :], strict=True) if v is not None)
+    return UserRow(
+        user,
+        int(ver or 0),
+        int(seq or 0),
+        coarse,
+        _text(cb),
+        _text(gen),
+        int(refined or 0),
+        float(last_ts or 0),
+        float(kts or 0),
+        marks,
+        applied,
+        parked,
+        history or b"",
+    )
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode()
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+def decode_coarse(raw: bytes | None, size: int) -> np.ndarray | None:
+    """The stored coarse state (None: no state yet); ``CorruptState`` when it is not ``size`` finite float64s."""
+    if raw is None or raw == b"":
+        return None
+    if len(raw) != 8 * size:
+        raise CorruptState(f"coarse state of {len(raw)} bytes, expected {8 * size}")
+    state = np.frombuffer(raw, dtype="<f8")
+    if not usable_coarse(state):
+        raise CorruptState("coarse state holds NaN or +infinite values")
+    return state
+
+
+def usable_coarse(state: np.ndarray) -> bool:
+    """No NaN, no +inf (a fresh state's running maxima start at -inf, which is fine)."""
+    return not (np.isnan(state).any() or np.isposinf(state).any())
+
+
+def encode_coarse(state: np.ndarray) -> bytes:
+    return np.ascontiguousarray(state, dtype="<f8").tobytes()
+
+
+def decode_history(raw: bytes, code_bytes: int) -> np.ndarray:
+    """History records (fields code, scenario, action, ts); ``CorruptState`` when the blob is not whole."""
+    size = record_dtype(code_bytes).itemsize
+    if len(raw) % size:
+        raise CorruptState(f"history of {len(raw)} bytes is not a whole number of {size}-byte records")
+    return np.frombuffer(raw, dtype=record_dtype(code_bytes))

@@ -1,0 +1,226 @@
+"""The apply step as a pure function: a batch's events + each user's stored row → the writes to make.
+
+No I/O here.  ``streams.ingest`` reads every user of a batch as one consistent snapshot (``UserRow``),
+calls ``plan``, and writes each ``UserPlan`` as compare-and-set steps on the user's version; a user
+whose version moved meanwhile is re-read and re-planned.  A plan is a function of one snapshot, so a
+race costs a retry and never a wrong write.
+
+Per user, in order:
+1. **dedup**: an event at or below its (topic, partition) watermark, or whose origin was already applied,
+   or repeated in the batch, is a duplicate;
+2. **poison check**: a stored state that cannot be decoded, a history in a codebook nobody published, or an
+   event this checkpoint cannot represent makes the user *poison*: its fresh events are dead-lettered with
+   the reason and nothing of it is written (the other users of the batch go on);
+3. **parking**: fresh events whose item is unknown are parked (marked in the user's state first);
+4. **rebuild**: a state another checkpoint built is rebuilt from its history (``streams.switch``);
+5. **fold**: the applied events of every user go through the coarse model in one batched call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.codebook import ResidualCodebook
+from models.user_model import Checkpoint
+from state.history import pack, record_dtype
+from state.users import (
+    CorruptState,
+    UserRow,
+    UserUpdate,
+    decode_coarse,
+    decode_history,
+    encode_coarse,
+    usable_coarse,
+    watermark,
+)
+from streams.events import Event
+from streams.switch import built_elsewhere, rebuild_user
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A parsed event with where it came from."""
+
+    event: Event
+    topic: str
+    partition: int
+    offset: int
+    kafka_ts: float  # producer time, seconds
+    origin: str  # "topic:partition:offset" of its first delivery
+    replayed: bool  # re-produced from a parking list
+
+    @property
+    def mark(self) -> str:
+        return watermark(self.topic, self.partition)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a plan needs of the worker: its checkpoint, the codebooks it could load, the history cap."""
+
+    ckpt: Checkpoint
+    books: Mapping[str, ResidualCodebook]  # every codebook the rows name that could be loaded
+    cap: int
+
+    @property
+    def record_size(self) -> int:
+        return record_dtype(self.ckpt.codebook.cfg.bytes_per_item).itemsize
+
+
+@dataclass
+class UserPlan:
+    user: str
+    duplicates: int = 0
+    poison: str | None = None  # why this user's fresh events are dead-lettered instead
+    dead: list[Accepted] = field(default_factory=list)  # fresh events to dead-letter (poison user)
+    mark: tuple[str, ...] = ()  # origins to mark parked (a versioned write) before parking
+    park: list[Accepted] = field(default_factory=list)  # events to park, once marked
+    applied: list[Accepted] = field(default_factory=list)  # events the update folds in
+    waiting: list[Accepted] = field(default_factory=list)  # fresh events whose item is unknown
+    update: UserUpdate | None = None
+    rebuilt: bool = False
+    remark_dirty: bool = False  # nothing fresh, but the user has events its vectors do not reflect yet
+
+
+def plan(
+    rows: Mapping[str, UserRow],
+    events: Mapping[str, list[Accepted]],
+    codes: Mapping[str, bytes | None],
+    ctx: PlanContext,
+    handled: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, UserPlan]:
+    """Each user's writes.  ``codes``: item → codes in this worker's codebook (None: unknown item);
+    ``handled``: origins this batch already parked or dead-lettered (a re-plan must not repeat them)."""
+    out: dict[str, UserPlan] = {}
+    starts: dict[str, np.ndarray] = {}  # user → coarse state the fold starts from
+    histories: dict[str, bytes] = {}  # user → replacement history (a rebuild)
+    for user, batch in events.items():
+        row = rows[user]
+        p = out[user] = UserPlan(user)
+        fresh = _fresh(row, batch)
+        p.duplicates = len(batch) - len(fresh)
+        if not fresh:
+            p.remark_dirty = row.seq > row.refined_seq  # a crash between apply and dirty-marking
+            continue
+        try:
+            start, history = _start(row, fresh, ctx)
+        except (CorruptState, LookupError) as exc:
+            p.poison, p.dead = f"user {user!r}: {exc}", [a for a in fresh if a.origin not in handled]
+            continue
+        starts[user] = start
+        if history is not None:
+            histories[user], p.rebuilt = history, True
+        p.waiting = [a for a in fresh if codes.get(a.event.item_id) is None]
+        p.applied = [a for a in fresh if codes.get(a.event.item_id) is not None]
+        p.park = [a for a in p.waiting if a.origin not in handled]
+        p.mark = tuple(a.origin for a in p.waiting if a.origin not in row.parked)
+    folded = _fold({u: (starts[u], out[u].applied) for u in starts}, codes, ctx)
+    for user, (state, records, last_ts) in folded.items():
+        p, row = out[user], rows[user]
+        if not usable_coarse(state):
+            p.poison = f"user {user!r}: these events would make the coarse state NaN or infinite"
+            p.dead = [a for a in p.applied + p.waiting if a.origin not in handled]
+            p.park, p.mark, p.applied, p.waiting = [], (), [], []
+            continue
+        p.update = _update(row, p, state, records, last_ts, histories.get(user), ctx, handled)
+    return out
+
+
+def _fresh(row: UserRow, batch: list[Accepted]) -> list[Accepted]:
+    """Events not applied yet, each once (a parked copy and its redelivered original can share a batch)."""
+    fresh, seen = [], set()
+    for a in batch:
+        if a.offset > row.watermarks.get(a.mark, -1) and a.origin not in row.applied and a.origin not in seen:
+            fresh.append(a)
+            seen.add(a.origin)
+    return fresh
+
+
+def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.ndarray, bytes | None]:
+    """The coarse state the fold starts from, and the rebuilt history when another checkpoint built the
+    stored one (None: keep it).  Raises ``CorruptState`` / ``LookupError`` for a user that cannot be applied."""
+    cfg = ctx.ckpt.model.cfg
+    for a in fresh:
+        if not (0 <= a.event.scenario < len(cfg.scenarios) and 0 <= a.event.action < len(cfg.actions)):
+            raise LookupError(f"event {a.event.event_id!r} has a scenario or action this checkpoint does not know")
+    coarse = ctx.ckpt.model.coarse
+    book_id = row.codebook or ctx.ckpt.codebook_id
+    if book_id not in ctx.books:
+        raise LookupError(f"its history is in codebook {book_id}, which was never published to this Redis")
+    history = decode_history(row.history, ctx.books[book_id].cfg.bytes_per_item)
+    if (row.seq or len(history)) and built_elsewhere(ctx.ckpt, row.state_id):
+        try:
+            state, rebuilt = rebuild_user(ctx.ckpt, ctx.books[book_id], row.history)
+        except ValueError as exc:
+            raise CorruptState(f"its history cannot be rebuilt: {exc}") from None
+        return state, rebuilt
+    state = decode_coarse(row.coarse, coarse.state_size)
+    return (coarse.init_state() if state is None else state.copy()), None
+
+
+def _fold(
+    users: dict[str, tuple[np.ndarray, list[Accepted]]], codes: Mapping[str, bytes | None], ctx: PlanContext
+) -> dict[str, tuple[np.ndarray, bytes, float]]:
+    """Per user (start state, applied events) → (new state, history records, newest event time):
+    every user's events through the coarse model in one call, each user's in (time, offset) order."""
+    if not users:
+        return {}
+    names = list(users)
+    ordered = [sorted(users[u][1], key=lambda a: (a.event.ts, a.offset)) for u in names]
+    flat = [a for applied in ordered for a in applied]
+    states = np.stack([users[u][0] for u in names])
+    code_bytes = ctx.ckpt.codebook.cfg.bytes_per_item
+    blob = b"".join(codes[a.event.item_id] for a in flat)  # type: ignore[misc]
+    scen = np.asarray([a.event.scenario for a in flat], dtype=np.int64)
+    act = np.asarray([a.event.action for a in flat], dtype=np.int64)
+    ts = np.asarray([a.event.ts for a in flat], dtype=np.float64)
+    if flat:
+        vecs = ctx.ckpt.codebook.from_bytes(blob, len(flat))
+        owner = np.repeat(np.arange(len(names)), [len(a) for a in ordered])
+        states = ctx.ckpt.model.coarse.update_many(states, vecs, scen, act, ts, owner)
+    raw = np.frombuffer(blob, dtype=np.uint8).reshape(len(flat), code_bytes)
+    out, start = {}, 0
+    for i, user in enumerate(names):
+        end = start + len(ordered[i])
+        records = pack(raw[start:end], scen[start:end], act[start:end], ts[start:end]) if end > start else b""
+        out[user] = (states[i], records, float(ts[start:end].max()) if end > start else 0.0)
+        start = end
+    return out
+
+
+def _update(
+    row: UserRow,
+    p: UserPlan,
+    state: np.ndarray,
+    records: bytes,
+    last_ts: float,
+    history: bytes | None,
+    ctx: PlanContext,
+    handled: frozenset[str] | set[str],
+) -> UserUpdate:
+    marks: dict[str, int] = {}
+    for a in p.applied + p.waiting:  # the watermark passes parked events too: their parked copy carries them on
+        marks[a.mark] = max(marks.get(a.mark, -1), a.offset)
+    ever_parked = set(row.parked) | set(p.mark) | set(handled)
+    applied = tuple(a.origin for a in p.applied if a.replayed or a.origin in ever_parked)
+    new_state = row.state_id != ctx.ckpt.state_id
+    changed = bool(p.applied) or history is not None
+    return UserUpdate(
+        expected_version=row.version + (1 if p.mark else 0),  # the parking mark bumps it first
+        expected_state_id=row.state_id,
+        n_events=len(p.applied),
+        coarse=encode_coarse(state) if changed else None,
+        records=records,
+        record_size=ctx.record_size,
+        cap=ctx.cap,
+        history=history,
+        last_ts=last_ts,
+        kts=max((a.kafka_ts for a in p.applied), default=0.0),
+        watermarks=marks,
+        applied=applied,
+        state_id=ctx.ckpt.state_id if new_state else None,
+        codebook=ctx.ckpt.codebook_id if new_state else None,
+    )

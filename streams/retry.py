@@ -1,0 +1,105 @@
+"""How an agent runs a batch so that Faust never acks one that was not applied.
+
+Faust's ``take_events`` acks a batch in a ``finally``: whatever leaves the agent's loop — an exception,
+a cancellation at shutdown — acks the events, and the next commit moves the group past them.  So a
+batch is run by ``run_batch``, which returns only once the batch is applied:
+
+- a **transient** error (a connection or timeout of Redis or Kafka, a retriable Kafka error, a cluster
+  fail-over) is retried with back-off, for as long as it lasts;
+- any other error is one the batch's own code could not pin on a user (those are dead-lettered or
+  quarantined inside the batch): the worker **exits at once** with ``EXIT_FATAL``, before the exception
+  can reach Faust, so no offset of the batch is committed and the partitions move to a healthy worker;
+- a cancellation (the worker stopping) waits for the batch to finish, up to ``FINISH_ON_STOP_S``, then
+  exits the same way if it has not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.exceptions as rx
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+
+from streams import metrics
+
+log = logging.getLogger("mirstream")
+T = TypeVar("T")
+
+EXIT_FATAL = 70  # EX_SOFTWARE
+FINISH_ON_STOP_S = 30.0
+
+#: Errors that go away by themselves: retried without limit.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    rx.ConnectionError,
+    rx.TimeoutError,
+    rx.ClusterDownError,
+    rx.TryAgainError,
+    rx.ReadOnlyError,  # a replica promoted mid-call
+    rx.SlotNotCoveredError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    ConnectionError,  # the builtin: refused, reset, aborted
+    asyncio.TimeoutError,
+)
+#: Connection errors that a retry does not fix.
+_NOT_TRANSIENT = (rx.AuthenticationError, rx.AuthorizationError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+
+
+def fatal(agent: str, exc: BaseException) -> None:
+    """Stops the process now, without Faust's clean shutdown (which would commit the acked batch)."""
+    metrics.AGENT_ERRORS.labels(agent, type(exc).__name__).inc()
+    log.critical(
+        "%s: unexpected %s: %s; stopping this worker without committing the batch (its partitions move to "
+        "another worker, which re-reads the batch)",
+        agent,
+        type(exc).__name__,
+        exc,
+        exc_info=exc,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FATAL)
+
+
+async def run_batch(agent: str, step: Callable[[], Awaitable[T]]) -> T:
+    """Runs ``step`` until it succeeds; see the module docstring.  ``step`` must be idempotent."""
+    task = asyncio.ensure_future(_retrying(agent, step))
+    try:
+        result = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        done, _ = await asyncio.wait([task], timeout=FINISH_ON_STOP_S)
+        if not done:
+            fatal(agent, TimeoutError(f"batch not finished {FINISH_ON_STOP_S:.0f}s after the stop request"))
+        raise
+    metrics.LAST_PROGRESS.labels(agent).set(time.time())
+    return result
+
+
+async def _retrying(agent: str, step: Callable[[], Awaitable[T]]) -> T:
+    delay = 0.1
+    while True:
+        try:
+            return await step()
+        except Exception as exc:
+            if not is_transient(exc):
+                fatal(agent, exc)
+            metrics.AGENT_ERRORS.labels(agent, "transient").inc()
+            log.warning("%s failed (%s: %s); retrying in %.1fs", agent, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,236 @@
+"""The apply step's planner against the in-memory reference of the Lua scripts: races, stale writers,
+parking and poison users, each ending in the state a serial order of the writes gives.  No services."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pipeline_checks import retrained
+
+from models.user_model import Checkpoint
+from state.history import record_dtype
+from state.memory import MemoryUsers
+from state.users import UserUpdate, decode_history, watermark
+from streams.events import Event
+from streams.planner import Accepted, PlanContext, UserPlan, plan
+
+TOPIC = "t.events.feed"
+CAP = 100
+
+
+@pytest.fixture(scope="module")
+def old(sim_checkpoint) -> Checkpoint:
+    return Checkpoint.load(sim_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def new(sim_checkpoint, tmp_path_factory) -> Checkpoint:
+    return retrained(str(sim_checkpoint), tmp_path_factory.mktemp("cb2"), "cb-2")
+
+
+def ev(
+    user: str,
+    item: int,
+    offset: int,
+    ts: float | None = None,
+    origin: str | None = None,
+    scenario: int = 0,
+    topic: str = TOPIC,
+) -> Accepted:
+    e = Event(f"e{offset}", user, str(item), scenario, 0, ts if ts is not None else 1.7e9 + offset, "", origin)
+    own = f"{topic}:0:{offset}"
+    return Accepted(e, topic, 0, offset, 1.7e9 + offset, origin or own, origin is not None)
+
+
+def codes_of(ckpt: Checkpoint, items: range | list[int]) -> dict[str, bytes]:
+    recs = ckpt.codebook.encode(ckpt.item_vectors[list(items)]).records()
+    return {str(i): recs[j].tobytes() for j, i in enumerate(items)}
+
+
+def ctx(ckpt: Checkpoint, *others: Checkpoint) -> PlanContext:
+    return PlanContext(ckpt, {c.codebook_id: c.codebook for c in (ckpt, *others)}, CAP)
+
+
+def read(mem: MemoryUsers, events: dict[str, list[Accepted]]):
+    return {u: mem.read(u, sorted({a.mark for a in b}), [a.origin for a in b]) for u, b in events.items()}
+
+
+def write(mem: MemoryUsers, rows, plans: dict[str, UserPlan]) -> set[str]:
+    """The ingest shell's writes for each plan (mark → park → apply); the users that conflicted."""
+    conflicts = set()
+    for u, p in plans.items():
+        if p.update is None:
+            continue
+        if p.mark and not mem.mark_parked(rows[u], p.mark):
+            conflicts.add(u)
+            continue
+        for a in p.park:
+            mem.park(a.event.item_id, a.origin.encode(), 1000)
+        if mem.apply(u, p.update) is None:
+            conflicts.add(u)
+    return conflicts
+
+
+def run(mem: MemoryUsers, events: dict[str, list[Accepted]], codes, c: PlanContext) -> dict[str, UserPlan]:
+    """Read → plan → write until no conflict, as ``streams.ingest`` does."""
+    handled: set[str] = set()
+    while True:
+        rows = read(mem, events)
+        plans = plan(rows, events, codes, c, handled)
+        for p in plans.values():
+            handled.update(a.origin for a in p.park + p.dead)
+        left = write(mem, rows, plans)
+        if not left:
+            return plans
+        events = {u: events[u] for u in left}
+
+
+def test_serial_apply_then_redelivery_changes_nothing(old):
+    mem, codes = MemoryUsers(), codes_of(old, range(10))
+    batch = {"u1": [ev("u1", i, i) for i in range(5)], "u2": [ev("u2", 7, 5)]}
+    run(mem, batch, codes, ctx(old))
+    before = (dict(mem.state["u1"]), mem.history["u1"])
+    plans = run(mem, batch, codes, ctx(old))
+    assert all(p.update is None and p.duplicates == len(batch[u]) for u, p in plans.items())
+    assert (mem.state["u1"], mem.history["u1"]) == before
+    assert mem.state["u1"]["seq"] == b"5"
+    assert int(mem.state["u1"]["ver"]) == 1 and mem.state["u1"][watermark(TOPIC, 0)] == b"4"
+
+
+def test_rebuild_race_ends_in_the_serial_state(old, new):
+    """Two agents of a new checkpoint meet the same old-checkpoint user: A reads, B rebuilds and applies,
+    then A writes: A's stale plan is refused, A re-reads and re-plans on B's state."""
+    codes_old, codes_new = codes_of(old, range(20)), codes_of(new, range(20))
+    mem = MemoryUsers()
+    run(mem, {"u": [ev("u", i, i) for i in range(6)]}, codes_old, ctx(old))
+    a_events = {"u": [ev("u", 10, 100)]}
+    b_events = {"u": [ev("u", 11, 0, ts=1.7e9 + 50, scenario=1, topic="t.events.search")]}
+    rows_a = read(mem, a_events)
+    plan_a = plan(rows_a, a_events, codes_new, ctx(new, old))
+    assert plan_a["u"].rebuilt
+    run(mem, b_events, codes_new, ctx(new, old))  # B lands in between
+    assert write(mem, rows_a, plan_a) == {"u"}  # A's plan was made on a state that no longer exists
+    run(mem, a_events, codes_new, ctx(new, old))
+
+    serial = MemoryUsers()
+    run(serial, {"u": [ev("u", i, i) for i in range(6)]}, codes_old, ctx(old))
+    run(serial, b_events, codes_new, ctx(new, old))
+    run(serial, a_events, codes_new, ctx(new, old))
+    assert mem.history == serial.history and mem.state == serial.state
+    rec = decode_history(mem.history["u"], new.codebook.cfg.bytes_per_item)
+    assert len(rec) == 8 and mem.state["u"]["gen"].decode() == new.state_id
+
+
+def test_zero_event_rebuild_then_stale_writer(old, new):
+    """The new worker parks every event of its batch (unknown item) and so rebuilds without applying
+    anything; a stale writer of the old checkpoint that read the user before must not append old-size
+    records to the re-encoded history."""
+    mem = MemoryUsers()
+    run(mem, {"u": [ev("u", i, i) for i in range(4)]}, codes_of(old, range(20)), ctx(old))
+    stale_events = {"u": [ev("u", 5, 10, scenario=1, topic="t.events.search")]}
+    stale_rows = read(mem, stale_events)
+    stale_plan = plan(stale_rows, stale_events, codes_of(old, range(20)), ctx(old))
+    seq_before = mem.state["u"]["seq"]
+    plans = run(mem, {"u": [ev("u", 999, 11)]}, {}, ctx(new, old))  # item 999 unknown: parked
+    assert plans["u"].rebuilt and plans["u"].update.n_events == 0 and plans["u"].park
+    assert mem.state["u"]["seq"] == seq_before and mem.state["u"]["gen"].decode() == new.state_id
+    assert write(mem, stale_rows, stale_plan) == {"u"}
+    size = record_dtype(new.codebook.cfg.bytes_per_item).itemsize
+    assert len(mem.history["u"]) == 4 * size
+    # Re-planned, the old worker rebuilds back into its own codebook first (a legal hand-back).
+    run(mem, stale_events, codes_of(old, range(20)), ctx(old, new))
+    assert len(decode_history(mem.history["u"], old.codebook.cfg.bytes_per_item)) == 5
+
+
+def test_watermarks_and_times_never_move_back(old):
+    mem, codes = MemoryUsers(), codes_of(old, range(10))
+    run(mem, {"u": [ev("u", 1, 10, ts=2e9)]}, codes, ctx(old))
+    h = mem.state["u"]
+    lower = UserUpdate(
+        int(h["ver"]),
+        h["gen"].decode(),
+        0,
+        None,
+        b"",
+        16,
+        CAP,
+        last_ts=1e9,
+        kts=1.0,
+        watermarks={watermark(TOPIC, 0): 3},
+    )
+    assert mem.apply("u", lower) is not None
+    assert h[watermark(TOPIC, 0)] == b"10" and float(h["last_ts"]) == 2e9 and float(h["kts"]) == 1.7e9 + 10
+
+
+def test_parked_event_is_applied_once_whichever_copy_comes_second(old):
+    mem = MemoryUsers()
+    first = {"u": [ev("u", 3, 7)]}
+    plans = run(mem, first, {}, ctx(old))  # item 3 unknown: marked, parked, watermark passes it
+    assert plans["u"].park and mem.state["u"][watermark(TOPIC, 0)] == b"7" and mem.state["u"]["seq"] == b"0"
+    codes = codes_of(old, [3])
+    copy = {"u": [ev("u", 3, 20, ts=1.7e9 + 7, origin=f"{TOPIC}:0:7")]}
+    run(mem, copy, codes, ctx(old))
+    assert mem.state["u"]["seq"] == b"1" and f"o:{TOPIC}:0:7" in mem.state["u"]
+    assert f"p:{TOPIC}:0:7" not in mem.state["u"]
+    assert run(mem, first, codes, ctx(old))["u"].update is None  # the original, redelivered
+    assert run(mem, copy, codes, ctx(old))["u"].update is None  # the copy, released twice
+    assert mem.state["u"]["seq"] == b"1"
+
+
+def test_copy_and_original_in_one_batch_apply_once(old):
+    mem = MemoryUsers()
+    run(mem, {"u": [ev("u", 3, 7)]}, {}, ctx(old))
+    mem.state["u"][watermark(TOPIC, 0)] = b"6"  # as if the watermark write was lost in a crash
+    both = {"u": [ev("u", 3, 7), ev("u", 3, 20, ts=1.7e9 + 7, origin=f"{TOPIC}:0:7")]}
+    plans = run(mem, both, codes_of(old, [3]), ctx(old))
+    assert plans["u"].update.n_events == 1 and plans["u"].duplicates == 1 and mem.state["u"]["seq"] == b"1"
+
+
+@pytest.mark.parametrize("poison", ["short history", "unknown codebook", "nan state", "scenario"])
+def test_a_poison_user_is_isolated_and_the_rest_applied(old, poison):
+    mem, codes = MemoryUsers(), codes_of(old, range(10))
+    run(mem, {"bad": [ev("bad", 1, 1)], "good": [ev("good", 1, 2)]}, codes, ctx(old))
+    bad_events = [ev("bad", 2, 3)]
+    if poison == "short history":
+        mem.history["bad"] = b"x" * 17
+    elif poison == "unknown codebook":
+        mem.state["bad"]["cb"] = b"never-published"
+    elif poison == "nan state":
+        mem.state["bad"]["coarse"] = np.full(len(mem.state["bad"]["coarse"]) // 8, np.nan).tobytes()
+    else:
+        bad_events = [ev("bad", 2, 3, scenario=99)]
+    before = dict(mem.state["bad"]), mem.history.get("bad")
+    plans = run(mem, {"bad": bad_events, "good": [ev("good", 2, 4)]}, codes, ctx(old))
+    assert plans["bad"].poison and "bad" in plans["bad"].poison and plans["bad"].dead == bad_events
+    assert plans["bad"].update is None and (mem.state["bad"], mem.history.get("bad")) == before
+    assert plans["good"].update is not None and mem.state["good"]["seq"] == b"2"
+
+
+def test_events_that_would_make_the_state_nan_are_dead_lettered(old):
+    mem, codes = MemoryUsers(), codes_of(old, range(10))
+    run(mem, {"u": [ev("u", 1, 1)]}, codes, ctx(old))
+    before = dict(mem.state["u"])
+    plans = run(mem, {"u": [ev("u", 2, 2, ts=1e300)], "v": [ev("v", 1, 3)]}, codes, ctx(old))
+    assert plans["u"].poison and "NaN" in plans["u"].poison and mem.state["u"] == before
+    assert mem.state["v"]["seq"] == b"1"
+
+
+def test_two_releases_of_one_item_lose_nothing():
+    """Release 1 reads [a, b]; an event c is parked; release 2 reads [a, b, c]; both remove what they
+    re-produced, by value: c is re-produced by release 2 and nothing is left behind or lost."""
+    mem = MemoryUsers()
+    for body in (b"a", b"b"):
+        mem.park("i", body, 10)
+    first = list(mem.parked_lists["i"])
+    mem.park("i", b"c", 10)
+    second = list(mem.parked_lists["i"])
+    assert mem.unpark("i", first) == 2 and mem.parked_lists["i"] == [b"c"]
+    assert mem.unpark("i", second) == 1 and "i" not in mem.parked_lists
+    # Only release 1 ran: c stays parked for the next release.
+    for body in (b"a", b"b"):
+        mem.park("j", body, 10)
+    first = list(mem.parked_lists["j"])
+    mem.park("j", b"c", 10)
+    mem.unpark("j", first)
+    assert mem.parked_lists["j"] == [b"c"]
+    assert not mem.park("j", b"d", 1)  # the bound holds in the same step as the push
