@@ -5,10 +5,12 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 
 | key                              | type   | holds                                                       | size          |
 |----------------------------------|--------|-------------------------------------------------------------|---------------|
-| ``<p>:{u:<id>}:s``               | hash   | ``coarse`` state (float64 bytes), ``seq`` (events applied), | ~2.2 KB       |
+| ``<p>:{u:<id>}:s``               | hash   | fields named in ``state.users``: ``ver`` (bumped by every   | ~3.2 KB       |
+|                                  |        | write), ``coarse`` (float64 bytes), ``seq`` (applied),      |               |
 |                                  |        | ``last_ts``, ``refined_seq``, ``w:<topic>:<partition>``     |               |
 |                                  |        | (highest applied offset: the idempotency watermark),        |               |
-|                                  |        | ``cb`` (codebook of the history), ``gen`` (state id)        |               |
+|                                  |        | ``cb`` (codebook of the history), ``gen`` (state id),       |               |
+|                                  |        | ``o:``/``p:<origin>`` (parked events applied / parked)      |               |
 | ``<p>:{u:<id>}:h``               | string | recent history, fixed-size records (codes, α, scenario,     | cap × 16 B    |
 |                                  |        | action, ts), trimmed to the history cap                     |               |
 | ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float32), ``version``, ``seq``,     | S × K × d × 4 |
@@ -21,7 +23,7 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:items``                    | set    | every known item id (the search index is built from it)     |               |
 | ``<p>:parked``                   | zset   | item id → time its first event was parked                   |               |
 | ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → their ``seq``    |               |
-| ``<p>:quarantine``                | hash   | user → JSON {seq, reason, at}: refinement failed on its data |               |
+| ``<p>:quarantine``               | hash   | user → JSON {partition, seq, reason, at}: refinement failed |               |
 | ``<p>:codebook:<id>``            | string | a codebook any worker can load to decode codes of that id   | ~1.8 MB       |
 | ``<p>:codebook:<id>:recoded``    | string | set once every item has a code of that codebook             |               |
 | ``<p>:smoke:<key>``              | string | ``mirstream smoke`` only: a message copied by the agent     | ~0.1 KB       |

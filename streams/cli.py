@@ -127,6 +127,30 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from state.store import StreamStore, connect_async
+
+    settings = _settings(args)
+
+    async def run() -> int:
+        store = StreamStore(connect_async(settings.redis_url), settings.prefix)
+        try:
+            entries = await store.quarantined()
+            for user, entry in sorted(entries.items()):
+                print(f"{user}\tseq {entry['seq']}\tpartition {entry['partition']}\t{entry['reason']}")
+            if args.retry:
+                print(f"marked {await store.retry_quarantined()} users dirty again", file=sys.stderr)
+            return len(entries)
+        finally:
+            await store.r.aclose()
+
+    n = asyncio.run(run())
+    print(f"{n} quarantined users", file=sys.stderr)
+    return 0
+
+
 def cmd_lookup(args: argparse.Namespace) -> int:
     import orjson
 
@@ -242,9 +266,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    # Without a checkpoint the headline protocol runs (it trains every method on the pre-cut data itself).
+    protocol = args.protocol or ("leave-last" if args.checkpoint else "temporal")
+    if protocol == "temporal":
+        from models.temporal_run import MODELS, run_temporal
+
+        models = tuple(args.models) if args.models else ("full", "hybrid", "hybrid_k1")
+        unknown = [m for m in models if m not in MODELS]
+        if unknown:
+            print(f"unknown model(s) {unknown}: choose from {sorted(MODELS)}", file=sys.stderr)
+            return 2
+        run_temporal(
+            dataset=args.dataset or "ml-100k",
+            seeds=tuple(args.seeds),
+            models=models,
+            steps_grid=tuple(args.steps),
+            out=args.out or "runs/temporal",
+            threads=args.threads,
+        )
+        return 0
     from models.evaluate import run_evaluate
 
-    run_evaluate(args.checkpoint, variants=args.variants, progress=True)
+    run_evaluate(args.checkpoint or "runs/demo", variants=args.variants, progress=True)
     return 0
 
 
@@ -292,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="print whole vectors")
     p.add_argument("--model-version", help="the vectors one model version wrote (default: the latest)")
     p.set_defaults(func=cmd_lookup)
+
+    p = sub.add_parser("quarantine", help="users whose refinement failed on their data, with the reason")
+    _add_connection_flags(p)
+    p.add_argument("--retry", action="store_true", help="mark them dirty again (after the data was fixed)")
+    p.set_defaults(func=cmd_quarantine)
 
     p = sub.add_parser(
         "recode", help="after a codebook change: give every stored item a code of this checkpoint's codebook"
@@ -353,8 +401,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="the checkpoint vs baselines and ablations on one time split")
-    p.add_argument("checkpoint", nargs="?", default="runs/demo")
+    p = sub.add_parser(
+        "evaluate",
+        help="quality against baselines: --protocol temporal (global time split, trains every method itself) "
+        "or leave-last (the checkpoint, last W events per user held out)",
+    )
+    p.add_argument("checkpoint", nargs="?", help="leave-last protocol: the checkpoint to score")
+    p.add_argument(
+        "--protocol",
+        choices=["temporal", "leave-last"],
+        help="temporal (default without a checkpoint): train before the 0.9 time quantile, choose on the 0.8 "
+        "cut, score what comes after; leave-last (default with one): the checkpoint's last-W-out split",
+    )
+    p.add_argument("--dataset", help="temporal: ml-100k (default) or sim")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="temporal: seeds of the test runs")
+    p.add_argument("--models", nargs="*", help="temporal: user models (default: full hybrid hybrid_k1)")
+    p.add_argument("--steps", type=int, nargs="*", default=[300], help="temporal: steps grid chosen on validation")
+    p.add_argument("--threads", type=int, default=2, help="temporal: torch threads")
+    p.add_argument("--out", help="temporal: folder for temporal.json / temporal.md (default runs/temporal)")
     p.add_argument(
         "--variants",
         nargs="*",

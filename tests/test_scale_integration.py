@@ -202,3 +202,67 @@ def test_codebook_switch_rollout(pipeline_settings, ds, tmp_path):
         fields = r.hkeys(keys.item(item.decode()))
         assert {Keys.item_code(old.codebook_id).encode(), Keys.item_code(new.codebook_id).encode()} <= set(fields)
     assert r.exists(keys.codebook_recoded(new.codebook_id))
+
+
+def _applied(settings, users: list[str]) -> int:
+    return sum(s or 0 for s in InterestReader(settings.redis_url, settings.prefix).seqs(users, applied=True))
+
+
+def test_codebook_switch_with_overlapping_workers(pipeline_settings, ds, tmp_path):
+    """A worker of a new codebook joins while the old one is busy with a running stream (a rebalance in
+    the middle of batches, both workers writing), then the old one leaves mid-stream.  Whatever order the
+    two wrote in, every user ends with each event applied once and a history that decodes whole with the
+    codebook its state names."""
+    settings = pipeline_settings.with_(park_timeout_s=120.0)
+    old = Checkpoint.load(settings.checkpoint)
+    new = retrained(settings.checkpoint, tmp_path / "checkpoint-cb2", "cb-2")
+    books = {old.codebook_id: old.codebook, new.codebook_id: new.codebook}
+    states = {(old.codebook_id, old.state_id), (new.codebook_id, new.state_id)}
+    p = plan(ds, max_users=USERS)
+    users = sorted(expected_seq(ds, p.events))
+    first, middle, last = np.array_split(p.events, [len(p.events) // 3, 5 * len(p.events) // 6])
+    ensure_topics(settings)
+    send_items(settings, ds, p.items, progress=False)
+    a = WorkerProcess(settings, log=tmp_path / "old.log").start()
+    b_settings = settings.with_(
+        checkpoint=str(tmp_path / "checkpoint-cb2"), web_port=settings.web_port + 1, datadir=str(tmp_path / "fb")
+    )
+    b = WorkerProcess(b_settings, log=tmp_path / "new.log")
+    try:
+        send_events(settings, ds, first, progress=False)
+        assert wait_for_vectors(settings, expected_seq(ds, first), timeout=120, progress=False) == {}
+        # The middle third flows for 40 s: the new worker starts, joins and takes partitions while it does.
+        rate = len(middle) / 40
+        sender = threading.Thread(
+            target=send_events, args=(settings, ds, middle), kwargs={"rate": rate, "progress": False}
+        )
+        sender.start()
+        b.start()  # joins mid-stream: both workers run through the rebalance
+        joined_at = _applied(settings, users)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "rebuilt user" not in b.log_text():
+            time.sleep(0.05)
+        a.stop()  # leaves mid-stream
+        left_at = _applied(settings, users)
+        sender.join()
+        send_events(settings, ds, last, progress=False)
+        expected = expected_seq(ds, p.events)
+        assert wait_for_vectors(settings, expected, timeout=180, progress=False) == {}
+        logs = a.log_text() + b.log_text()
+    finally:
+        b.stop()
+        a.stop()
+    assert len(first) < joined_at <= left_at < len(p.events) - len(last), (joined_at, left_at)
+    assert "Traceback" not in logs and "rebuilt user" in logs
+    r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    for user, n in expected.items():
+        state = r.hgetall(keys.user_state(user))
+        assert int(state[b"seq"]) == n, f"user {user}: {int(state[b'seq'])} applied of {n}"
+        assert (state[b"cb"].decode(), state[b"gen"].decode()) in states
+        rec = unpack(r.get(keys.user_history(user)), books[state[b"cb"].decode()].cfg.bytes_per_item)
+        sl = ds.user_slice(int(np.flatnonzero(ds.user_ids.astype(str) == user)[0]))
+        assert sorted(zip(rec["ts"], rec["scenario"], strict=True)) == sorted(
+            zip(ds.ts[sl], ds.scenario[sl], strict=True)
+        )
+        assert reader.interests(user).seq == n

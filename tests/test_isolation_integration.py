@@ -1,0 +1,166 @@
+"""Failure isolation against a real worker, Kafka and Redis: a poison user in a batch with innocent users,
+a poison dirty user, and an error the worker cannot pin on a user (it must stop without committing)."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import orjson
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
+from pipeline_checks import lagging
+
+from models.data import load
+from state.keys import Keys
+from state.store import InterestReader
+from streams.replay import send_items, wait_for_vectors
+from streams.topics import ensure_topics
+from streams.workerproc import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load("sim")
+
+
+def _event(user: str, n: int, item: str) -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": f"{user}-{n}",
+            "user_id": user,
+            "item_id": item,
+            "scenario": "feed",
+            "action": "click",
+            "ts": 1.7e9 + n,
+        }
+    )
+
+
+def _send(settings, events: list[tuple[str, int]], item: str) -> None:
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    for user, n in events:
+        producer.send(settings.events_topic("feed"), key=user.encode(), value=_event(user, n, item), partition=0)
+    producer.flush()
+    producer.close()
+
+
+def _page(settings, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}{path}") as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _deadletters(settings, n: int) -> list[dict]:
+    consumer = KafkaConsumer(
+        settings.deadletter_topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=30_000,
+    )
+    out = []
+    for msg in consumer:
+        out.append(orjson.loads(msg.value))
+        if len(out) >= n:
+            break
+    consumer.close()
+    return out
+
+
+def test_poison_user_in_a_batch_is_dead_lettered_and_the_others_applied_once(pipeline_settings, ds, tmp_path):
+    settings = pipeline_settings
+    ensure_topics(settings)
+    r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
+    item = str(ds.item_ids[1])
+    with WorkerProcess(settings, log=tmp_path / "worker.log") as w:
+        send_items(settings, ds, np.array([1]), progress=False)
+        _send(settings, [("a", 1), ("bad", 1), ("c", 1)], item)
+        assert wait_for_vectors(settings, {"a": 1, "bad": 1, "c": 1}, timeout=60, progress=False) == {}
+        r.set(keys.user_history("bad"), b"x" * 17)  # its stored history no longer decodes
+        _send(settings, [("a", 2), ("bad", 2), ("c", 2)], item)  # one batch, one poison user in it
+        letters = _deadletters(settings, 1)
+        assert wait_for_vectors(settings, {"a": 2, "c": 2}, timeout=60, progress=False) == {}
+        assert lagging(settings) == {}
+        metrics = _page(settings, "/metrics")[1].decode()
+        assert w.proc.poll() is None, "the worker must keep running"
+    assert len(letters) == 1 and letters[0]["key"] == "bad" and "history of 17 bytes" in letters[0]["reason"]
+    assert 'mirstream_agent_errors_total{agent="ingest",reason="poison_user"} 1.0' in metrics
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    assert reader.seqs(["a", "bad", "c"], applied=True) == [2, 1, 2]  # innocent ones once, the poison one not
+
+
+def test_poison_dirty_user_is_quarantined_and_retried_after_a_fix(pipeline_settings, ds, tmp_path):
+    settings = pipeline_settings
+    ensure_topics(settings)
+    r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
+    item = str(ds.item_ids[1])
+    with WorkerProcess(settings, log=tmp_path / "worker.log") as w:
+        send_items(settings, ds, np.array([1]), progress=False)
+        _send(settings, [("a", 1), ("bad", 1)], item)
+        assert wait_for_vectors(settings, {"a": 1, "bad": 1}, timeout=60, progress=False) == {}
+        # A dirty user whose history no longer decodes (written by hand, as a broken tool would).
+        r.set(keys.user_history("bad"), b"x" * 17)
+        r.hset(keys.user_state("bad"), "seq", 2)
+        r.zadd(keys.dirty(0), {"bad": 2})
+        _send(settings, [("a", 2)], item)
+        assert wait_for_vectors(settings, {"a": 2}, timeout=60, progress=False) == {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not r.hexists(keys.quarantine, "bad"):
+            time.sleep(0.2)
+        listed = orjson.loads(_page(settings, "/quarantine")[1])
+        status, health = _page(settings, "/health")
+        time.sleep(5.5)  # the gauge is refreshed by the next tick
+        metrics = _page(settings, "/metrics")[1].decode()
+        assert w.proc.poll() is None, "the worker must keep running"
+        assert "history of 17 bytes" in listed["bad"]["reason"] and listed["bad"]["seq"] == 2
+        assert status == 200 and orjson.loads(health)["quarantined_users"] == 1
+        assert "mirstream_quarantined_users 1.0" in metrics
+        # The fix: the broken history is removed; a retry refines the user and clears the quarantine.
+        r.delete(keys.user_history("bad"))
+        _send(settings, [("bad", 3)], item)
+        assert wait_for_vectors(settings, {"bad": 3}, timeout=60, progress=False) == {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and r.hexists(keys.quarantine, "bad"):
+            time.sleep(0.2)
+        assert not r.hexists(keys.quarantine, "bad")
+
+
+def test_unattributable_error_stops_the_worker_without_committing(pipeline_settings, ds, tmp_path):
+    """A user key of the wrong type (another program wrote it) fails the batch's read for everyone: the
+    worker exits non-zero at once, the batch's offsets stay uncommitted, and once the key is fixed a new
+    worker applies every event exactly once."""
+    settings = pipeline_settings
+    ensure_topics(settings)
+    r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
+    item = str(ds.item_ids[1])
+    worker = WorkerProcess(settings, log=tmp_path / "worker.log").start()
+    try:
+        send_items(settings, ds, np.array([1]), progress=False)
+        _send(settings, [("a", 1)], item)
+        assert wait_for_vectors(settings, {"a": 1}, timeout=60, progress=False) == {}
+        assert lagging(settings, timeout=30) == {}
+        r.set(keys.user_state("clobbered"), "not a hash")
+        _send(settings, [("a", 2), ("clobbered", 1)], item)
+        assert worker.proc.wait(timeout=60) == 70
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    assert "stopping this worker without committing" in log
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    tp = TopicPartition(settings.events_topic("feed"), 0)
+    committed = admin.list_group_offsets({settings.app_id: [tp]})[settings.app_id][tp].offset
+    admin.close()
+    assert committed == 1, f"committed {committed}: past the failed batch (events at offsets 1, 2)"
+    r.delete(keys.user_state("clobbered"))
+    with WorkerProcess(settings, log=tmp_path / "worker2.log"):
+        assert wait_for_vectors(settings, {"a": 2, "clobbered": 1}, timeout=60, progress=False) == {}
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    assert reader.seqs(["a", "clobbered"], applied=True) == [2, 1]
