@@ -25,6 +25,12 @@ class Sample:
     cut: int
     targets: np.ndarray  # item indices
     ask: int  # scenario whose interests are asked for
+    #: When the prediction is made (the item trend is read from events before it); None: the time of the
+    #: last history event.
+    at: float | None = None
+
+    def time(self, ds: Dataset) -> float:
+        return float(self.at) if self.at is not None else float(ds.ts[self.cut - 1])
 
 
 def eval_samples(ds: Dataset, window: int) -> list[Sample]:
@@ -64,6 +70,44 @@ def train_samples(
             if len(future):
                 out.append(Sample(u, start, cut, ds.item[future], s))
                 break
+    return out
+
+
+def global_train_samples(
+    ds: Dataset,
+    limit: np.ndarray,
+    rng: np.random.Generator,
+    window: int,
+    cuts: int = 20,
+    horizon_days: float = 21.0,
+    min_history: int = 3,
+) -> list[Sample]:
+    """Samples that predict across a gap, the way the temporal protocol scores: ``cuts`` random global times
+    t* among the training events; for each, every user with ``min_history`` events before t* and unseen
+    items in ``[t*, t* + horizon)`` (and before the user's ``limit``) gives one sample: history = events
+    before t*, targets = up to ``window`` of those items drawn at random, ``at`` = t*."""
+    out: list[Sample] = []
+    train_ts = np.concatenate([ds.ts[ds.offsets[u] : limit[u]] for u in range(ds.n_users)])
+    if len(train_ts) == 0:
+        return out
+    lo = np.quantile(train_ts, 0.05)
+    horizon = horizon_days * 86400.0
+    for t in rng.choice(train_ts[train_ts > lo], cuts):
+        for u in range(ds.n_users):
+            start, stop = int(ds.offsets[u]), int(limit[u])
+            ts = ds.ts[start:stop]
+            cut = start + int(np.searchsorted(ts, t, side="left"))
+            if cut - start < min_history:
+                continue
+            seen = set(ds.item[start:cut].tolist())
+            ahead = np.flatnonzero(ds.ts[cut:stop] < t + horizon) + cut
+            for s in rng.permutation(len(ds.scenarios)):
+                idx = ahead[ds.scenario[ahead] == s]
+                items = list(dict.fromkeys(int(i) for i in ds.item[idx] if int(i) not in seen))
+                if items:
+                    pick = rng.permutation(len(items))[:window]
+                    out.append(Sample(u, start, cut, np.asarray(items)[np.sort(pick)], int(s), float(t)))
+                    break
     return out
 
 

@@ -25,9 +25,13 @@ class ProjectionHead(nn.Module):
         self.mlp = nn.Sequential(nn.GELU(), nn.Linear(d_out, d_out), nn.Dropout(dropout))
         self.norm = nn.LayerNorm(d_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head before the final L2 normalisation (where item-ID embeddings are added)."""
         h = self.inp(x)
-        return F.normalize(self.norm(h + self.mlp(h)), dim=-1)
+        return self.norm(h + self.mlp(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.features(x), dim=-1)
 
 
 class ItemTower(nn.Module):

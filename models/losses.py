@@ -86,6 +86,10 @@ class DMILLoss(nn.Module):
         self.served_weight = served_weight
         self.dmil_weight = dmil_weight
 
+    def scale(self) -> torch.Tensor:
+        """The (capped) learned logit scale: training logits are ``scale`` × the served inner product."""
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
     def forward(
         self,
         interests: torch.Tensor,
@@ -95,9 +99,16 @@ class DMILLoss(nn.Module):
         negatives: torch.Tensor,
         negative_ids: torch.Tensor,
         item_log_prior: torch.Tensor | None = None,
+        trend: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """interests (B, K, d), targets (B, W, d), target_ids/valid (B, W), negatives (S, d) → scalar loss.
-        ``item_log_prior`` (n_items,): log popularity of each item among training targets (logQ)."""
+        ``item_log_prior`` (n_items,): log popularity of each item among training targets (logQ).
+        ``trend`` (B, n_items): each row's item trend coordinate at that row's time; the interests then
+        carry one more column, the weight of that coordinate, and a candidate's score is
+        ``u · c + w · trend[c]`` (the inner product of the served (d+1)-vectors)."""
+        weight = None
+        if trend is not None:
+            interests, weight = interests[..., :-1], interests[..., -1]
         _b, _w, _d = targets.shape
         match = match_targets(interests.detach().float().numpy(), targets.detach().float().numpy(), valid.numpy())
         rows, cols = np.nonzero(match >= 0)
@@ -109,8 +120,12 @@ class DMILLoss(nn.Module):
         cand = torch.cat([pos, negatives], 0)
         cand_ids = torch.cat([target_ids[rows, cols], negative_ids])
         cand_user = torch.cat([torch.as_tensor(rows), torch.full((len(negatives),), -1)])
-        scale = self.logit_scale.clamp(max=self.max_log_scale).exp()
-        logits = scale * user_vec @ cand.T  # (P, P + S)
+        scale = self.scale()
+        inner = user_vec @ cand.T  # (P, P + S)
+        cand_trend = trend[rows][:, cand_ids] if trend is not None else None  # (P, P + S)
+        if weight is not None:
+            inner = inner + weight[rows, match[rows, cols]][:, None] * cand_trend
+        logits = scale * inner
         p = len(rows)
         with torch.no_grad():
             same_user = cand_user[None, :] == torch.as_tensor(rows)[:, None]  # other targets of the same user
@@ -123,7 +138,10 @@ class DMILLoss(nn.Module):
                 offset = torch.log(p * prior[cand_ids] + len(negatives) / len(prior))
         loss = self.dmil_weight * F.cross_entropy((logits - offset).masked_fill(mask, float("-inf")), torch.arange(p))
         if self.served_weight > 0:
-            served = scale * torch.einsum("pkd,cd->pkc", interests[rows], cand).amax(dim=1)
+            each = torch.einsum("pkd,cd->pkc", interests[rows], cand)
+            if weight is not None:
+                each = each + weight[rows][:, :, None] * cand_trend[:, None, :]
+            served = scale * each.amax(dim=1)
             served = (served - offset).masked_fill(mask, float("-inf"))
             loss = loss + self.served_weight * F.cross_entropy(served, torch.arange(p))
         return loss

@@ -56,6 +56,8 @@ class RefinerConfig:
     layers: int = 2
     heads: int = 4
     intermediate: int = 256
+    #: One more output per interest: the weight of the item-side trend coordinate (``models.temporal``).
+    trend: bool = False
 
 
 @dataclass
@@ -138,6 +140,7 @@ class Refiner(nn.Module):
         self.queries = nn.Parameter(torch.randn(query_sets, cfg.interests, h) * 0.02)
         self.out = nn.Linear(h, cfg.item_dim)
         self.head = head  # shared with the item tower's retrieval head
+        self.trend_out = nn.Linear(h, 1) if cfg.trend else None
 
     # ---------------------------------------------------------------- tensors in, vectors out
     def forward(
@@ -157,7 +160,14 @@ class Refiner(nn.Module):
         attn = torch.cat([attn, torch.ones(mask.shape[0], k, dtype=torch.bool, device=mask.device)], 1)
         positions = (torch.cumsum(attn.long(), 1) - 1).clamp(min=0)
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=attn.long(), position_ids=positions)
-        return self.head(self.out(hidden.last_hidden_state[:, -k:]))
+        return self._outputs(hidden.last_hidden_state[:, -k:])
+
+    def _outputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., K, h) query states → (..., K, d) unit vectors, with the raw trend weight appended when on."""
+        vectors = self.head(self.out(hidden))
+        if self.trend_out is None:
+            return vectors
+        return torch.cat([vectors, self.trend_out(hidden)], -1)
 
     def _prefix(
         self,
@@ -193,7 +203,8 @@ class Refiner(nn.Module):
         """
         n_s, k = len(scenarios), self.cfg.interests
         if not users:
-            return np.zeros((0, n_s, k, self.head.norm.normalized_shape[0]), np.float32)
+            width = self.head.norm.normalized_shape[0] + (self.trend_out is not None)
+            return np.zeros((0, n_s, k, width), np.float32)
         t = collate(self.cfg, users, [(i, scenarios[0]) for i in range(len(users))])
         embeds, attn = self._prefix(t["coarse"], t["items"], t["scenario"], t["action"], t["gap"], t["mask"])
         positions = (torch.cumsum(attn.long(), 1) - 1).clamp(min=0)
@@ -216,5 +227,5 @@ class Refiner(nn.Module):
             past_key_values=cache,
             use_cache=True,
         )
-        out = self.head(self.out(hidden.last_hidden_state))
+        out = self._outputs(hidden.last_hidden_state)
         return out.reshape(len(users), n_s, k, -1).float().numpy()

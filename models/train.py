@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.backbone import models_home
-from models.batches import eval_samples, make_batch, train_limits, train_samples
+from models.batches import eval_samples, global_train_samples, make_batch, train_limits, train_samples
 from models.coarse import CoarseConfig
 from models.codebook import CodebookConfig, ResidualCodebook
 from models.data import Dataset, load
@@ -65,6 +65,15 @@ class TrainConfig:
     dmil_weight: float = 1.0
     #: Sampled-softmax popularity correction of the candidates' logits (``models.losses``).
     log_q: bool = True
+    #: Learned item-ID embeddings next to the content vector (items seen in training; cold items: content).
+    id_embeddings: bool = False
+    #: A learned per-interest weight on the item trend coordinate log(1 + decayed count), with this τ.
+    trend: bool = False
+    trend_tau_days: float = 30.0
+    #: Training samples: "random" (a random cut per user) or "global" (global times t*, targets ahead of
+    #: t* within ``horizon_days``, as the temporal protocol scores).
+    sampler: str = "random"
+    horizon_days: float = 21.0
     seed: int = 0
     #: Use only the first N users (fast tests); None = all.
     max_users: int | None = None
@@ -169,7 +178,9 @@ def item_vectors(ds: Dataset, limit: np.ndarray, cfg: TrainConfig, progress: boo
 def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> ModelConfig:
     n_s = len(ds.scenarios)
     quotas = None if n_s == 1 else tuple([cfg.recent // 2] + [max(1, cfg.recent // (2 * (n_s - 1)))] * (n_s - 1))
-    refiner_opts = {k: variant.pop(k) for k in ("use_coarse", "interests", "scenario_queries") if k in variant}
+    refiner_opts = {k: variant.pop(k) for k in ("use_coarse", "interests", "scenario_queries", "trend") if k in variant}
+    trend = refiner_opts.get("trend", cfg.trend) and variant.get("variant", "full") != "comirec"
+    id_items = ds.n_items if variant.pop("id_embeddings", cfg.id_embeddings) else 0
     coarse = CoarseConfig(
         item_dim=item_dim,
         num_scenarios=n_s,
@@ -189,6 +200,7 @@ def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> Mod
         scenario_queries=refiner_opts.get("scenario_queries", True),
         backbone=cfg.backbone,
         backbone_layers=cfg.backbone_layers,
+        trend=trend,
     )
     return ModelConfig(
         scenarios=ds.scenarios,
@@ -197,8 +209,32 @@ def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> Mod
         coarse=coarse,
         refiner=refiner,
         retrieval_dim=cfg.retrieval_dim,
+        id_items=id_items,
+        trend_tau_days=cfg.trend_tau_days,
         **variant,
     )
+
+
+class TrendCache:
+    """Item trend rows at sample times, from the training events only (read at the hour boundary at or
+    before the time, so nothing at or after it is counted)."""
+
+    def __init__(self, ds: Dataset, limit: np.ndarray, tau_days: float) -> None:
+        keep = np.zeros(len(ds.ts), bool)
+        for u in range(ds.n_users):
+            keep[ds.offsets[u] : limit[u]] = True
+        self.ts, self.item, self.n = ds.ts[keep], ds.item[keep], ds.n_items
+        self.tau = tau_days * 86400.0
+        self.rows: dict[float, np.ndarray] = {}
+
+    def at(self, t: float) -> np.ndarray:
+        t = math.floor(t / 3600.0) * 3600.0
+        row = self.rows.get(t)
+        if row is None:
+            m = self.ts < t
+            row = np.log1p(np.bincount(self.item[m], weights=np.exp(-(t - self.ts[m]) / self.tau), minlength=self.n))
+            self.rows[t] = row = row.astype(np.float32)
+        return row
 
 
 def train_user_model(
@@ -220,18 +256,25 @@ def train_user_model(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     item_x = torch.as_tensor(vectors, dtype=torch.float32)
+    all_ids = torch.arange(ds.n_items)
     model.loss.served_weight = cfg.served_weight
     model.loss.dmil_weight = cfg.dmil_weight
+    seen = np.concatenate([ds.item[ds.offsets[u] : limit[u]] for u in range(ds.n_users)])
+    if model.cfg.id_items:
+        model.id_known.copy_(torch.as_tensor(np.bincount(seen, minlength=ds.n_items) > 0))
+    trends = TrendCache(ds, limit, model.cfg.trend_tau_days) if model.trend else None
     prior = None
     if cfg.log_q:
-        seen = np.concatenate([ds.item[ds.offsets[u] : limit[u]] for u in range(ds.n_users)])
         counts = np.bincount(seen, minlength=ds.n_items) + 1.0
         prior = torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
     losses: list[float] = []
     model.train()
     bar = tqdm(total=total, desc=desc, disable=not progress)
     while len(losses) < total:
-        samples = train_samples(ds, limit, rng, cfg.window)
+        if cfg.sampler == "global":
+            samples = global_train_samples(ds, limit, rng, cfg.window, horizon_days=cfg.horizon_days)
+        else:
+            samples = train_samples(ds, limit, rng, cfg.window)
         order = rng.permutation(len(samples))
         for i in range(0, len(order), cfg.batch_size):
             if len(losses) >= total:
@@ -239,10 +282,15 @@ def train_user_model(
             chunk = [samples[j] for j in order[i : i + cfg.batch_size]]
             batch = make_batch(ds, chunk, inputs, model.cfg, cfg.window)
             interests = model.interests(batch)
-            all_ret = model.item_tower.retrieval_head(item_x)
+            all_ret = model.item_retrieval(item_x, all_ids)
             neg_ids = torch.as_tensor(rng.choice(ds.n_items, min(cfg.negatives, ds.n_items), replace=False))
             targets = all_ret[batch["target_ids"]]
-            loss = model.loss(interests, targets, batch["target_ids"], batch["valid"], all_ret[neg_ids], neg_ids, prior)
+            trend = None
+            if trends is not None:
+                trend = torch.as_tensor(np.stack([trends.at(s.time(ds)) for s in chunk]))
+            loss = model.loss(
+                interests, targets, batch["target_ids"], batch["valid"], all_ret[neg_ids], neg_ids, prior, trend
+            )
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

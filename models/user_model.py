@@ -39,6 +39,11 @@ class ModelConfig:
     use_codebook: bool = True
     #: Only the asked-for scenario's events in the history (ablation).
     single_scenario: bool = False
+    #: Learned item-ID embeddings for this many items (the checkpoint's item table), added to the content
+    #: retrieval vector of the items seen in training (0: content alone, the default).
+    id_items: int = 0
+    #: Time constant (days) of the item trend coordinate when ``refiner.trend`` is on.
+    trend_tau_days: float = 30.0
     notes: dict = field(default_factory=dict)
 
     @property
@@ -75,6 +80,35 @@ class UserModel(nn.Module):
         else:
             self.refiner = Refiner(cfg.refiner, head=self.item_tower.retrieval_head)
         self.loss = DMILLoss()
+        if cfg.id_items:
+            self.item_ids = nn.Embedding(cfg.id_items, cfg.retrieval_dim)
+            nn.init.zeros_(self.item_ids.weight)
+            #: Items with events in the training data; the others (cold) keep their content vector alone.
+            self.register_buffer("id_known", torch.zeros(cfg.id_items, dtype=torch.bool))
+
+    @property
+    def trend(self) -> bool:
+        return self.refiner is not None and self.cfg.refiner.trend
+
+    def item_retrieval(self, item_vectors: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, d) unit retrieval vectors: content through the shared head, plus the item-ID embedding of
+        items known to the checkpoint (``ids``: rows of its item table, -1 for an item it never saw)."""
+        z = self.item_tower.retrieval_head.features(item_vectors)
+        if self.cfg.id_items:
+            if ids is None:
+                raise ValueError("this model has item-ID embeddings: pass each item's row in the item table (-1: none)")
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            row = ids.clamp(min=0)
+            use = (ids >= 0) & self.id_known[row]
+            z = z + self.item_ids(row) * use.unsqueeze(-1).to(z.dtype)
+        return torch.nn.functional.normalize(z, dim=-1)
+
+    def _served(self, vectors: torch.Tensor) -> torch.Tensor:
+        """With the trend on, the last column is the refiner's raw weight: divided by the logit scale it is
+        the user-side coordinate whose inner product with the item's trend coordinate is the served score."""
+        if not self.trend:
+            return vectors
+        return torch.cat([vectors[..., :-1], vectors[..., -1:] / self.loss.scale()], -1)
 
     # ---------------------------------------------------------------- training / batch path
     def interests(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -82,14 +116,16 @@ class UserModel(nn.Module):
         coarse = self.coarse(batch["h_items"], batch["h_scenario"], batch["h_action"], batch["h_ts"], batch["h_mask"])
         if self.refiner is None:
             return self.item_tower.retrieval_head(self.coarse_out(coarse))
-        return self.refiner(
-            coarse=coarse,
-            items=batch["r_items"],
-            scenario=batch["r_scenario"],
-            action=batch["r_action"],
-            gap=batch["r_gap"],
-            mask=batch["r_mask"],
-            ask=batch["ask"],
+        return self._served(
+            self.refiner(
+                coarse=coarse,
+                items=batch["r_items"],
+                scenario=batch["r_scenario"],
+                action=batch["r_action"],
+                gap=batch["r_gap"],
+                mask=batch["r_mask"],
+                ask=batch["ask"],
+            )
         )
 
     # ---------------------------------------------------------------- streaming path
@@ -100,11 +136,22 @@ class UserModel(nn.Module):
             coarse = torch.as_tensor(np.stack([u.coarse for u in users]))
             v = self.item_tower.retrieval_head(self.coarse_out(coarse)).numpy()
             return np.repeat(v[:, None], len(scenarios), axis=1)
-        return self.refiner.refine(users, scenarios)
+        return self._served(torch.as_tensor(self.refiner.refine(users, scenarios))).numpy()
 
     @torch.inference_mode()
-    def retrieval_vectors(self, item_vectors: np.ndarray) -> np.ndarray:
-        return self.item_tower.retrieval_head(torch.as_tensor(item_vectors, dtype=torch.float32)).numpy()
+    def retrieval_vectors(
+        self, item_vectors: np.ndarray, ids: np.ndarray | None = None, trend: np.ndarray | None = None
+    ) -> np.ndarray:
+        """What the stream stores as an item's ``ret``: (n, d), or (n, d + 1) with the trend coordinate
+        (``models.temporal.trend_feature`` of each item at serving time) when the model has the trend.
+        ``ids``: each item's row in the checkpoint's item table (-1: an item it never saw), needed when the
+        model has item-ID embeddings."""
+        ret = self.item_retrieval(torch.as_tensor(item_vectors, dtype=torch.float32), ids).numpy()
+        if not self.trend:
+            return ret
+        if trend is None:
+            raise ValueError("this model scores a trend coordinate: pass each item's trend (models.temporal)")
+        return np.concatenate([ret, np.asarray(trend, np.float32).reshape(-1, 1)], 1)
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:

@@ -1,0 +1,258 @@
+"""The temporal protocol end to end: choices on the validation cut, then the test period once.
+
+``run_temporal`` (``mirstream evaluate --protocol temporal``):
+
+1. validation cut (train on ``ts < Tv``, score ``[Tv, T)``): the recent-popularity window, the item-kNN
+   neighbourhood, SASRec's epochs and the user models' steps (a validation curve each; seed 0);
+2. test cut (train on ``ts < T``, score ``[T, end]``): every method refitted with those choices, for each
+   seed; the test figures are computed once, after every choice is fixed, and written with the
+   validation figures and the choices next to them.
+
+The user models are trained by ``models.train`` on ``split.train`` (the events before the cut, nothing
+else) and scored through the served path: ``UserModel.retrieval_vectors`` for the items (with the trend
+coordinate read at the cut) and the faiss max-merge over the K interests (``models.temporal.rank_vectors``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.batches import make_batch
+from models.codebook import CodebookConfig, ResidualCodebook
+from models.data import load
+from models.sasrec import SASRecConfig, sasrec_scores, train_sasrec
+from models.temporal import (
+    KS,
+    TemporalSplit,
+    baselines,
+    choose_baselines,
+    evaluate_ranked,
+    protocol_splits,
+    rank_baseline,
+    rank_vectors,
+    trend_feature,
+)
+from models.train import TrainConfig, fit_variant, item_vectors
+from models.user_model import UserModel
+
+#: The user models compared: TrainConfig overrides (+ model variant options under "variant").
+MODELS: dict[str, dict] = {
+    # the model the stream serves today: content only, random cuts, K = 3
+    "full": {},
+    # + item-ID embeddings, the trend coordinate, samples that predict across a gap
+    "hybrid": {"id_embeddings": True, "trend": True, "sampler": "global"},
+    "hybrid_no_trend": {"id_embeddings": True, "sampler": "global"},
+    "hybrid_no_ids": {"trend": True, "sampler": "global"},
+    "hybrid_random_cuts": {"id_embeddings": True, "trend": True},
+    "hybrid_k1": {"id_embeddings": True, "trend": True, "sampler": "global", "interests": 1},
+    "hybrid_no_coarse": {"id_embeddings": True, "trend": True, "sampler": "global", "variant": {"use_coarse": False}},
+}
+BASELINES = ("popularity", "recent_popularity", "item_knn", "transition", "sasrec")
+
+
+def _cfg(base: TrainConfig, name: str, **extra) -> tuple[TrainConfig, dict]:
+    opts = dict(MODELS[name])
+    variant = opts.pop("variant", {})
+    return replace(base, **opts, **extra), dict(variant)
+
+
+class Stage12:
+    """Item tower + codebook of one (split, seed), shared by every user model trained on that split."""
+
+    def __init__(self, split: TemporalSplit, cfg: TrainConfig, progress: bool) -> None:
+        ds = split.train
+        self.limit = ds.offsets[1:].copy()
+        self.vectors, self.tower = item_vectors(ds, self.limit, cfg, progress)
+        book = ResidualCodebook.fit(
+            self.vectors,
+            CodebookConfig(
+                dim=self.vectors.shape[1],
+                layers=cfg.codebook_layers,
+                codewords=min(cfg.codewords, len(self.vectors) // 2),
+                seed=cfg.seed,
+            ),
+        )
+        enc = book.encode(self.vectors)
+        self.decoded = book.decode(enc.codes, enc.alphas)
+
+
+def rank_user_model(split: TemporalSplit, model: UserModel, stage: Stage12, batch_size: int = 128) -> list[list[int]]:
+    """Rankings through the served API: item ``retrieval_vectors`` (ids, trend at the cut) + faiss max-merge."""
+    ds = split.train
+    inputs = stage.decoded if model.cfg.use_codebook else stage.vectors
+    trend = trend_feature(ds, split.cut, model.cfg.trend_tau_days) if model.trend else None
+    items = model.retrieval_vectors(stage.vectors, ids=np.arange(ds.n_items), trend=trend)
+    users = []
+    for i in range(0, len(split.samples), batch_size):
+        chunk = split.samples[i : i + batch_size]
+        with torch.inference_mode():
+            width = max(len(s.targets) for s in chunk)
+            users.append(model.interests(make_batch(ds, chunk, inputs, model.cfg, width)).numpy())
+    return rank_vectors(np.concatenate(users), items, [split.seen(s) for s in split.samples])
+
+
+def fit_user_model(split: TemporalSplit, stage: Stage12, cfg: TrainConfig, variant: dict, progress: bool, name: str):
+    model, _ = fit_variant(
+        split.train, cfg, stage.tower, stage.vectors, stage.decoded, stage.limit, progress, name=name, **variant
+    )
+    return model
+
+
+def sasrec_curve(split: TemporalSplit, cfg: SASRecConfig, seed: int, every: int) -> dict[int, dict]:
+    hist = [split.train.item[s.start : s.cut] for s in split.samples]
+    curve: dict[int, dict] = {}
+
+    def on_eval(epoch, model):
+        curve[epoch] = evaluate_ranked(split, rank_baseline(split, sasrec_scores(model, hist)))
+
+    train_sasrec(split.train, cfg, seed, every, on_eval)
+    return curve
+
+
+def rank_sasrec(split: TemporalSplit, cfg: SASRecConfig, seed: int) -> list[list[int]]:
+    model = train_sasrec(split.train, cfg, seed)
+    return rank_baseline(split, sasrec_scores(model, [split.train.item[s.start : s.cut] for s in split.samples]))
+
+
+def run_temporal(
+    dataset: str = "ml-100k",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    models: tuple[str, ...] = ("full", "hybrid", "hybrid_k1"),
+    steps_grid: tuple[int, ...] = (300,),
+    sasrec_epochs: int = 50,
+    test_q: float = 0.9,
+    valid_q: float = 0.8,
+    base: TrainConfig | None = None,
+    out: str | Path = "runs/temporal",
+    progress: bool = True,
+    threads: int = 2,
+) -> dict:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    base = replace(base or TrainConfig(), dataset=dataset)
+    ds = load(dataset, seed=0)
+    valid, test = protocol_splits(ds, test_q, valid_q)
+    say = tqdm.write if progress else (lambda *_: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"dataset": ds.name, "test_quantile": test_q, "valid_quantile": valid_q, "seeds": list(seeds)}
+    report["splits"] = {
+        sp.name: {
+            "cut": sp.cut,
+            "end": None if not np.isfinite(sp.end) else sp.end,
+            "users": len({s.user for s in sp.samples}),
+            "samples": len(sp.samples),
+            "targets": int(sum(len(s.targets) for s in sp.samples)),
+            "train_events": len(sp.train.ts),
+        }
+        for sp in (valid, test)
+    }
+
+    # ---------------------------------------------------------------- 1. every choice on the validation cut
+    choices, grid = choose_baselines(valid)
+    say(f"validation: baselines {choices}")
+    sas_cfg = SASRecConfig(epochs=sasrec_epochs)
+    curve = sasrec_curve(valid, sas_cfg, seed=0, every=10)
+    choices["sasrec_epochs"] = max(curve, key=lambda e: curve[e]["recall@50"])
+    shown = {e: round(m["recall@50"], 4) for e, m in curve.items()}
+    say(f"validation: SASRec epochs {choices['sasrec_epochs']} (R@50 by epoch {shown})")
+    validation: dict[str, dict] = {
+        name: evaluate_ranked(valid, r)
+        for name, r in baselines(valid, choices["recent_window_days"], choices["knn_neighbours"]).items()
+    }
+    validation["sasrec"] = curve[choices["sasrec_epochs"]]
+    model_grid: dict[str, dict] = {}
+    # the trend's time constant: the recent-popularity window that won on validation
+    base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
+    base0 = replace(base, seed=0)
+    stage = Stage12(valid, base0, progress)
+    for name in models:
+        model_grid[name] = {}
+        for steps in steps_grid:
+            cfg, variant = _cfg(base0, name, steps=steps)
+            model = fit_user_model(valid, stage, cfg, variant, progress, f"validation {name} {steps} steps")
+            model_grid[name][steps] = evaluate_ranked(valid, rank_user_model(valid, model, stage))
+            say(f"validation: {name} {steps} steps R@50 {model_grid[name][steps]['recall@50']:.4f}")
+        best = max(steps_grid, key=lambda s: model_grid[name][s]["recall@50"])
+        choices[f"{name}_steps"] = best
+        validation[name] = model_grid[name][best]
+    # K (and any other hybrid option): the hybrid variant that did best on validation goes to the test cut
+    hybrids = [m for m in models if m.startswith("hybrid")]
+    tested = [m for m in models if not m.startswith("hybrid")]
+    if hybrids:
+        choices["hybrid_variant"] = max(hybrids, key=lambda m: validation[m]["recall@50"])
+        tested.append(choices["hybrid_variant"])
+    report.update(
+        choices=choices,
+        validation=validation,
+        validation_grid={"baselines": grid, "sasrec": curve, "models": model_grid},
+    )
+    (out / "temporal.json").write_text(json.dumps(report, indent=2, default=str))
+
+    # ---------------------------------------------------------------- 2. the test period, once, per seed
+    per_seed: dict[str, list[dict]] = {}
+    fixed = baselines(test, choices["recent_window_days"], choices["knn_neighbours"])
+    for name, ranked in fixed.items():  # deterministic: the same for every seed
+        per_seed[name] = [evaluate_ranked(test, ranked)] * len(seeds)
+    for seed in seeds:
+        per_seed.setdefault("sasrec", []).append(
+            evaluate_ranked(test, rank_sasrec(test, replace(sas_cfg, epochs=choices["sasrec_epochs"]), seed))
+        )
+        cfg_seed = replace(base, seed=seed)
+        stage = Stage12(test, cfg_seed, progress)
+        for name in tested:
+            cfg, variant = _cfg(cfg_seed, name, steps=choices[f"{name}_steps"])
+            model = fit_user_model(test, stage, cfg, variant, progress, f"test {name} seed {seed}")
+            per_seed.setdefault(name, []).append(evaluate_ranked(test, rank_user_model(test, model, stage)))
+        say(f"test: seed {seed} done ({time.perf_counter() - t0:.0f}s)")
+    report["test_per_seed"] = per_seed
+    report["test"] = {name: summarise(runs) for name, runs in per_seed.items()}
+    report["train_config"] = asdict(base)
+    report["wall_s"] = time.perf_counter() - t0
+    (out / "temporal.json").write_text(json.dumps(report, indent=2, default=str))
+    md = markdown(report)
+    (out / "temporal.md").write_text(md)
+    if progress:
+        tqdm.write(md)
+    return report
+
+
+def summarise(runs: list[dict]) -> dict[str, tuple[float, float]]:
+    return {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in runs[0]}
+
+
+COLUMNS = [f"recall@{k}" for k in KS] + ["ndcg@50", "next_recall@50", "coverage@50"]
+
+
+def markdown(report: dict) -> str:
+    sp = report["splits"]
+    lines = [
+        f"### {report['dataset']}, global temporal split: train before the {report['test_quantile']} time quantile, "
+        f"{sp['test']['users']} users, {sp['test']['targets']} targets; seeds {report['seeds']} (mean ± sd)",
+        "",
+        "| method | " + " | ".join(COLUMNS) + " | validation R@50 |",
+        "|---|" + "---:|" * (len(COLUMNS) + 1),
+    ]
+    for name, m in report["test"].items():
+        cells = [f"{m[c][0]:.4f} ± {m[c][1]:.4f}" if m[c][1] > 0 else f"{m[c][0]:.4f}" for c in COLUMNS]
+        v = report["validation"].get(name, {}).get("recall@50")
+        lines.append(f"| {name} | " + " | ".join(cells) + (f" | {v:.4f} |" if v is not None else " | — |"))
+    lines += [
+        "",
+        f"validation cut ({sp['validation']['users']} users, {sp['validation']['targets']} targets, seed 0):",
+        "",
+        "| method | " + " | ".join(COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    for name, m in report["validation"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in COLUMNS) + " |")
+    cold = report["test"]["popularity"]["cold_target_share"][0] if "popularity" in report["test"] else float("nan")
+    lines += ["", f"cold-item share of the test targets: {cold:.4f}", f"choices (validation cut): {report['choices']}"]
+    return "\n".join(lines) + "\n"
