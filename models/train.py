@@ -74,6 +74,9 @@ class TrainConfig:
     #: t* within ``horizon_days``, as the temporal protocol scores).
     sampler: str = "random"
     horizon_days: float = 21.0
+    #: Train on the events before this time quantile only (the temporal protocol's cut; the checkpoint
+    #: a stream replaying the pre-cut events serves).  None: the leave-last-W-out split.
+    cut_quantile: float | None = None
     seed: int = 0
     #: Use only the first N users (fast tests); None = all.
     max_users: int | None = None
@@ -327,7 +330,15 @@ def run_train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Check
     out = Path(out)
     t0 = time.perf_counter()
     ds = subset_users(load(cfg.dataset, seed=cfg.seed), cfg.max_users)
-    _, limit = split(ds, cfg.window)
+    cut = None
+    if cfg.cut_quantile is not None:
+        from models.temporal import before, cut_time
+
+        cut = cut_time(ds, cfg.cut_quantile)
+        ds = before(ds, cut)  # nothing at or after the cut exists for training
+        limit = ds.offsets[1:].copy()
+    else:
+        _, limit = split(ds, cfg.window)
     timings = {}
     vectors, tower = item_vectors(ds, limit, cfg, progress)
     timings["item_tower_s"] = time.perf_counter() - t0
@@ -360,6 +371,7 @@ def run_train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Check
         "codebook_bytes_per_item": book.cfg.bytes_per_item,
         "codebook_utilisation": book.utilisation(vectors),
         "item_dim": int(vectors.shape[1]),
+        "cut": cut,
     }
     (out / "train.json").write_text(json.dumps(report, indent=2))
     if progress:

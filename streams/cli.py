@@ -254,11 +254,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             "served_weight",
             "dmil_weight",
             "log_q",
+            "id_embeddings",
+            "trend",
+            "trend_tau_days",
+            "sampler",
+            "horizon_days",
+            "cut_quantile",
         )
         if getattr(args, k) is not None
     }
     run_train(TrainConfig(**overrides), args.out, progress=not args.quiet)
-    if args.evaluate:
+    if args.evaluate and args.cut_quantile is not None:
+        print("trained on a time cut: score it with `mirstream evaluate --protocol temporal` (leave-last skipped)")
+    elif args.evaluate:
         from models.evaluate import run_evaluate
 
         run_evaluate(args.out, progress=not args.quiet)
@@ -395,6 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-q",
         action=argparse.BooleanOptionalAction,
         help="correct the candidates' logits for popularity sampling (default on)",
+    )
+    p.add_argument(
+        "--id-embeddings",
+        action=argparse.BooleanOptionalAction,
+        help="learned item-ID embeddings fused with the content vector (items seen in training; default off)",
+    )
+    p.add_argument(
+        "--trend",
+        action=argparse.BooleanOptionalAction,
+        help="one more served dimension: a learned weight on the item's log(1 + decayed count) (default off)",
+    )
+    p.add_argument("--trend-tau-days", type=float, help="time constant of the decayed item counts (default 30)")
+    p.add_argument("--sampler", choices=["random", "global"], help="training samples: random cuts or global times")
+    p.add_argument("--horizon-days", type=float, help="global sampler: how far ahead targets are taken (default 21)")
+    p.add_argument(
+        "--cut-quantile", type=float, help="train only on events before this time quantile (temporal protocol: 0.9)"
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--evaluate", action="store_true", help="run `evaluate` on the new checkpoint afterwards")
