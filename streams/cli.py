@@ -209,7 +209,7 @@ def cmd_recode(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_PARTS = ("codebook", "coarse", "refiner", "ingest", "freshness", "memory", "quality")
+BENCH_PARTS = ("codebook", "coarse", "refiner", "ingest", "freshness", "memory", "quality", "temporal")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -234,6 +234,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             online.bench_memory(settings, soak_events=args.soak_events, out=args.out)
         elif part == "quality":
             offline.bench_quality(args.dataset or "sim", out=args.out)
+        elif part == "temporal":  # the README's headline table (global time split, three seeds)
+            from models.temporal_run import run_temporal
+
+            dataset = args.dataset or "ml-100k"
+            run_temporal(dataset=dataset, out=f"{args.out}/temporal-{dataset}")
     return 0
 
 
@@ -367,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="measured figures with their baselines: " + ", ".join(BENCH_PARTS) + " or all",
-        description="Offline parts (codebook, coarse, refiner, quality) need no services; ingest, freshness and "
-        "memory run real workers against the Kafka + Redis given (deploy/stack.py up starts local ones).",
+        description="Offline parts (codebook, coarse, refiner, quality, temporal) need no services; ingest, "
+        "freshness and memory run real workers against the Kafka + Redis given (deploy/stack.py up starts local ones).",
     )
     _add_connection_flags(p)
     p.add_argument("part", choices=[*BENCH_PARTS, "all"])
@@ -381,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["tiny", "smollm2:4", "smollm2"],
         help="refiner backbones to compare (name or name:first_n_layers)",
     )
-    p.add_argument("--dataset", help="codebook: ml-100k (default) or sim; quality: sim (default) or ml-100k")
+    p.add_argument("--dataset", help="codebook, temporal: ml-100k (default) or sim; quality: sim (default) or ml-100k")
     p.add_argument("--checkpoint", help="model folder (default runs/demo; trained on the simulator when missing)")
     p.add_argument("--out", default="bench", help="folder for the JSON results")
     p.set_defaults(func=cmd_bench)
