@@ -239,9 +239,12 @@ def test_codebook_switch_with_overlapping_workers(pipeline_settings, ds, tmp_pat
         sender.start()
         b.start()  # joins mid-stream: both workers run through the rebalance
         joined_at = _applied(settings, users)
+        r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "rebuilt user" not in b.log_text():
-            time.sleep(0.05)
+        while time.monotonic() < deadline and not any(
+            r.hget(keys.user_state(u), "gen") == new.state_id.encode() for u in users
+        ):
+            time.sleep(0.05)  # until the new worker has written a user while the old one still runs
         a.stop()  # leaves mid-stream
         left_at = _applied(settings, users)
         sender.join()
@@ -254,7 +257,6 @@ def test_codebook_switch_with_overlapping_workers(pipeline_settings, ds, tmp_pat
         a.stop()
     assert len(first) < joined_at <= left_at < len(p.events) - len(last), (joined_at, left_at)
     assert "Traceback" not in logs and "rebuilt user" in logs
-    r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
     reader = InterestReader(settings.redis_url, settings.prefix)
     for user, n in expected.items():
         state = r.hgetall(keys.user_state(user))
