@@ -183,6 +183,14 @@ class ResidualCodebook:
             out += a[..., layer, None] * self.codewords[layer][codes[..., layer]]
         return out
 
+    def valid_record(self, record: bytes) -> bool:
+        """Whether ``record`` is one item record this codebook can decode (right size, codes in range)."""
+        if len(record) != self.cfg.bytes_per_item:
+            return False
+        L, cd = self.cfg.layers, self.cfg.code_dtype
+        codes = np.frombuffer(record[: L * cd.itemsize], dtype=cd)
+        return bool((codes < self.cfg.codewords).all())
+
     def from_bytes(self, records: bytes | np.ndarray, count: int) -> np.ndarray:
         """Decodes ``count`` packed item records (see ``Encoded.records``) into (count, d) vectors."""
         L, cd = self.cfg.layers, self.cfg.code_dtype

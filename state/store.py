@@ -121,8 +121,12 @@ class StreamStore:
 
     async def park(self, item: str, raw: bytes, max_parked: int) -> bool:
         """Parks an event until its item arrives; False when the item's parking list is full (checked in
-        the same atomic step as the push)."""
+        the same atomic step as the push).  Indexed before the push (a crash in between leaves an index
+        entry the expiry cleans up, never an unindexed list) and after it (a releaser that emptied the list
+        meanwhile may have dropped the first entry)."""
+        await self.r.zadd(self.keys.parked_index, {item: time.time()}, nx=True)
         if not await self._park(keys=[self.keys.parked(item)], args=[max_parked, raw]):
+            await self.forget_if_empty(item)
             return False
         await self.r.zadd(self.keys.parked_index, {item: time.time()}, nx=True)
         return True
@@ -132,15 +136,19 @@ class StreamStore:
 
     async def unpark(self, item: str, bodies: list[bytes]) -> int:
         """Removes these parked events (by value: once re-produced or dead-lettered); how many were still
-        there.  An item whose list empties leaves the index, unless a parker added an event meanwhile."""
-        if not bodies:
-            return 0
-        removed, left = await self._unpark(keys=[self.keys.parked(item)], args=bodies)
-        if left == 0:
-            await self.r.zrem(self.keys.parked_index, item)
-            if await self.r.llen(self.keys.parked(item)):  # parked after our removal: keep it indexed
-                await self.r.zadd(self.keys.parked_index, {item: time.time()}, nx=True)
+        there.  An item whose list is empty leaves the index."""
+        removed = 0
+        if bodies:
+            removed, _ = await self._unpark(keys=[self.keys.parked(item)], args=bodies)
+        await self.forget_if_empty(item)
         return int(removed)
+
+    async def forget_if_empty(self, item: str) -> None:
+        """Drops an item from the parking index when its list is empty (re-indexed if a parker pushed meanwhile)."""
+        if await self.r.llen(self.keys.parked(item)) == 0:
+            await self.r.zrem(self.keys.parked_index, item)
+            if await self.r.llen(self.keys.parked(item)):
+                await self.r.zadd(self.keys.parked_index, {item: time.time()}, nx=True)
 
     async def parked_items(self, limit: int) -> list[tuple[str, float]]:
         """Items with parked events, oldest first, with the time their first event was parked."""

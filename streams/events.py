@@ -10,10 +10,13 @@ Item (``<prefix>.items``, key = item_id):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
+
+_ORIGIN = re.compile(r"[A-Za-z0-9._-]{1,249}:[0-9]{1,9}:[0-9]{1,19}")
 
 
 class Rejected(ValueError):
@@ -83,8 +86,8 @@ def parse_event(
     if not isinstance(query, str):
         raise Rejected("field 'query' must be a string")
     origin = data.get("_origin")
-    if origin is not None and not isinstance(origin, str):
-        raise Rejected("field '_origin' must be a string")
+    if origin is not None and not (isinstance(origin, str) and _ORIGIN.fullmatch(origin)):
+        raise Rejected("field '_origin' must be 'topic:partition:offset' (set only by the parking path)")
     return Event(
         _ident(data["event_id"], "event_id"),
         _ident(data["user_id"], "user_id"),

@@ -54,9 +54,9 @@ DeadLetter = Callable[[Message, str, str], Awaitable[None]]
 Republish = Callable[[str, str, bytes], Awaitable[None]]  # scenario, user key, body
 
 
-def origin_partition(origin: str) -> int:
-    """The partition of an origin ``topic:partition:offset`` (a topic name has no colon)."""
-    return int(origin.rsplit(":", 2)[1])
+def owner_partition(parked: dict) -> int:
+    """The partition whose owner expires a parked event: that of its origin (``topic:partition:offset``)."""
+    return int(parked["_origin"].rsplit(":", 2)[1])
 
 
 async def release_parked(store: StreamStore, republish: Republish, item_id: str) -> int:

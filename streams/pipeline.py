@@ -25,10 +25,10 @@ from models.user_model import Checkpoint
 from state.store import AsyncInterestReader, StreamStore, connect_async
 from streams import metrics
 from streams.faust_app import make_faust_app
-from streams.ingest import Ingestor, Message, origin_partition, release_parked
+from streams.ingest import Ingestor, Message, owner_partition, release_parked
 from streams.items import ItemHandler
 from streams.refinement import Refresher
-from streams.retry import is_transient, run_batch
+from streams.retry import BatchGate, is_transient, run_batch
 from streams.settings import Settings
 from streams.switch import Codebooks, recode_items
 
@@ -78,6 +78,11 @@ def build_app(settings: Settings) -> faust.App:
     store = StreamStore(connect_async(settings.redis_url), settings.prefix)
     reader = AsyncInterestReader(settings.redis_url, settings.prefix)
     progress = Progress()
+    gate = BatchGate()
+
+    @app.on_before_shutdown.connect
+    async def finish_batches(app, **kwargs) -> None:  # the fetcher has stopped; the agents have not
+        await gate.drain()
 
     event_topics = {s: app.topic(settings.events_topic(s), partitions=settings.partitions) for s in settings.scenarios}
     items_topic = app.topic(settings.items_topic, partitions=settings.partitions)
@@ -101,7 +106,8 @@ def build_app(settings: Settings) -> faust.App:
         await (await deadletter_topic.send(key=msg.key, value=orjson.dumps(body)))
 
     async def republish(scenario: str, user: str, body: bytes) -> None:
-        await (await event_topics[scenario].send(key=user.encode(), value=body))
+        topic = event_topics.get(scenario) or app.topic(settings.events_topic(scenario))  # any scenario's
+        await (await topic.send(key=user.encode(), value=body))
 
     async def emit(user: str, body: dict) -> None:
         await interests_topic.send(key=user.encode(), value=orjson.dumps(body))
@@ -126,7 +132,7 @@ def build_app(settings: Settings) -> faust.App:
         async def agent(stream):
             async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
                 batch = messages(events)
-                await run_batch(f"events-{scenario}", lambda batch=batch: ingestor.handle(scenario, batch))
+                await gate.run(f"events-{scenario}", lambda batch=batch: ingestor.handle(scenario, batch))
                 done(batch)
 
         agent.__name__ = f"events_{scenario}"
@@ -139,7 +145,7 @@ def build_app(settings: Settings) -> faust.App:
     async def items_agent(stream):
         async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
             batch = messages(events)
-            await run_batch("items", lambda batch=batch: item_handler.handle(batch))
+            await gate.run("items", lambda batch=batch: item_handler.handle(batch))
             done(batch)
 
     def owned_partitions() -> list[int]:
@@ -177,7 +183,7 @@ def build_app(settings: Settings) -> faust.App:
                 expired = []
                 for body in await store.parked(item):
                     event = orjson.loads(body)
-                    if origin_partition(event["_origin"]) not in owned or event.get("_parked_at", 0) >= deadline:
+                    if owner_partition(event) not in owned or event.get("_parked_at", 0) >= deadline:
                         continue
                     topic = settings.events_topic(event.get("scenario", "?"))
                     msg = Message(topic, -1, -1, str(event["user_id"]).encode(), body, 0.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,9 @@ class Refresher:
             row = rows[user]
             if vecs is not None and not np.isfinite(vecs).all():
                 failed[user] = "refined vectors hold NaN or infinite values"
+            if vecs is None and user not in failed:  # failed alone, not on its data: stays dirty, retried
+                metrics.AGENT_ERRORS.labels("refine", "user_retry").inc()
+                continue
             if user in failed:
                 await self.store.quarantine(user, p, row.seq, failed[user])
                 await self.store.clear_dirty(p, user, row.seq)
@@ -172,15 +176,20 @@ class Refresher:
     def _refine(
         self, rows: list[UserRow], books: dict[str, ResidualCodebook]
     ) -> tuple[list[np.ndarray | None], dict[str, str]]:
-        """Vectors per row; when the batch fails, each row alone, so a bad row fails only itself
-        (``failed``: user → reason).  Rows that all fail alone, none of them on its own stored data,
-        point at the worker, not the users: that is raised."""
+        """Vectors per row (None: that row failed).  When the batch fails, each row is tried alone, so a
+        bad row fails only itself; ``failed`` names the rows that failed on their own stored data
+        (``DATA_ERRORS``: quarantined), other failed rows stay dirty.  When every row fails and none on
+        its data, the fault is the worker's: that is raised."""
         try:
             return list(self._vectors(rows, books)), {}
-        except Exception as batch_exc:
-            alone = [self._alone(row, books) for row in rows] if len(rows) > 1 else [(None, batch_exc)]
-            failed = {r.user: f"{type(e).__name__}: {e}" for r, (_, e) in zip(rows, alone, strict=True) if e}
-            if len(failed) == len(rows) and not any(isinstance(e, DATA_ERRORS) for _, e in alone):
+        except Exception:
+            alone = [self._alone(row, books) for row in rows] if len(rows) > 1 else [(None, sys.exc_info()[1])]
+            failed = {
+                r.user: f"{type(e).__name__}: {e}"
+                for r, (_, e) in zip(rows, alone, strict=True)
+                if isinstance(e, DATA_ERRORS)
+            }
+            if not failed and all(v is None for v, _ in alone):
                 raise
             return [v for v, _ in alone], failed
 

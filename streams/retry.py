@@ -9,8 +9,10 @@ batch is run by ``run_batch``, which returns only once the batch is applied:
 - any other error is one the batch's own code could not pin on a user (those are dead-lettered or
   quarantined inside the batch): the worker **exits at once** with ``EXIT_FATAL``, before the exception
   can reach Faust, so no offset of the batch is committed and the partitions move to a healthy worker;
-- a cancellation (the worker stopping) waits for the batch to finish, up to ``FINISH_ON_STOP_S``, then
-  exits the same way if it has not.
+- a stop request (``BatchGate.drain``, hooked to Faust's ``on_before_shutdown``, which runs after the
+  fetcher stopped and before the agents do) waits for the running batches to finish, up to
+  ``FINISH_ON_STOP_S``; a batch that reaches an agent after that point is not started: the process exits
+  at once without committing it (the next owner re-reads it; re-reading applied events is a no-op).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     rx.TryAgainError,
     rx.ReadOnlyError,  # a replica promoted mid-call
     rx.SlotNotCoveredError,
+    rx.OutOfMemoryError,  # maxmemory reached: writes resume once memory is freed
     KafkaConnectionError,
     KafkaTimeoutError,
     ConnectionError,  # the builtin: refused, reset, aborted
@@ -77,15 +80,48 @@ def fatal(agent: str, exc: BaseException) -> None:
     os._exit(EXIT_FATAL)
 
 
+class BatchGate:
+    """Counts the batches in flight, so a stop can wait for them and refuse new ones."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.stopping = False
+
+    async def run(self, agent: str, step: Callable[[], Awaitable[T]]) -> T:
+        if self.stopping:  # the batch was handed over after the stop drained: do not start it
+            log.warning("%s: stop requested; exiting without starting (or committing) a new batch", agent)
+            logging.shutdown()
+            os._exit(0)
+        self.running += 1
+        try:
+            return await run_batch(agent, step)
+        finally:
+            self.running -= 1
+
+    async def drain(self, timeout: float = FINISH_ON_STOP_S) -> None:
+        """Waits for the batches in flight; from now on no new batch starts."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        while self.running:
+            if time.monotonic() > deadline:
+                fatal("stop", TimeoutError(f"{self.running} batches not finished {timeout:.0f}s after the stop"))
+            await asyncio.sleep(0.02)
+
+
 async def run_batch(agent: str, step: Callable[[], Awaitable[T]]) -> T:
     """Runs ``step`` until it succeeds; see the module docstring.  ``step`` must be idempotent."""
     task = asyncio.ensure_future(_retrying(agent, step))
     try:
         result = await asyncio.shield(task)
     except asyncio.CancelledError:
-        done, _ = await asyncio.wait([task], timeout=FINISH_ON_STOP_S)
-        if not done:
-            fatal(agent, TimeoutError(f"batch not finished {FINISH_ON_STOP_S:.0f}s after the stop request"))
+        deadline = time.monotonic() + FINISH_ON_STOP_S
+        while not task.done():  # the batch finishes (or the process exits) before the cancel goes on
+            if time.monotonic() > deadline:
+                fatal(agent, TimeoutError(f"batch not finished {FINISH_ON_STOP_S:.0f}s after a cancel"))
+            try:
+                await asyncio.wait([task], timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.CancelledError:
+                continue
         raise
     metrics.LAST_PROGRESS.labels(agent).set(time.time())
     return result

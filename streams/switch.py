@@ -80,11 +80,16 @@ class Codebooks:
 
     async def item_codes(self, items: list[str]) -> dict[str, bytes | None]:
         """Each item's codes in this worker's codebook; re-encodes (and stores) codes of another
-        codebook when the item has none in ours yet.  None: the item is not known."""
+        codebook when the item has none in ours yet.  None: the item is not known (or its stored code
+        cannot be decoded: it waits, parked, for the item to be sent again)."""
         codes = await self.store.item_codes(items, self.own_id)
         missing = [it for it, c in codes.items() if c is None]
         if missing:
             codes.update(await self.recode(missing))
+        for item, code in codes.items():
+            if code is not None and not self.own.valid_record(code):
+                log.error("item %s has a code this codebook cannot decode; treated as not known", item)
+                codes[item] = None
         return codes
 
     async def recode(self, items: list[str]) -> dict[str, bytes]:
@@ -92,13 +97,17 @@ class Codebooks:
         them; returns the new codes.  Items without any code are left out."""
         moved: dict[str, bytes] = {}
         for item, by_book in (await self.store.item_codes_any(items)).items():
-            if self.own_id in by_book:  # stored by an item agent of ours since the caller looked
-                moved[item] = by_book[self.own_id]
+            if self.own_id in by_book and self.own.valid_record(by_book[self.own_id]):
+                moved[item] = by_book[self.own_id]  # stored by an item agent of ours since the caller looked
                 continue
             for book_id, code in by_book.items():
+                if book_id == self.own_id:
+                    continue
                 try:
                     source = await self.get(book_id)
                 except UnknownCodebook:
+                    continue
+                if not source.valid_record(code):
                     continue
                 moved[item] = transcode(code, 1, source, self.own)
                 metrics.ITEMS_RECODED.inc()

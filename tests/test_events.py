@@ -28,6 +28,9 @@ def test_good_event_and_replayed_origin():
         ({"user_id": True}, "user_id"),
         ({"ts": -1}, "'ts'"),
         ({"query": 5}, "'query'"),
+        ({"_origin": "x"}, "'_origin'"),
+        ({"_origin": "a:b:c"}, "'_origin'"),
+        ({"_origin": 7}, "'_origin'"),
     ],
 )
 def test_bad_events(change, reason):

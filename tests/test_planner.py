@@ -55,10 +55,13 @@ def read(mem: MemoryUsers, events: dict[str, list[Accepted]]):
     return {u: mem.read(u, sorted({a.mark for a in b}), [a.origin for a in b]) for u, b in events.items()}
 
 
-def write(mem: MemoryUsers, rows, plans: dict[str, UserPlan]) -> set[str]:
-    """The ingest shell's writes for each plan (mark → park → apply); the users that conflicted."""
+def write(mem: MemoryUsers, rows, plans: dict[str, UserPlan], handled: set[str] | None = None) -> set[str]:
+    """The ingest shell's writes for each plan (mark → park → apply); the users that conflicted.
+    ``handled`` collects the origins parked or dead-lettered, as ``streams.ingest`` does."""
+    handled = set() if handled is None else handled
     conflicts = set()
     for u, p in plans.items():
+        handled.update(a.origin for a in p.dead)
         if p.update is None:
             continue
         if p.mark and not mem.mark_parked(rows[u], p.mark):
@@ -66,6 +69,7 @@ def write(mem: MemoryUsers, rows, plans: dict[str, UserPlan]) -> set[str]:
             continue
         for a in p.park:
             mem.park(a.event.item_id, a.origin.encode(), 1000)
+            handled.add(a.origin)
         if mem.apply(u, p.update) is None:
             conflicts.add(u)
     return conflicts
@@ -77,9 +81,7 @@ def run(mem: MemoryUsers, events: dict[str, list[Accepted]], codes, c: PlanConte
     while True:
         rows = read(mem, events)
         plans = plan(rows, events, codes, c, handled)
-        for p in plans.values():
-            handled.update(a.origin for a in p.park + p.dead)
-        left = write(mem, rows, plans)
+        left = write(mem, rows, plans, handled)
         if not left:
             return plans
         events = {u: events[u] for u in left}
@@ -234,3 +236,40 @@ def test_two_releases_of_one_item_lose_nothing():
     mem.unpark("j", first)
     assert mem.parked_lists["j"] == [b"c"]
     assert not mem.park("j", b"d", 1)  # the bound holds in the same step as the push
+
+
+def test_a_parking_mark_that_loses_a_race_parks_on_the_re_plan(old):
+    """The mark is refused (another writer moved the version): nothing is parked, the watermark does not
+    move, and the re-plan marks and parks the event."""
+    mem = MemoryUsers()
+    run(mem, {"u": [ev("u", 1, 1)]}, codes_of(old, [1]), ctx(old))
+    events, handled = {"u": [ev("u", 3, 7)]}, set()
+    rows = read(mem, events)
+    plans = plan(rows, events, {}, ctx(old), handled)
+    run(mem, {"u": [ev("u", 1, 2, scenario=1, topic="t.events.search")]}, codes_of(old, [1]), ctx(old))
+    assert write(mem, rows, plans, handled) == {"u"} and not handled and "3" not in mem.parked_lists
+    assert mem.state["u"][watermark(TOPIC, 0)] == b"1"
+    run(mem, events, {}, ctx(old))
+    assert mem.parked_lists["3"] == [f"{TOPIC}:0:7".encode()] and mem.state["u"][watermark(TOPIC, 0)] == b"7"
+
+
+def test_transient_errors_are_told_apart_from_bugs():
+    import redis.exceptions as rx
+    from aiokafka.errors import KafkaConnectionError, NotLeaderForPartitionError, ProducerClosed
+
+    from streams.retry import is_transient
+
+    for exc in (rx.ConnectionError(), rx.TimeoutError(), KafkaConnectionError(), NotLeaderForPartitionError()):
+        assert is_transient(exc), exc
+    for exc in (rx.ResponseError("WRONGTYPE"), rx.AuthenticationError(), ValueError(), OSError(2, "no file")):
+        assert not is_transient(exc), exc
+    assert not is_transient(ProducerClosed())
+
+
+def test_item_records_are_checked_before_decoding(old):
+    good = old.codebook.encode(old.item_vectors[:1]).records()[0].tobytes()
+    assert old.codebook.valid_record(good)
+    assert not old.codebook.valid_record(good[:-1])
+    bad = bytearray(good)
+    bad[0] = 255  # a code past the codebook's 64 codewords
+    assert old.codebook.cfg.codewords < 256 and not old.codebook.valid_record(bytes(bad))
