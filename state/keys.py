@@ -30,7 +30,7 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:{u:<id>}:raw``             | string | naive bench baseline only: full raw float32 history         | events × ~4d B|
 | ``<p>:{u:<id>}:rawv``            | string | naive bench baseline only: its coarse interests             | M × d × 4     |
 
-No key has a TTL by default: user keys live as long as the user (``Settings.user_ttl_s`` can set one).
+No user or item key has a TTL: they live as long as the user or item (only ``:v@<version>`` expires).
 """
 
 from __future__ import annotations
@@ -94,7 +94,3 @@ class Keys:
 
     def dirty(self, partition: int) -> str:
         return f"{self.prefix}:dirty:{{p{partition}}}"
-
-    @staticmethod
-    def watermark(topic: str, partition: int) -> str:
-        return f"w:{topic}:{partition}"

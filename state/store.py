@@ -253,6 +253,9 @@ class StreamStore:
     async def ping(self) -> bool:
         return bool(await self.r.ping())
 
+    async def close(self) -> None:
+        await self.r.aclose()
+
 
 def _text(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode()

@@ -144,7 +144,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 print(f"marked {await store.retry_quarantined()} users dirty again", file=sys.stderr)
             return len(entries)
         finally:
-            await store.r.aclose()
+            await store.close()
 
     n = asyncio.run(run())
     print(f"{n} quarantined users", file=sys.stderr)
@@ -201,7 +201,7 @@ def cmd_recode(args: argparse.Namespace) -> int:
         total = await store.item_count()
         with tqdm(total=total, desc=f"items → codebook {codebooks.own_id}", unit="item") as bar:
             done = await recode_items(store, codebooks, progress=bar.update)
-        await store.r.aclose()
+        await store.close()
         return done
 
     done = asyncio.run(run())
