@@ -128,6 +128,8 @@ def run_temporal(
     steps_grid: tuple[int, ...] = (300,),
     sasrec_epochs: int = 40,
     validate_fixed: bool = False,
+    validation_only: bool = False,
+    sasrec: bool = True,
     test_q: float = 0.9,
     valid_q: float = 0.8,
     base: TrainConfig | None = None,
@@ -162,15 +164,17 @@ def run_temporal(
     choices, grid = choose_baselines(valid)
     say(f"validation: baselines {choices}")
     sas_cfg = SASRecConfig(epochs=sasrec_epochs, lr=3e-3)
-    curve = sasrec_curve(valid, sas_cfg, seed=0, every=10)
-    choices["sasrec_epochs"] = max(curve, key=lambda e: curve[e]["recall@50"])
-    shown = {e: round(m["recall@50"], 4) for e, m in curve.items()}
-    say(f"validation: SASRec epochs {choices['sasrec_epochs']} (R@50 by epoch {shown})")
     validation: dict[str, dict] = {
         name: evaluate_ranked(valid, r)
         for name, r in baselines(valid, choices["recent_window_days"], choices["knn_neighbours"]).items()
     }
-    validation["sasrec"] = curve[choices["sasrec_epochs"]]
+    curve: dict[int, dict] = {}
+    if sasrec:
+        curve = sasrec_curve(valid, sas_cfg, seed=0, every=10)
+        choices["sasrec_epochs"] = max(curve, key=lambda e: curve[e]["recall@50"])
+        shown = {e: round(m["recall@50"], 4) for e, m in curve.items()}
+        say(f"validation: SASRec epochs {choices['sasrec_epochs']} (R@50 by epoch {shown})")
+        validation["sasrec"] = curve[choices["sasrec_epochs"]]
     model_grid: dict[str, dict] = {}
     # the trend's time constant: the recent-popularity window that won on validation
     base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
@@ -202,6 +206,11 @@ def run_temporal(
         validation_grid={"baselines": grid, "sasrec": curve, "models": model_grid},
     )
     (out / "temporal.json").write_text(json.dumps(report, indent=2, default=str))
+    if validation_only:
+        md = markdown_validation(report)
+        (out / "temporal.md").write_text(md)
+        say(md)
+        return report
 
     # ---------------------------------------------------------------- 2. the test period, once, per seed
     per_seed: dict[str, list[dict]] = {}
@@ -216,9 +225,9 @@ def run_temporal(
             model = fit_user_model(test, stage, cfg, variant, progress, f"test {name} seed {seed}")
             per_seed.setdefault(name, []).append(evaluate_ranked(test, rank_user_model(test, model, stage)))
             (out / "temporal.json").write_text(json.dumps({**report, "test_per_seed": per_seed}, default=str))
-        per_seed.setdefault("sasrec", []).append(
-            evaluate_ranked(test, rank_sasrec(test, replace(sas_cfg, epochs=choices["sasrec_epochs"]), seed))
-        )
+        if sasrec:
+            sas = replace(sas_cfg, epochs=choices["sasrec_epochs"])
+            per_seed.setdefault("sasrec", []).append(evaluate_ranked(test, rank_sasrec(test, sas, seed)))
         (out / "temporal.json").write_text(json.dumps({**report, "test_per_seed": per_seed}, default=str))
         say(f"test: seed {seed} done ({time.perf_counter() - t0:.0f}s)")
     report["test_per_seed"] = per_seed
@@ -240,6 +249,19 @@ def summarise(runs: list[dict]) -> dict[str, tuple[float, float]]:
 COLUMNS = [f"recall@{k}" for k in KS] + ["ndcg@50", "next_recall@50", "coverage@50"]
 
 
+def markdown_validation(report: dict) -> str:
+    sp = report["splits"]["validation"]
+    lines = [
+        f"validation cut ({sp['users']} users, {sp['targets']} targets, seed 0):",
+        "",
+        "| method | " + " | ".join(COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    for name, m in report["validation"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict) -> str:
     sp = report["splits"]
     lines = [
@@ -253,15 +275,7 @@ def markdown(report: dict) -> str:
         cells = [f"{m[c][0]:.4f} ± {m[c][1]:.4f}" if m[c][1] > 0 else f"{m[c][0]:.4f}" for c in COLUMNS]
         v = report["validation"].get(name, {}).get("recall@50")
         lines.append(f"| {name} | " + " | ".join(cells) + (f" | {v:.4f} |" if v is not None else " | — |"))
-    lines += [
-        "",
-        f"validation cut ({sp['validation']['users']} users, {sp['validation']['targets']} targets, seed 0):",
-        "",
-        "| method | " + " | ".join(COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
-    ]
-    for name, m in report["validation"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in COLUMNS) + " |")
+    lines += ["", markdown_validation(report)]
     cold = report["test"]["popularity"]["cold_target_share"][0] if "popularity" in report["test"] else float("nan")
     lines += ["", f"cold-item share of the test targets: {cold:.4f}", f"choices (validation cut): {report['choices']}"]
     return "\n".join(lines) + "\n"

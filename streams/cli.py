@@ -296,6 +296,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             steps_grid=tuple(args.steps),
             out=args.out or "runs/temporal",
             threads=args.threads,
+            validation_only=args.validation_only,
+            sasrec=not args.no_sasrec,
         )
         return 0
     from models.evaluate import run_evaluate
@@ -447,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="*", help="temporal: user models (default: full hybrid hybrid_k1)")
     p.add_argument("--steps", type=int, nargs="*", default=[300], help="temporal: steps grid chosen on validation")
     p.add_argument("--threads", type=int, default=2, help="temporal: torch threads")
+    p.add_argument("--validation-only", action="store_true", help="temporal: the validation cut only (ablations)")
+    p.add_argument("--no-sasrec", action="store_true", help="temporal: leave the SASRec-style baseline out")
     p.add_argument("--out", help="temporal: folder for temporal.json / temporal.md (default runs/temporal)")
     p.add_argument(
         "--variants",
