@@ -46,7 +46,8 @@ def check_scenarios(settings: Settings, ckpt: Checkpoint) -> None:
 
 
 class Progress:
-    """Per input partition: the last offset handled and when it last moved, for the lag gauge and /health."""
+    """Per input partition: the last offset applied and when it last moved, for the lag gauge, /health and
+    the commit guard."""
 
     def __init__(self) -> None:
         self.offsets: dict[tuple[str, int], int] = {}
@@ -70,6 +71,34 @@ class Progress:
         return out
 
 
+def guard_commits(consumer, progress: Progress) -> None:
+    """Bounds every offset commit by what the pipeline applied.
+
+    Faust acks (and so commits) messages it *skips*: those fetched before a rebalance (a stale
+    generation) and those that reach a stream while flow control is suspended (a rebalance, a stop).
+    A skipped message was never given to an agent, so committing past it loses it (seen: the old worker
+    of a roll-out, stopped mid-stream, committed events its streams skipped and the new owner started
+    after them).  The guard lets a partition's commit go no further than one past the last offset an
+    agent applied (``Progress.note``, called after the batch's effects are in Redis)."""
+    if getattr(consumer, "_mirstream_guard", False):
+        return
+    faust_offsets = consumer._filter_committable_offsets
+
+    def bounded(tps):
+        out = {}
+        for tp, offset in faust_offsets(tps).items():
+            applied = progress.offsets.get((tp.topic, tp.partition))
+            if applied is None:  # nothing of this partition applied here yet
+                continue
+            safe, committed = min(offset, applied + 1), consumer._committed_offset.get(tp)
+            if committed is None or safe > committed:
+                out[tp] = safe
+        return out
+
+    consumer._filter_committable_offsets = bounded
+    consumer._mirstream_guard = True
+
+
 def build_app(settings: Settings) -> faust.App:
     """The worker's Faust app, its agents, timers and pages, from one settings object."""
     app = make_faust_app(settings)
@@ -83,6 +112,10 @@ def build_app(settings: Settings) -> faust.App:
     @app.on_before_shutdown.connect
     async def finish_batches(app, **kwargs) -> None:  # the fetcher has stopped; the agents have not
         await gate.drain()
+
+    @app.on_partitions_assigned.connect
+    async def install_commit_guard(app, **kwargs) -> None:  # before any message of the assignment
+        guard_commits(app.consumer, progress)
 
     event_topics = {s: app.topic(settings.events_topic(s), partitions=settings.partitions) for s in settings.scenarios}
     items_topic = app.topic(settings.items_topic, partitions=settings.partitions)
