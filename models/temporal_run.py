@@ -130,6 +130,7 @@ def run_temporal(
     validate_fixed: bool = False,
     validation_only: bool = False,
     sasrec: bool = True,
+    reuse: str | Path | None = None,
     test_q: float = 0.9,
     valid_q: float = 0.8,
     base: TrainConfig | None = None,
@@ -161,51 +162,61 @@ def run_temporal(
     }
 
     # ---------------------------------------------------------------- 1. every choice on the validation cut
-    choices, grid = choose_baselines(valid)
-    say(f"validation: baselines {choices}")
-    sas_cfg = SASRecConfig(epochs=sasrec_epochs, lr=3e-3)
-    validation: dict[str, dict] = {
-        name: evaluate_ranked(valid, r)
-        for name, r in baselines(valid, choices["recent_window_days"], choices["knn_neighbours"]).items()
-    }
-    curve: dict[int, dict] = {}
-    if sasrec:
-        curve = sasrec_curve(valid, sas_cfg, seed=0, every=10)
-        choices["sasrec_epochs"] = max(curve, key=lambda e: curve[e]["recall@50"])
-        shown = {e: round(m["recall@50"], 4) for e, m in curve.items()}
-        say(f"validation: SASRec epochs {choices['sasrec_epochs']} (R@50 by epoch {shown})")
-        validation["sasrec"] = curve[choices["sasrec_epochs"]]
-    model_grid: dict[str, dict] = {}
-    # the trend's time constant: the recent-popularity window that won on validation
-    base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
-    base0 = replace(base, seed=0)
-    stage = Stage12(valid, base0, progress)
-    for name in models:
-        model_grid[name] = {}
-        if name == "full" and not validate_fixed:  # nothing of it is chosen: scored on the test cut only
-            choices["full_steps"] = steps_grid[-1]
-            continue
-        for steps in steps_grid:
-            cfg, variant = _cfg(base0, name, steps=steps)
-            model = fit_user_model(valid, stage, cfg, variant, progress, f"validation {name} {steps} steps")
-            model_grid[name][steps] = evaluate_ranked(valid, rank_user_model(valid, model, stage))
-            say(f"validation: {name} {steps} steps R@50 {model_grid[name][steps]['recall@50']:.4f}")
-        best = max(steps_grid, key=lambda s: model_grid[name][s]["recall@50"])
-        choices[f"{name}_steps"] = best
-        validation[name] = model_grid[name][best]
-        (out / "temporal.json").write_text(json.dumps({**report, "partial_validation": model_grid}, default=str))
-    # K (and any other hybrid option): the hybrid variant that did best on validation goes to the test cut
-    hybrids = [m for m in models if m.startswith("hybrid")]
-    tested = [m for m in models if not m.startswith("hybrid")]
-    if hybrids:
-        choices["hybrid_variant"] = max(hybrids, key=lambda m: validation[m]["recall@50"])
-        tested.append(choices["hybrid_variant"])
-    report.update(
-        choices=choices,
-        validation=validation,
-        validation_grid={"baselines": grid, "sasrec": curve, "models": model_grid},
-    )
-    (out / "temporal.json").write_text(json.dumps(report, indent=2, default=str))
+    if reuse is None:
+        choices, grid = choose_baselines(valid)
+        say(f"validation: baselines {choices}")
+        sas_cfg = SASRecConfig(epochs=sasrec_epochs, lr=3e-3)
+        validation: dict[str, dict] = {
+            name: evaluate_ranked(valid, r)
+            for name, r in baselines(valid, choices["recent_window_days"], choices["knn_neighbours"]).items()
+        }
+        curve: dict[int, dict] = {}
+        if sasrec:
+            curve = sasrec_curve(valid, sas_cfg, seed=0, every=10)
+            choices["sasrec_epochs"] = max(curve, key=lambda e: curve[e]["recall@50"])
+            shown = {e: round(m["recall@50"], 4) for e, m in curve.items()}
+            say(f"validation: SASRec epochs {choices['sasrec_epochs']} (R@50 by epoch {shown})")
+            validation["sasrec"] = curve[choices["sasrec_epochs"]]
+        model_grid: dict[str, dict] = {}
+        # the trend's time constant: the recent-popularity window that won on validation
+        base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
+        base0 = replace(base, seed=0)
+        stage = Stage12(valid, base0, progress)
+        for name in models:
+            model_grid[name] = {}
+            if name == "full" and not validate_fixed:  # nothing of it is chosen: scored on the test cut only
+                choices["full_steps"] = steps_grid[-1]
+                continue
+            for steps in steps_grid:
+                cfg, variant = _cfg(base0, name, steps=steps)
+                model = fit_user_model(valid, stage, cfg, variant, progress, f"validation {name} {steps} steps")
+                model_grid[name][steps] = evaluate_ranked(valid, rank_user_model(valid, model, stage))
+                say(f"validation: {name} {steps} steps R@50 {model_grid[name][steps]['recall@50']:.4f}")
+            best = max(steps_grid, key=lambda s: model_grid[name][s]["recall@50"])
+            choices[f"{name}_steps"] = best
+            validation[name] = model_grid[name][best]
+            (out / "temporal.json").write_text(json.dumps({**report, "partial_validation": model_grid}, default=str))
+        # K (and any other hybrid option): the hybrid variant that did best on validation goes to the test cut
+        hybrids = [m for m in models if m.startswith("hybrid")]
+        tested = [m for m in models if not m.startswith("hybrid")]
+        if hybrids:
+            choices["hybrid_variant"] = max(hybrids, key=lambda m: validation[m]["recall@50"])
+            tested.append(choices["hybrid_variant"])
+        report.update(
+            choices=choices,
+            validation=validation,
+            validation_grid={"baselines": grid, "sasrec": curve, "models": model_grid},
+        )
+        (out / "temporal.json").write_text(json.dumps(report, indent=2, default=str))
+    else:  # the choices (and validation figures) of an earlier run's phase 1: test phase only
+        earlier = json.loads(Path(reuse).read_text())
+        choices = earlier["choices"]
+        report.update(choices=choices, validation=earlier["validation"], validation_grid=earlier["validation_grid"])
+        report["choices_from"] = str(reuse)
+        tested = [m for m in models if not m.startswith("hybrid")] + [choices["hybrid_variant"]]
+        sas_cfg = SASRecConfig(epochs=sasrec_epochs, lr=3e-3)
+        base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
+        base0 = replace(base, seed=0)
     if validation_only:
         md = markdown_validation(report)
         (out / "temporal.md").write_text(md)
@@ -240,6 +251,26 @@ def run_temporal(
     if progress:
         tqdm.write(md)
     return report
+
+
+def merge_reports(paths: list[str | Path], out: str | Path) -> dict:
+    """One report from runs of the same choices on different seeds (``reuse`` of one phase 1)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {k: v for k, v in reports[0].items() if k not in ("test_per_seed", "test", "seeds", "wall_s")}
+    merged["seeds"], merged["test_per_seed"] = [], {}
+    for r in reports:
+        if r["choices"] != merged["choices"]:
+            raise ValueError(f"runs with different validation choices cannot be merged: {paths}")
+        merged["seeds"] += r["seeds"]
+        for name, runs in r["test_per_seed"].items():
+            merged["test_per_seed"].setdefault(name, []).extend(runs)
+    merged["test"] = {name: summarise(runs) for name, runs in merged["test_per_seed"].items()}
+    merged["merged_from"] = [str(p) for p in paths]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "temporal.json").write_text(json.dumps(merged, indent=2, default=str))
+    (out / "temporal.md").write_text(markdown(merged))
+    return merged
 
 
 def summarise(runs: list[dict]) -> dict[str, tuple[float, float]]:

@@ -282,7 +282,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # Without a checkpoint the headline protocol runs (it trains every method on the pre-cut data itself).
     protocol = args.protocol or ("leave-last" if args.checkpoint else "temporal")
     if protocol == "temporal":
-        from models.temporal_run import MODELS, run_temporal
+        from models.temporal_run import MODELS, merge_reports, run_temporal
+
+        if args.merge:
+            print(merge_reports(args.merge, args.out or "runs/temporal")["test"].keys())
+            return 0
 
         models = tuple(args.models) if args.models else ("full", "hybrid", "hybrid_k1")
         unknown = [m for m in models if m not in MODELS]
@@ -298,6 +302,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             threads=args.threads,
             validation_only=args.validation_only,
             sasrec=not args.no_sasrec,
+            reuse=args.choices_from,
         )
         return 0
     from models.evaluate import run_evaluate
@@ -451,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="temporal: torch threads")
     p.add_argument("--validation-only", action="store_true", help="temporal: the validation cut only (ablations)")
     p.add_argument("--no-sasrec", action="store_true", help="temporal: leave the SASRec-style baseline out")
+    p.add_argument(
+        "--choices-from", help="temporal: an earlier run's temporal.json: reuse its validation choices, test only"
+    )
+    p.add_argument("--merge", nargs="*", help="temporal: merge the per-seed results of runs with the same choices")
     p.add_argument("--out", help="temporal: folder for temporal.json / temporal.md (default runs/temporal)")
     p.add_argument(
         "--variants",
