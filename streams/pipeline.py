@@ -114,7 +114,7 @@ def build_app(settings: Settings) -> faust.App:
         await gate.drain()
 
     @app.on_partitions_assigned.connect
-    async def install_commit_guard(app, **kwargs) -> None:  # before any message of the assignment
+    async def install_commit_guard(app, assigned, **kwargs) -> None:  # before any message of the assignment
         guard_commits(app.consumer, progress)
 
     event_topics = {s: app.topic(settings.events_topic(s), partitions=settings.partitions) for s in settings.scenarios}
