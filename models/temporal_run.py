@@ -303,9 +303,11 @@ def markdown(report: dict) -> str:
         "|---|" + "---:|" * (len(COLUMNS) + 1),
     ]
     for name, m in report["test"].items():
+        runs = len(report.get("test_per_seed", {}).get(name, report["seeds"]))
+        shown = name if runs == len(report["seeds"]) else f"{name} ({runs} of the seeds)"
         cells = [f"{m[c][0]:.4f} ± {m[c][1]:.4f}" if m[c][1] > 0 else f"{m[c][0]:.4f}" for c in COLUMNS]
         v = report["validation"].get(name, {}).get("recall@50")
-        lines.append(f"| {name} | " + " | ".join(cells) + (f" | {v:.4f} |" if v is not None else " | — |"))
+        lines.append(f"| {shown} | " + " | ".join(cells) + (f" | {v:.4f} |" if v is not None else " | — |"))
     lines += ["", markdown_validation(report)]
     cold = report["test"]["popularity"]["cold_target_share"][0] if "popularity" in report["test"] else float("nan")
     lines += ["", f"cold-item share of the test targets: {cold:.4f}", f"choices (validation cut): {report['choices']}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -159,3 +160,32 @@ def test_decayed_counts_match_the_streaming_update_rule():
     np.testing.assert_allclose(got, np.where(c > 0, expect, 0.0), rtol=1e-9)
     assert got[3] == 0 and got[5] == 0  # their events are after the cut
     np.testing.assert_allclose(tp.trend_feature(ds, at, tau), np.log1p(got), rtol=1e-6)
+
+
+def test_merge_reports_pools_seeds_and_refuses_other_choices(tmp_path):
+    from models.temporal_run import merge_reports
+
+    def report(seed, r50, choices):
+        m = {"recall@10": 0.0, "recall@50": r50, "recall@200": 0.0, "ndcg@50": 0.0, "next_recall@50": 0.0}
+        m["coverage@50"] = 0.1
+        m["cold_target_share"] = 0.03
+        split = {"users": 1, "targets": 1}
+        return {
+            "dataset": "tiny", "test_quantile": 0.9, "seeds": [seed], "choices": choices,
+            "splits": {"test": split, "validation": split}, "validation": {"hybrid": m},
+            "test_per_seed": {"hybrid": [m], "popularity": [{**m, "recall@50": 0.2}]},
+        }  # fmt: skip
+
+    paths = []
+    for seed, r50 in ((0, 0.3), (1, 0.4)):
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(report(seed, r50, {"k": 1})))
+    merged = merge_reports(paths, tmp_path / "out")
+    assert merged["seeds"] == [0, 1]
+    assert merged["test"]["hybrid"]["recall@50"] == pytest.approx((0.35, 0.05))
+    assert merged["test"]["popularity"]["recall@50"] == pytest.approx((0.2, 0.0))
+    assert "0.3500 ± 0.0500" in (tmp_path / "out" / "temporal.md").read_text()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(report(2, 0.5, {"k": 2})))
+    with pytest.raises(ValueError):
+        merge_reports([paths[0], other], tmp_path / "bad")
