@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 from pipeline_checks import (
     COARSE_TOL,
     VECTOR_TOL,
@@ -90,7 +91,7 @@ def test_two_workers_rebalance_then_one_killed(pipeline_settings, ds, tmp_path):
     a = WorkerProcess(settings, log=tmp_path / "a.log").start()
     sender.start()
     time.sleep(2)
-    b_settings = settings.with_(web_port=settings.web_port + 1, datadir=str(tmp_path / "faust-b"))
+    b_settings = settings.with_(web_port=free_port(), datadir=str(tmp_path / "faust-b"))
     b = WorkerProcess(b_settings, log=tmp_path / "b.log").start()  # joins: the group rebalances
     time.sleep(4)
     a.kill()  # B takes A's partitions after the session timeout
@@ -116,9 +117,7 @@ def _hand_over(settings, new_checkpoint: str, ds, tmp_path, timeout: float) -> t
     a = WorkerProcess(settings, log=tmp_path / "old.log").start()
     send_events(settings, ds, p.events[:half], progress=False)
     assert wait_for_vectors(settings, expected_seq(ds, p.events[:half]), timeout=120, progress=False) == {}
-    b_settings = settings.with_(
-        checkpoint=new_checkpoint, web_port=settings.web_port + 1, datadir=str(tmp_path / "faust-new")
-    )
+    b_settings = settings.with_(checkpoint=new_checkpoint, web_port=free_port(), datadir=str(tmp_path / "faust-new"))
     b = WorkerProcess(b_settings, log=tmp_path / "new.log").start()
     try:
         a.stop()  # the old version leaves; its partitions move to the new one
@@ -225,7 +224,7 @@ def test_codebook_switch_with_overlapping_workers(pipeline_settings, ds, tmp_pat
     send_items(settings, ds, p.items, progress=False)
     a = WorkerProcess(settings, log=tmp_path / "old.log").start()
     b_settings = settings.with_(
-        checkpoint=str(tmp_path / "checkpoint-cb2"), web_port=settings.web_port + 1, datadir=str(tmp_path / "fb")
+        checkpoint=str(tmp_path / "checkpoint-cb2"), web_port=free_port(), datadir=str(tmp_path / "fb")
     )
     b = WorkerProcess(b_settings, log=tmp_path / "new.log")
     try:
