@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import orjson
 import torch
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, OffsetSpec
 
 from models.codebook import CodebookConfig, ResidualCodebook, transcode
@@ -39,6 +40,23 @@ def lagging(settings, timeout: float = 60.0) -> dict[TopicPartition, int]:
             time.sleep(0.5)
     finally:
         admin.close()
+
+
+def read_deadletters(settings, n: int, timeout_ms: int = 30_000) -> list[dict]:
+    """The first ``n`` dead letters of the run (fewer if they do not come within the timeout)."""
+    consumer = KafkaConsumer(
+        settings.deadletter_topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms,
+    )
+    out = []
+    for msg in consumer:
+        out.append(orjson.loads(msg.value))
+        if len(out) >= n:
+            break
+    consumer.close()
+    return out
 
 
 def offline(

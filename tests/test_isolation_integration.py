@@ -11,9 +11,9 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
-from pipeline_checks import lagging
+from pipeline_checks import lagging, read_deadletters
 
 from models.data import load
 from state.keys import Keys
@@ -59,34 +59,24 @@ def _page(settings, path: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def _deadletters(settings, n: int) -> list[dict]:
-    consumer = KafkaConsumer(
-        settings.deadletter_topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=30_000,
-    )
-    out = []
-    for msg in consumer:
-        out.append(orjson.loads(msg.value))
-        if len(out) >= n:
-            break
-    consumer.close()
-    return out
+def _first_events(settings, ds, users: list[str]) -> str:
+    """The item, then one event for each user, all applied and refined; returns the item id."""
+    item = str(ds.item_ids[1])
+    send_items(settings, ds, np.array([1]), progress=False)
+    _send(settings, [(u, 1) for u in users], item)
+    assert wait_for_vectors(settings, dict.fromkeys(users, 1), timeout=60, progress=False) == {}
+    return item
 
 
 def test_poison_user_in_a_batch_is_dead_lettered_and_the_others_applied_once(pipeline_settings, ds, tmp_path):
     settings = pipeline_settings
     ensure_topics(settings)
     r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
-    item = str(ds.item_ids[1])
     with WorkerProcess(settings, log=tmp_path / "worker.log") as w:
-        send_items(settings, ds, np.array([1]), progress=False)
-        _send(settings, [("a", 1), ("bad", 1), ("c", 1)], item)
-        assert wait_for_vectors(settings, {"a": 1, "bad": 1, "c": 1}, timeout=60, progress=False) == {}
+        item = _first_events(settings, ds, ["a", "bad", "c"])
         r.set(keys.user_history("bad"), b"x" * 17)  # its stored history no longer decodes
         _send(settings, [("a", 2), ("bad", 2), ("c", 2)], item)  # one batch, one poison user in it
-        letters = _deadletters(settings, 1)
+        letters = read_deadletters(settings, 1)
         assert wait_for_vectors(settings, {"a": 2, "c": 2}, timeout=60, progress=False) == {}
         assert lagging(settings) == {}
         metrics = _page(settings, "/metrics")[1].decode()
@@ -101,11 +91,8 @@ def test_poison_dirty_user_is_quarantined_and_retried_after_a_fix(pipeline_setti
     settings = pipeline_settings
     ensure_topics(settings)
     r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
-    item = str(ds.item_ids[1])
     with WorkerProcess(settings, log=tmp_path / "worker.log") as w:
-        send_items(settings, ds, np.array([1]), progress=False)
-        _send(settings, [("a", 1), ("bad", 1)], item)
-        assert wait_for_vectors(settings, {"a": 1, "bad": 1}, timeout=60, progress=False) == {}
+        item = _first_events(settings, ds, ["a", "bad"])
         # A dirty user whose history no longer decodes (written by hand, as a broken tool would).
         r.set(keys.user_history("bad"), b"x" * 17)
         r.hset(keys.user_state("bad"), "seq", 2)
@@ -140,12 +127,9 @@ def test_unattributable_error_stops_the_worker_without_committing(pipeline_setti
     settings = pipeline_settings
     ensure_topics(settings)
     r, keys = redis.Redis.from_url(settings.redis_url), Keys(settings.prefix)
-    item = str(ds.item_ids[1])
     worker = WorkerProcess(settings, log=tmp_path / "worker.log").start()
     try:
-        send_items(settings, ds, np.array([1]), progress=False)
-        _send(settings, [("a", 1)], item)
-        assert wait_for_vectors(settings, {"a": 1}, timeout=60, progress=False) == {}
+        item = _first_events(settings, ds, ["a"])
         assert lagging(settings, timeout=30) == {}
         r.set(keys.user_state("clobbered"), "not a hash")
         _send(settings, [("a", 2), ("clobbered", 1)], item)

@@ -10,9 +10,18 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, OffsetSpec
-from pipeline_checks import COARSE_TOL, VECTOR_TOL, assert_matches_offline, lagging, offline, replay, snapshot
+from pipeline_checks import (
+    COARSE_TOL,
+    VECTOR_TOL,
+    assert_matches_offline,
+    lagging,
+    offline,
+    read_deadletters,
+    replay,
+    snapshot,
+)
 
 from models.data import load
 from models.user_model import Checkpoint
@@ -155,19 +164,7 @@ def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_setti
         producer.send(settings.events_topic("feed"), key=b"u1", value=orjson.dumps(orphan))
         producer.flush()
         producer.close()
-        expect = len(BAD) + len(BAD_ITEMS) + 1
-        consumer = KafkaConsumer(
-            settings.deadletter_topic,
-            bootstrap_servers=settings.bootstrap_servers,
-            auto_offset_reset="earliest",
-            consumer_timeout_ms=30_000,
-        )
-        letters = []
-        for msg in consumer:
-            letters.append(orjson.loads(msg.value))
-            if len(letters) >= expect:
-                break
-        consumer.close()
+        letters = read_deadletters(settings, len(BAD) + len(BAD_ITEMS) + 1)
         assert wait_for_vectors(settings, {"u1": 1}, timeout=30, progress=False) == {}
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics").read().decode()
         assert w.proc.poll() is None, "the worker must keep running"
