@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from state.users import ROW_FIELDS, Applied, UserRow, UserUpdate, parked_mark, parse_row, read_args
+from state.users import ROW_FIELDS, Applied, UserRow, UserUpdate, applied_mark, parked_mark, parse_row, read_args
 
 
 @dataclass
@@ -68,11 +68,9 @@ class MemoryUsers:
             h["gen"], h["cb"] = u.state_id.encode(), (u.codebook or "").encode()
         for name, offset in u.watermarks.items():
             raise_(name, offset, str(offset))
-        args = u.args()
-        marks = args[15 + 2 * len(u.watermarks) :]
-        for applied, parked in zip(marks[::2], marks[1::2], strict=True):
-            h[applied] = b"1"
-            h.pop(parked, None)
+        for origin in u.applied:
+            h[applied_mark(origin)] = b"1"
+            h.pop(parked_mark(origin), None)
         return Applied(seq, ver, int(h.get("refined_seq", b"0")))
 
     def park(self, item: str, body: bytes, max_parked: int) -> bool:

@@ -24,6 +24,18 @@ class Rejected(ValueError):
 
 
 @dataclass(frozen=True)
+class Message:
+    """A raw Kafka message as the agents see it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp: float  # producer time, seconds
+
+
+@dataclass(frozen=True)
 class Event:
     event_id: str
     user_id: str

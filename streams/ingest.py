@@ -22,32 +22,19 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import orjson
 
 from models.user_model import Checkpoint
 from state.store import StreamStore
 from streams import metrics
-from streams.events import Rejected, parse_event
+from streams.events import Message, Rejected, parse_event
 from streams.planner import Accepted, PlanContext, UserPlan, plan
 from streams.settings import Settings
 from streams.switch import Codebooks
 
 log = logging.getLogger(__name__)
 CONFLICT_WARN_EVERY = 20  # conflicts in a row on one batch before each warning
-
-
-@dataclass(frozen=True)
-class Message:
-    """A raw Kafka message as the agents see it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    timestamp: float  # producer time, seconds
 
 
 DeadLetter = Callable[[Message, str, str], Awaitable[None]]
@@ -110,13 +97,12 @@ class Ingestor:
                 await self.deadletter(msg, str(exc), "event")
                 continue
             by_user[a.event.user_id].append(a)
-        messages = {(m.topic, m.partition, m.offset): m for m in batch}
         codes = await self.codebooks.item_codes(sorted({a.event.item_id for v in by_user.values() for a in v}))
         dirty: dict[int, dict[str, int]] = defaultdict(dict)
         handled: set[str] = set()  # origins parked or dead-lettered by this batch
         pending, attempt = dict(by_user), 0
         while pending:
-            conflicts = await self._round(scenario, pending, codes, handled, messages, dirty, attempt == 0)
+            conflicts = await self._round(scenario, pending, codes, handled, dirty, attempt == 0)
             pending = {u: pending[u] for u in conflicts}
             if pending:
                 attempt += 1
@@ -135,7 +121,7 @@ class Ingestor:
             raise Rejected(f"message key {msg.key!r} is not the user_id {event.user_id!r} (breaks partitioning)")
         own = f"{msg.topic}:{msg.partition}:{msg.offset}"
         origin, replayed = (own, False) if event.origin is None else (event.origin, True)
-        return Accepted(event, msg.topic, msg.partition, msg.offset, msg.timestamp, origin, replayed)
+        return Accepted(event, msg, origin, replayed)
 
     async def _round(
         self,
@@ -143,7 +129,6 @@ class Ingestor:
         pending: dict[str, list[Accepted]],
         codes: dict[str, bytes | None],
         handled: set[str],
-        messages: dict[tuple[str, int, int], Message],
         dirty: dict[int, dict[str, int]],
         first: bool,
     ) -> set[str]:
@@ -160,7 +145,7 @@ class Ingestor:
             if p.remark_dirty:
                 dirty[pending[p.user][-1].partition][p.user] = rows[p.user].seq
             if p.poison:
-                await self._dead(p, messages, handled)
+                await self._dead(p, handled)
         marking = {u: (rows[u], p.mark) for u, p in plans.items() if p.mark and p.update is not None}
         for user, ok in (await self.store.mark_parked(marking)).items() if marking else ():
             if not ok:
@@ -168,7 +153,7 @@ class Ingestor:
         for p in plans.values():
             if p.update is not None and p.user not in conflicts:
                 for a in p.park:
-                    await self._park(a, messages, handled)
+                    await self._park(a, handled)
         updates = {u: p.update for u, p in plans.items() if p.update is not None and u not in conflicts}
         for user, result in (await self.store.apply_many(updates)).items() if updates else ():
             if result is None:
@@ -183,16 +168,15 @@ class Ingestor:
                 dirty[pending[user][-1].partition][user] = result.seq
         return conflicts
 
-    async def _dead(self, p: UserPlan, messages: dict[tuple[str, int, int], Message], handled: set[str]) -> None:
+    async def _dead(self, p: UserPlan, handled: set[str]) -> None:
         metrics.AGENT_ERRORS.labels("ingest", "poison_user").inc()
         log.error("dead-lettering %d events: %s", len(p.dead), p.poison)
         for a in p.dead:
-            await self.deadletter(messages[(a.topic, a.partition, a.offset)], str(p.poison), "event")
+            await self.deadletter(a.msg, str(p.poison), "event")
             handled.add(a.origin)
 
-    async def _park(self, a: Accepted, messages: dict[tuple[str, int, int], Message], handled: set[str]) -> None:
-        msg = messages[(a.topic, a.partition, a.offset)]
-        body = orjson.loads(msg.value)
+    async def _park(self, a: Accepted, handled: set[str]) -> None:
+        body = orjson.loads(a.msg.value)
         body["_origin"] = a.origin
         body["_parked_at"] = time.time()
         if await self.store.park(a.event.item_id, orjson.dumps(body), self.max_parked):
@@ -206,5 +190,5 @@ class Ingestor:
             if (await self.codebooks.item_codes([a.event.item_id]))[a.event.item_id] is not None:
                 await release_parked(self.store, self.republish, a.event.item_id)
         else:
-            await self.deadletter(msg, f"unknown item {a.event.item_id!r} and its parking list is full", "event")
+            await self.deadletter(a.msg, f"unknown item {a.event.item_id!r} and its parking list is full", "event")
             handled.add(a.origin)

@@ -14,8 +14,8 @@ import torch
 from models.user_model import Checkpoint
 from state.store import StreamStore
 from streams import metrics
-from streams.events import Item, Rejected, parse_item
-from streams.ingest import DeadLetter, Message, Republish, release_parked
+from streams.events import Item, Message, Rejected, parse_item
+from streams.ingest import DeadLetter, Republish, release_parked
 from streams.settings import Settings
 from streams.switch import Codebooks
 
@@ -53,8 +53,9 @@ class ItemHandler:
                 await asyncio.get_running_loop().run_in_executor(None, self._text_encoder)
             except Exception as exc:  # the worker cannot encode text: each text-only item says so, vectors go on
                 reason = f"text-only item, and this worker cannot encode text ({type(exc).__name__}: {exc})"
-                for msg, _ in [(m, it) for m, it in parsed if it.vector is None]:
-                    await self.deadletter(msg, reason, "item")
+                for msg, item in parsed:
+                    if item.vector is None:
+                        await self.deadletter(msg, reason, "item")
                 parsed = [(m, it) for m, it in parsed if it.vector is not None]
         if not parsed:
             return []

@@ -7,8 +7,8 @@
 Web: ``GET /users/{id}/interests[?version=v]`` (JSON), ``GET /metrics`` (Prometheus), ``GET /health``
 (200 or 503 with the reasons), ``GET /quarantine`` (users whose refinement failed, with the reason).
 
-Every batch runs through ``streams.retry.run_batch``: it returns only once the batch is applied, so the
-offsets Faust commits never pass an unapplied event.
+Every batch runs through ``streams.retry`` (``BatchGate.run`` → ``run_batch``): it returns only once
+the batch is applied, and ``guard_commits`` keeps every offset commit at or below what was applied.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.user_model import Checkpoint
 from state.store import AsyncInterestReader, StreamStore, connect_async
 from streams import metrics
+from streams.events import Message
 from streams.faust_app import make_faust_app
-from streams.ingest import Ingestor, Message, owner_partition, release_parked
+from streams.ingest import Ingestor, owner_partition, release_parked
 from streams.items import ItemHandler
 from streams.refinement import Refresher
 from streams.retry import BatchGate, is_transient, run_batch

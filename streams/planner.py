@@ -36,25 +36,39 @@ from state.users import (
     usable_coarse,
     watermark,
 )
-from streams.events import Event
+from streams.events import Event, Message
 from streams.switch import built_elsewhere, rebuild_user
 
 
 @dataclass(frozen=True)
 class Accepted:
-    """A parsed event with where it came from."""
+    """A parsed event with the message it came in."""
 
     event: Event
-    topic: str
-    partition: int
-    offset: int
-    kafka_ts: float  # producer time, seconds
+    msg: Message
     origin: str  # "topic:partition:offset" of its first delivery
     replayed: bool  # re-produced from a parking list
 
     @property
+    def topic(self) -> str:
+        return self.msg.topic
+
+    @property
+    def partition(self) -> int:
+        return self.msg.partition
+
+    @property
+    def offset(self) -> int:
+        return self.msg.offset
+
+    @property
+    def kafka_ts(self) -> float:
+        """Producer time, seconds."""
+        return self.msg.timestamp
+
+    @property
     def mark(self) -> str:
-        return watermark(self.topic, self.partition)
+        return watermark(self.msg.topic, self.msg.partition)
 
 
 @dataclass(frozen=True)

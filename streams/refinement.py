@@ -26,7 +26,7 @@ from models.user_model import Checkpoint
 from state.store import StreamStore
 from state.users import CorruptState, UserRow, decode_coarse, decode_history
 from streams import metrics
-from streams.retry import TRANSIENT
+from streams.retry import is_transient
 from streams.settings import Settings
 from streams.switch import Codebooks, built_elsewhere, rebuild_user
 
@@ -99,14 +99,16 @@ class Refresher:
         pin on a user is counted and logged, and ``failing_since`` tells the health check."""
         try:
             n = await self._tick(partitions)
-        except TRANSIENT as exc:
-            metrics.AGENT_ERRORS.labels("refine", "transient").inc()
-            log.warning("refinement tick failed (%s: %s); users stay dirty", type(exc).__name__, exc)
-            self.failing_since = self.failing_since or time.monotonic()
-            return 0
         except Exception as exc:
-            metrics.AGENT_ERRORS.labels("refine", type(exc).__name__).inc()
-            log.exception("refinement tick failed; users stay dirty")
+            transient = is_transient(exc)
+            metrics.AGENT_ERRORS.labels("refine", "transient" if transient else type(exc).__name__).inc()
+            log.log(
+                logging.WARNING if transient else logging.ERROR,
+                "refinement tick failed (%s: %s); users stay dirty",
+                type(exc).__name__,
+                exc,
+                exc_info=None if transient else exc,
+            )
             self.failing_since = self.failing_since or time.monotonic()
             return 0
         self.failing_since = None

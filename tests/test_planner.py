@@ -11,7 +11,7 @@ from models.user_model import Checkpoint
 from state.history import record_dtype
 from state.memory import MemoryUsers
 from state.users import UserUpdate, decode_history, watermark
-from streams.events import Event
+from streams.events import Event, Message
 from streams.planner import Accepted, PlanContext, UserPlan, plan
 
 TOPIC = "t.events.feed"
@@ -38,8 +38,8 @@ def ev(
     topic: str = TOPIC,
 ) -> Accepted:
     e = Event(f"e{offset}", user, str(item), scenario, 0, ts if ts is not None else 1.7e9 + offset, "", origin)
-    own = f"{topic}:0:{offset}"
-    return Accepted(e, topic, 0, offset, 1.7e9 + offset, origin or own, origin is not None)
+    msg = Message(topic, 0, offset, user.encode(), b"", 1.7e9 + offset)
+    return Accepted(e, msg, origin or f"{topic}:0:{offset}", origin is not None)
 
 
 def codes_of(ckpt: Checkpoint, items: range | list[int]) -> dict[str, bytes]:
