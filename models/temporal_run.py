@@ -79,6 +79,7 @@ class Stage12:
                 seed=cfg.seed,
             ),
         )
+        self.book = book
         enc = book.encode(self.vectors)
         self.decoded = book.decode(enc.codes, enc.alphas)
 

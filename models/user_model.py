@@ -139,14 +139,20 @@ class UserModel(nn.Module):
         return self._served(torch.as_tensor(self.refiner.refine(users, scenarios))).numpy()
 
     @torch.inference_mode()
+    def stored_retrieval(self, item_vectors: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """What the stream stores as an item's ``ret``: (n, d) unit vectors (content + item-ID embedding).
+        A trend model's index adds the trend coordinate when it is built (``state.trend``)."""
+        return self.item_retrieval(torch.as_tensor(item_vectors, dtype=torch.float32), ids).numpy()
+
+    @torch.inference_mode()
     def retrieval_vectors(
         self, item_vectors: np.ndarray, ids: np.ndarray | None = None, trend: np.ndarray | None = None
     ) -> np.ndarray:
-        """What the stream stores as an item's ``ret``: (n, d), or (n, d + 1) with the trend coordinate
+        """What retrieval scores against: (n, d), or (n, d + 1) with the trend coordinate
         (``models.temporal.trend_feature`` of each item at serving time) when the model has the trend.
         ``ids``: each item's row in the checkpoint's item table (-1: an item it never saw), needed when the
         model has item-ID embeddings."""
-        ret = self.item_retrieval(torch.as_tensor(item_vectors, dtype=torch.float32), ids).numpy()
+        ret = self.stored_retrieval(item_vectors, ids)
         if not self.trend:
             return ret
         if trend is None:
@@ -194,6 +200,14 @@ class Checkpoint:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:12]
+
+    @cached_property
+    def _item_rows(self) -> dict[str, int]:
+        return {str(it): i for i, it in enumerate(self.item_ids.tolist())}
+
+    def item_rows(self, items: list[str]) -> np.ndarray:
+        """Each item's row in the checkpoint's item table (-1: an item it was not trained with)."""
+        return np.asarray([self._item_rows.get(it, -1) for it in items], dtype=np.int64)
 
     @classmethod
     def load(cls, directory: str | Path) -> Checkpoint:

@@ -18,12 +18,15 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:{u:<id>}:v@<version>``     | hash   | the same, as written by one model version (TTL: roll-outs)  | S × K × d × 4 |
 | ``<p>:{i:<id>}``                 | hash   | ``code:<codebook id>`` (codes + α bytes; two during a       | ~0.3 KB       |
 |                                  |        | codebook switch), ``ret`` (float32 retrieval vector),       |               |
-|                                  |        | ``version``, ``updated_at``, ``title``                      |               |
+|                                  |        | ``version``, ``updated_at``, ``title``; with a trend model  |               |
+|                                  |        | ``tc``/``tt`` (decayed event count at a time, ``state.trend``)|             |
+|                                  |        | and ``tm:<topic>:<partition>`` (highest offset counted)     |               |
 | ``<p>:{i:<id>}:parked``          | list   | events waiting for this item to arrive                      | bounded       |
 | ``<p>:items``                    | set    | every known item id (the search index is built from it)     |               |
 | ``<p>:parked``                   | zset   | item id → time its first event was parked                   |               |
 | ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → their ``seq``    |               |
 | ``<p>:quarantine``               | hash   | user → JSON {partition, seq, reason, at}: refinement failed |               |
+| ``<p>:trend``                    | string | τ (seconds) of the items' trend counts, set by the worker   | ~0.1 KB       |
 | ``<p>:codebook:<id>``            | string | a codebook any worker can load to decode codes of that id   | ~1.8 MB       |
 | ``<p>:codebook:<id>:recoded``    | string | set once every item has a code of that codebook             |               |
 | ``<p>:smoke:<key>``              | string | ``mirstream smoke`` only: a message copied by the agent     | ~0.1 KB       |
@@ -65,6 +68,10 @@ class Keys:
 
     def parked(self, item: str) -> str:
         return f"{self.prefix}:{{i:{item}}}:parked"
+
+    @property
+    def trend(self) -> str:
+        return f"{self.prefix}:trend"
 
     def codebook(self, codebook_id: str) -> str:
         return f"{self.prefix}:codebook:{codebook_id}"

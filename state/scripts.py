@@ -155,3 +155,34 @@ for i = 1, #ARGV do
 end
 return {removed, redis.call('LLEN', KEYS[1])}
 """
+
+#: Count events in an item's trend (``state.trend``): each (offset, ts) above the offset already counted
+#: for its (topic, partition) adds exp(-(tt - ts) / tau) to ``tc`` (moving ``tt`` up first when newer).
+#: KEYS: item hash.  ARGV: tau seconds, mark field, [offset, ts]... in offset order.
+#: Returns how many events were added.
+TREND_ADD = """
+local tau = tonumber(ARGV[1])
+local counted = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '-1')
+local c = tonumber(redis.call('HGET', KEYS[1], 'tc') or '0')
+local t = redis.call('HGET', KEYS[1], 'tt')
+if t then t = tonumber(t) end
+local added = 0
+for i = 3, #ARGV, 2 do
+  local off, ts = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  if off > counted then
+    if not t then
+      c, t = 1.0, ts
+    elseif ts >= t then
+      c, t = c * math.exp(-(ts - t) / tau) + 1.0, ts
+    else
+      c = c + math.exp(-(t - ts) / tau)
+    end
+    counted, added = off, added + 1
+  end
+end
+if added > 0 then
+  redis.call('HSET', KEYS[1], 'tc', string.format('%.17g', c), 'tt', string.format('%.17g', t),
+             ARGV[2], string.format('%d', counted))
+end
+return added
+"""

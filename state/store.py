@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.cluster import RedisCluster
 
-from state import scripts, users
+from state import scripts, trend, users
 from state.keys import Keys
 from state.users import UserRow
 
@@ -85,6 +85,21 @@ class StreamStore:
             pipe.eval(scripts.PUT_ITEM, 1, self.keys.item(item), *fields)
             pipe.sadd(self.keys.items, item)
         await pipe.execute()
+
+    async def set_trend_tau(self, tau_s: float) -> None:
+        """Records the trend counts' τ, so readers that build an index can read the counts."""
+        await self.r.set(self.keys.trend, repr(float(tau_s)))
+
+    async def add_trend(self, events: dict[tuple[str, str], list[tuple[int, float]]], tau_s: float) -> int:
+        """Counts events in their items' trend (``state.trend``): {(item, mark field): [(offset, ts)...]}, one
+        atomic step per item and (topic, partition), one round trip for all; returns how many were new."""
+        pipe = self.r.pipeline(transaction=False)
+        for (item, field), offsets in events.items():
+            args = [repr(float(tau_s)), field]
+            for offset, ts in sorted(offsets):
+                args += [offset, repr(float(ts))]
+            pipe.eval(scripts.TREND_ADD, 1, self.keys.item(item), *args)
+        return int(sum(await pipe.execute())) if events else 0
 
     async def scan_items(self, cursor: int, count: int) -> tuple[int, list[str]]:
         """One step of a scan over every known item id (0 starts and ends a scan)."""
@@ -356,6 +371,20 @@ class InterestReader:
             pipe.hget(self.keys.item(it), "ret")
         vecs = [np.frombuffer(v, dtype="<f4") for v in pipe.execute()]
         return ids, (np.stack(vecs) if vecs else np.zeros((0, 0), np.float32))
+
+    def trend_tau(self) -> float | None:
+        """τ (seconds) of the trend counts, or None when no worker with a trend model has run."""
+        raw = self.r.get(self.keys.trend)
+        return None if raw is None else float(raw)
+
+    def item_trend(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each item's (decayed count, time of its newest counted event); (0, 0) for an uncounted item."""
+        pipe = self.r.pipeline(transaction=False)
+        for it in items:
+            pipe.hmget(self.keys.item(it), trend.COUNT, trend.TIME)
+        rows = [(float(c or 0.0), float(t or 0.0)) for c, t in pipe.execute()]
+        arr = np.asarray(rows, np.float64).reshape(-1, 2)
+        return arr[:, 0], arr[:, 1]
 
     def seqs(self, users: list[str], applied: bool = False) -> list[int | None]:
         """Each user's ``seq`` (events reflected) of its vectors, or with ``applied`` of its state (events

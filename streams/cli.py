@@ -284,6 +284,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if protocol == "temporal":
         from models.temporal_run import MODELS, merge_reports, run_temporal
 
+        if args.through_stream:
+            from streams.through_stream import run_through_stream
+
+            run_through_stream(
+                _settings(args),
+                dataset=args.dataset or "ml-100k",
+                model=(args.models or ["hybrid"])[0],
+                seed=args.seeds[0],
+                choices_from=args.choices_from,
+                out=args.out or "runs/through-stream",
+                threads=args.threads,
+            )
+            return 0
         if args.merge:
             print(merge_reports(args.merge, args.out or "runs/temporal")["test"].keys())
             return 0
@@ -459,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--choices-from", help="temporal: an earlier run's temporal.json: reuse its validation choices, test only"
     )
+    p.add_argument(
+        "--through-stream",
+        action="store_true",
+        help="temporal: train one model (first of --models, default hybrid; first seed) before the cut, replay "
+        "the pre-cut events through a real worker and score the vectors read back from Redis against the "
+        "offline figure (needs Kafka and Redis: see the connection flags)",
+    )
     p.add_argument("--merge", nargs="*", help="temporal: merge the per-seed results of runs with the same choices")
     p.add_argument("--out", help="temporal: folder for temporal.json / temporal.md (default runs/temporal)")
     p.add_argument(
@@ -466,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         help="subset of: sasrec comirec no_coarse raw_vectors k1 single_scenario shared_queries (default: all)",
     )
+    _add_connection_flags(p)
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from models.user_model import Checkpoint
+from state import trend
 from state.store import StreamStore
 from streams import metrics
 from streams.events import Message, Rejected, parse_event
@@ -83,6 +84,9 @@ class Ingestor:
         self.scenarios = tuple(ckpt.model.cfg.scenarios)  # the checkpoint's ids are the stored ones
         self.actions = ckpt.model.cfg.actions
         self.max_parked = 1000
+        model = ckpt.model
+        #: τ of the item trend counts when the model scores a trend coordinate (0: not counted).
+        self.trend_tau_s = model.cfg.trend_tau_days * 86400.0 if model.trend else 0.0
 
     async def handle(self, scenario: str, batch: list[Message]) -> dict[int, dict[str, int]]:
         """Applies a batch; returns {partition: {user: seq}} of users whose vectors need refreshing.
@@ -146,6 +150,8 @@ class Ingestor:
                 dirty[pending[p.user][-1].partition][p.user] = rows[p.user].seq
             if p.poison:
                 await self._dead(p, handled)
+        if first and self.trend_tau_s:
+            await self._count_trend(plans)
         marking = {u: (rows[u], p.mark) for u, p in plans.items() if p.mark and p.update is not None}
         for user, ok in (await self.store.mark_parked(marking)).items() if marking else ():
             if not ok:
@@ -167,6 +173,18 @@ class Ingestor:
             if result.seq > result.refined_seq:
                 dirty[pending[user][-1].partition][user] = result.seq
         return conflicts
+
+    async def _count_trend(self, plans: dict[str, UserPlan]) -> None:
+        """Counts the events the first plan applies in their items' trend, before any user write: a crash
+        in between replays the batch, the same events are planned again and the count skips their offsets
+        (``state.trend``); a re-plan after a conflict changes no item's events, so one call per batch does."""
+        events: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+        for p in plans.values():
+            if p.update is not None:
+                for a in p.applied:
+                    events[(a.event.item_id, trend.mark(a.topic, a.partition))].append((a.offset, a.event.ts))
+        if events:
+            await self.store.add_trend(events, self.trend_tau_s)
 
     async def _dead(self, p: UserPlan, handled: set[str]) -> None:
         metrics.AGENT_ERRORS.labels("ingest", "poison_user").inc()

@@ -61,7 +61,8 @@ class ItemHandler:
             return []
         items = [item for _, item in parsed]
         vectors = await asyncio.get_running_loop().run_in_executor(None, self._vectors, items)
-        retrieval = self.ckpt.model.retrieval_vectors(vectors).astype("<f4")
+        rows = self.ckpt.item_rows([it.item_id for it in items])
+        retrieval = self.ckpt.model.stored_retrieval(vectors, rows).astype("<f4")
         usable = np.isfinite(vectors).all(axis=1) & np.isfinite(retrieval).all(axis=1)
         for (msg, _), ok in zip(parsed, usable, strict=True):
             if not ok:

@@ -195,6 +195,12 @@ def build_app(settings: Settings) -> faust.App:
             await asyncio.sleep(0 if busy else settings.refine_wait_ms / 1000)
 
     @app.task
+    async def publish_trend_tau() -> None:
+        """A trend model's τ, for the readers that add the trend coordinate to their item index."""
+        if ingestor.trend_tau_s:
+            await run_batch("trend", lambda: store.set_trend_tau(ingestor.trend_tau_s))
+
+    @app.task
     async def recode_loop() -> None:
         """After a codebook change: gives every stored item a code of this worker's codebook, in the
         background (events meanwhile re-encode the items they meet on their own, see ``streams.switch``)."""
