@@ -26,6 +26,7 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:parked``                   | zset   | item id → time its first event was parked                   |               |
 | ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → their ``seq``    |               |
 | ``<p>:quarantine``               | hash   | user → JSON {partition, seq, reason, at}: refinement failed |               |
+| ``<p>:origin-key``               | string | 32 random bytes signing re-produced parked events (``_sig``) | 32 B         |
 | ``<p>:trend``                    | string | τ (seconds) of the items' trend counts, set by the worker   | ~0.1 KB       |
 | ``<p>:codebook:<id>``            | string | a codebook any worker can load to decode codes of that id   | ~1.8 MB       |
 | ``<p>:codebook:<id>:recoded``    | string | set once every item has a code of that codebook             |               |
@@ -68,6 +69,10 @@ class Keys:
 
     def parked(self, item: str) -> str:
         return f"{self.prefix}:{{i:{item}}}:parked"
+
+    @property
+    def origin_key(self) -> str:
+        return f"{self.prefix}:origin-key"
 
     @property
     def trend(self) -> str:

@@ -6,6 +6,7 @@ callers pass bytes and numbers in, and get bytes and numbers out.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -85,6 +86,12 @@ class StreamStore:
             pipe.eval(scripts.PUT_ITEM, 1, self.keys.item(item), *fields)
             pipe.sadd(self.keys.items, item)
         await pipe.execute()
+
+    async def origin_key(self) -> bytes:
+        """The deployment's key for signing re-produced parked events: made once (SET NX), shared by every
+        worker through Redis; a producer without Redis access cannot forge a parked copy."""
+        await self.r.set(self.keys.origin_key, secrets.token_bytes(32), nx=True)
+        return await self.r.get(self.keys.origin_key)
 
     async def set_trend_tau(self, tau_s: float) -> None:
         """Records the trend counts' τ, so readers that build an index can read the counts."""

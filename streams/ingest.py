@@ -29,7 +29,7 @@ from models.user_model import Checkpoint
 from state import trend
 from state.store import StreamStore
 from streams import metrics
-from streams.events import Message, Rejected, parse_event
+from streams.events import Message, Rejected, origin_signature, parse_event
 from streams.planner import Accepted, PlanContext, UserPlan, plan
 from streams.settings import Settings
 from streams.switch import Codebooks
@@ -84,6 +84,7 @@ class Ingestor:
         self.scenarios = tuple(ckpt.model.cfg.scenarios)  # the checkpoint's ids are the stored ones
         self.actions = ckpt.model.cfg.actions
         self.max_parked = 1000
+        self.origin_key: bytes | None = None  # signs re-produced parked events (read from Redis on first use)
         model = ckpt.model
         #: τ of the item trend counts when the model scores a trend coordinate (0: not counted).
         self.trend_tau_s = model.cfg.trend_tau_days * 86400.0 if model.trend else 0.0
@@ -93,6 +94,8 @@ class Ingestor:
         Raises only what the caller must not ack the batch over (transient or unattributable errors)."""
         t0 = time.perf_counter()
         await self.codebooks.publish()
+        if self.origin_key is None:
+            self.origin_key = await self.store.origin_key()
         by_user: dict[str, list[Accepted]] = defaultdict(list)
         for msg in batch:
             try:
@@ -120,8 +123,10 @@ class Ingestor:
         return dirty
 
     def _parse(self, scenario: str, msg: Message) -> Accepted:
-        event = parse_event(msg.value, scenario, self.scenarios, self.actions, self.settings.max_message_bytes)
-        if msg.key is not None and msg.key.decode(errors="replace") != event.user_id:
+        event = parse_event(msg.value, scenario, self.scenarios, self.actions, self.settings.limits, self.origin_key)
+        if msg.key is None:
+            raise Rejected(f"message has no key (the key must be the user_id {event.user_id!r}: it partitions users)")
+        if msg.key.decode(errors="replace") != event.user_id:
             raise Rejected(f"message key {msg.key!r} is not the user_id {event.user_id!r} (breaks partitioning)")
         own = f"{msg.topic}:{msg.partition}:{msg.offset}"
         origin, replayed = (own, False) if event.origin is None else (event.origin, True)
@@ -196,6 +201,7 @@ class Ingestor:
     async def _park(self, a: Accepted, handled: set[str]) -> None:
         body = orjson.loads(a.msg.value)
         body["_origin"] = a.origin
+        body["_sig"] = origin_signature(self.origin_key or b"", a.origin, a.event.event_id, a.event.user_id)
         body["_parked_at"] = time.time()
         if await self.store.park(a.event.item_id, orjson.dumps(body), self.max_parked):
             handled.add(a.origin)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 
+from streams.events import Limits
+
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -58,6 +60,15 @@ class Settings:
     health_stall_s: float = 60.0
     #: Largest message accepted, bytes; larger ones go to the dead-letter topic.
     max_message_bytes: int = 65536
+    #: Events dated more than this ahead of the worker's clock are dead-lettered (a far-future date would
+    #: outweigh every later event in the time-decayed state).
+    max_future_s: float = 86400.0
+    #: Events older than this are dead-lettered; 0 (default) accepts any age, as replays of logs need.
+    max_age_s: float = 0.0
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_message_bytes, self.max_future_s, self.max_age_s)
 
     # ---- topic names ----------------------------------------------------------------------------
     def events_topic(self, scenario: str) -> str:

@@ -71,7 +71,9 @@ def run_through_stream(
     parity_users: int = 100,
     threads: int = 2,
     progress: bool = True,
+    steps: int | None = None,
 ) -> dict:
+    """Runs steps 1-4 and writes ``through_stream.json``; ``steps`` overrides the validation choice (tests)."""
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ def run_through_stream(
     choices = json.loads(Path(choices_from).read_text())["choices"] if choices_from else dict(DEFAULT_CHOICES)
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose from {sorted(MODELS)}")
-    steps = choices.get(f"{model}_steps", choices.get("hybrid_steps", 300))
+    steps = steps or choices.get(f"{model}_steps", choices.get("hybrid_steps", 300))
 
     # ---------------------------------------------------------------- 1. the model, offline
     ds = load(dataset, seed=0)

@@ -136,13 +136,33 @@ BAD = [
         ),
         "over the",
     ),
+    (
+        orjson.dumps(
+            {"event_id": "e", "user_id": "u1", "item_id": "n1", "scenario": "feed", "action": "click", "ts": 1e300}
+        ),
+        "ahead of the worker's clock",
+    ),
+    (
+        orjson.dumps(
+            {
+                "event_id": "e",
+                "user_id": "u1",
+                "item_id": "n1",
+                "scenario": "feed",
+                "action": "click",
+                "ts": 1.7e9,
+                "_origin": "mir.events.feed:0:1",
+            }
+        ),
+        "only by the parking path",
+    ),
 ]
 BAD_ITEMS = [
     (orjson.dumps({"item_id": "bad-dim", "vector": [0.1, 0.2]}), "dimensions"),
     # JSON has no NaN: Python's json.dumps writes a bare NaN, which no JSON parser accepts ...
     (b'{"item_id": "bad-nan", "vector": [' + b",".join([b"NaN"] * 64) + b"]}", "malformed JSON"),
     # ... and numbers past float32 become infinite in the model's dtype.
-    (orjson.dumps({"item_id": "bad-inf", "vector": [1e300] * 64}), "NaN or infinite"),
+    (orjson.dumps({"item_id": "bad-inf", "vector": [1e300] * 64}), "beyond"),
     (orjson.dumps({"item_id": "no-content"}), "needs 'text' or 'vector'"),
 ]
 
@@ -157,6 +177,7 @@ def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_setti
         for raw, _ in BAD:
             producer.send(settings.events_topic("feed"), key=b"u1", value=raw)
         producer.send(settings.events_topic("feed"), key=b"u1", value=orjson.dumps(good))
+        producer.send(settings.events_topic("feed"), key=None, value=orjson.dumps(dict(good, event_id="g3")))
         for raw, _ in BAD_ITEMS:
             producer.send(settings.items_topic, key=b"x", value=raw)
         # An event whose item never arrives: parked, then dead-lettered after the timeout.
@@ -164,7 +185,7 @@ def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_setti
         producer.send(settings.events_topic("feed"), key=b"u1", value=orjson.dumps(orphan))
         producer.flush()
         producer.close()
-        letters = read_deadletters(settings, len(BAD) + len(BAD_ITEMS) + 1)
+        letters = read_deadletters(settings, len(BAD) + len(BAD_ITEMS) + 2)
         assert wait_for_vectors(settings, {"u1": 1}, timeout=30, progress=False) == {}
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics").read().decode()
         assert w.proc.poll() is None, "the worker must keep running"
@@ -172,5 +193,6 @@ def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_setti
     for _, expected_reason in BAD + BAD_ITEMS:
         assert any(expected_reason in reason for reason in reasons), (expected_reason, reasons)
     assert any("never-sent" in reason for reason in reasons)
-    assert f'mirstream_deadletter_total{{source="event"}} {len(BAD) + 1}.0' in metrics_text
+    assert any("has no key" in reason for reason in reasons)
+    assert f'mirstream_deadletter_total{{source="event"}} {len(BAD) + 2}.0' in metrics_text
     assert f'mirstream_deadletter_total{{source="item"}} {len(BAD_ITEMS)}.0' in metrics_text
