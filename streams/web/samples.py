@@ -42,9 +42,7 @@ def read_metrics() -> tuple[dict[str, float], dict[str, float], tuple[tuple[floa
     """Events per scenario, lag per partition, freshness buckets, dead letters per source: now."""
     events = {s.labels["scenario"]: s.value for s in _samples(metrics.EVENTS) if s.name.endswith("_total")}
     lag = {f"{s.labels['topic']}[{s.labels['partition']}]": s.value for s in _samples(metrics.LAG)}
-    buckets = tuple(
-        (float(s.labels["le"]), s.value) for s in _samples(metrics.FRESHNESS) if s.name.endswith("_bucket")
-    )
+    buckets = tuple((float(s.labels["le"]), s.value) for s in _samples(metrics.FRESHNESS) if s.name.endswith("_bucket"))
     dead = {s.labels["source"]: s.value for s in _samples(metrics.DEADLETTER) if s.name.endswith("_total")}
     return events, lag, buckets, dead
 
@@ -79,7 +77,9 @@ class StreamSamples:
     async def sample(self) -> None:
         events, lag, buckets, _ = read_metrics()
         inputs = {*(self.settings.events_topic(s) for s in self.settings.scenarios), self.settings.items_topic}
-        lag = {k: v for k, v in lag.items() if k.rsplit("[", 1)[0] in inputs}  # not Faust's own topics
+        lag = {  # our input topics (not Faust's own), named without the deployment's prefix
+            k.removeprefix(f"{self.settings.prefix}."): v for k, v in lag.items() if k.rsplit("[", 1)[0] in inputs
+        }
         try:
             queue: int | None = await asyncio.wait_for(
                 self.store.dirty_count(range(self.settings.partitions)), timeout=1.0

@@ -57,7 +57,7 @@ function freshness(d) {
   const v = d.vectors, a = d.applied || {};
   const pending = v.pending > 0 ? ` <span class="pending">${v.pending} newer event(s) applied, refinement pending</span>` : " (up to date with every applied event)";
   return `<div class="fresh" id="freshness">Vectors reflect events up to <b>${clock(v.produced_at)}</b>, ` +
-    `written <b>${secs(v.freshness_s)}</b> after the last event reached Kafka · ${ago(d.now - v.updated_at)} · ` +
+    `written <b>${secs(v.freshness_s)}</b> after the last event reached Kafka · <span id="ago">${ago(d.now - v.updated_at)}</span> · ` +
     `model <code id="version">${esc(v.version)}</code> · <span id="seq">${v.seq}</span> events reflected` +
     ` of ${a.seq ?? v.seq} applied${pending}<br><span class="muted">event watermark: newest event time ` +
     `${stamp(v.event_ts)}; ${d.items} items in the catalogue</span></div>`;
@@ -79,7 +79,15 @@ function coarse(d) {
       itemRows(hits, "weight", (x) => (100 * x).toFixed(1) + " %") + "</table></div>").join("") + "</div>";
 }
 
+let lastUser = "";
 function renderUser(d) {
+  const key = JSON.stringify({ ...d, now: 0 });
+  const agoSpan = document.getElementById("ago");
+  if (key === lastUser && agoSpan && d.vectors) { // nothing new: only the age moves (selections survive)
+    agoSpan.textContent = ago(d.now - d.vectors.updated_at);
+    return;
+  }
+  lastUser = key;
   document.title = `mirstream · user ${d.user}`;
   const head = `<h1>User <span id="user">${esc(d.user)}</span></h1>`;
   let html;
@@ -136,6 +144,7 @@ function renderStream(d) {
   const peak = Math.max(0, ...Object.values(rates).flatMap((v) => v));
   const dead = d.deadletter_last.map((x) => `<tr><td class="num">${clock(x.at)}</td><td>${esc(x.source)}</td>` +
     `<td>${esc(x.topic)}</td><td>${esc(x.reason)}</td></tr>`).join("");
+  main.dataset.samples = t.length;
   main.innerHTML = `<h1>Stream <span class="muted">(this worker, sampled every 2 s)</span></h1>` +
     `<p>events/s now: <span class="big" id="rate-now">${total.toFixed(1)}</span> · peak over the window: ` +
     `<span class="big" id="rate-peak">${peak.toFixed(1)}</span> · dead letters: <span class="big" id="deadletters-total">${d.deadletter_total}</span></p>` +
