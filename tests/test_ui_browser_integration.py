@@ -125,6 +125,7 @@ return {
   scenarios: Object.fromEntries(q(".scenario").map((c) => [c.dataset.scenario,
     q(".interest", c).map((i) => q("tr.hit", i).map(cells))])),
   recent: q("#recent tr.event").map(cells),
+  coarse: q("#coarse .card").map((c) => q("tr.hit", c).length),
   seq: text("seq"), freshness: text("freshness"), notice: text("notice"),
   rate_now: text("rate-now"), deadletters_total: text("deadletters-total"), deadletters: text("deadletters"),
   charts: Object.fromEntries(q("svg.chart").map((s) => [s.parentNode.id, q("path", s).length])),
@@ -187,6 +188,7 @@ def test_user_page_shows_nearest_items_and_updates_live(worker, browser, ds):
             assert hits[0][0] == ids[j] and hits[0][1] == titles[ids[j]]
     assert "after the last event reached Kafka" in page["freshness"] and found.version in page["freshness"]
     assert page["seq"] == str(found.seq) and page["recent"]
+    assert page["coarse"] and all(n > 0 for n in page["coarse"])  # each coarse interest's heaviest events
     _screenshot(browser, "ui-user.png")
 
     # A new event for the user: the page follows without a reload (a marker set on the page survives).
