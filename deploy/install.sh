@@ -31,4 +31,15 @@ else
   echo "$want" > "$stamp"
   echo "install: done in $(( $(date +%s) - start ))s" >&2
 fi
+
+# The page tests drive Debian's Chromium through its chromedriver (Selenium; nothing is downloaded from a
+# browser vendor).  Installed when missing and apt is usable (root); otherwise those tests say why they skip.
+if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+  && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "install: apt-get install chromium chromium-driver (for the page tests)" >&2
+  if ! apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; then
+    apt-get update -qq >&2 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+      || echo "install: could not install chromium + chromium-driver; the page tests will be skipped" >&2
+  fi
+fi
 export VENV

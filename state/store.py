@@ -245,6 +245,13 @@ class StreamStore:
         keys = [self.keys.user_vectors(user), self.keys.user_state(user), self.keys.user_vectors_at(user, version)]
         return bool(await self._write(keys=keys, args=args))
 
+    async def dirty_count(self, partitions: range) -> int:
+        """Users waiting for refinement in these partitions (the refinement queue's depth)."""
+        pipe = self.r.pipeline(transaction=False)
+        for p in partitions:
+            pipe.zcard(self.keys.dirty(p))
+        return sum(int(n) for n in await pipe.execute())
+
     async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
         await self._clear(keys=[self.keys.dirty(partition)], args=[user, seq])
 
@@ -413,8 +420,20 @@ class InterestReader:
         return [(t or b"").decode() for t in pipe.execute()]
 
 
+@dataclass(frozen=True)
+class UserStatus:
+    """What a user's state hash says about it (for the pages): events applied, newest times, its codebook."""
+
+    seq: int
+    last_ts: float  # newest event time applied
+    kts: float  # newest Kafka timestamp applied
+    codebook: str | None  # codebook of the stored history
+    state_id: str | None  # checkpoint state that built the coarse state
+    coarse: bytes | None
+
+
 class AsyncInterestReader:
-    """The same lookups for asyncio services."""
+    """The same lookups for asyncio services, and what the worker's pages show (``streams.web``)."""
 
     def __init__(self, redis_url: str, prefix: str = "mir") -> None:
         self.r = connect_async(redis_url)
@@ -432,6 +451,32 @@ class AsyncInterestReader:
             at = "" if version is None else f" of model version {version!r}"
             raise KeyError(f"no interest vectors{at} for user {user!r} yet")
         return found.matrix(scenario), found
+
+    async def user_status(self, user: str) -> UserStatus | None:
+        """The user's state fields, or None when no event of it was ever applied."""
+        fields = (users.SEQ, users.LAST_TS, users.KTS, users.CODEBOOK, users.STATE_ID, users.COARSE)
+        seq, last_ts, kts, cb, gen, coarse = await self.r.hmget(self.keys.user_state(user), fields)
+        if seq is None:
+            return None
+        return UserStatus(int(seq), float(last_ts or 0), float(kts or 0), _text(cb), _text(gen), coarse)
+
+    async def history(self, user: str, last_bytes: int = 0) -> bytes:
+        """The stored history records (``last_bytes`` > 0: only that many bytes at its end)."""
+        key = self.keys.user_history(user)
+        return bytes(await (self.r.getrange(key, -last_bytes, -1) if last_bytes else self.r.get(key)) or b"")
+
+    async def item_count(self) -> int:
+        return int(await self.r.scard(self.keys.items))
+
+    async def item_ids(self) -> list[str]:
+        return sorted(m.decode() for m in await self.r.smembers(self.keys.items))
+
+    async def item_fields(self, items: list[str], fields: list[str]) -> list[list[bytes | None]]:
+        """Per item, these fields of its hash (``ret``, ``title``, ``Keys.item_code(codebook)``), one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for it in items:
+            pipe.hmget(self.keys.item(it), fields)
+        return list(await pipe.execute())
 
     async def close(self) -> None:
         await self.r.aclose()

@@ -36,7 +36,9 @@ def _settings(args: argparse.Namespace, **extra: object) -> Settings:
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.workerproc import settings_env
 
-    settings = _settings(args, web_port=args.web_port, checkpoint=getattr(args, "checkpoint", None))
+    settings = _settings(
+        args, web_port=args.web_port, web_bind=args.web_bind, checkpoint=getattr(args, "checkpoint", None)
+    )
     if args.app == "smoke":
         os.environ.update(settings_env(settings))  # the smoke app reads Settings.from_env() on import
         from streams.smoke import app
@@ -54,7 +56,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
-    return run_demo(_settings(args, checkpoint=args.checkpoint), users=args.users)
+    return run_demo(_settings(args, checkpoint=args.checkpoint), users=args.users, hold=args.hold)
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -333,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a Faust worker")
     _add_connection_flags(p)
     p.add_argument("--app", choices=["pipeline", "smoke"], default="pipeline")
-    p.add_argument("--web-port", type=int, help="Faust web port (metrics, lookups); 0 disables")
+    p.add_argument("--web-port", type=int, help="Faust web port (metrics, lookups, /ui pages); 0 disables")
+    p.add_argument("--web-bind", help="address the web server binds to (default 127.0.0.1; others need a token)")
     p.add_argument("--checkpoint", help="model checkpoint folder (default runs/demo)")
     p.add_argument("-l", "--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
     p.set_defaults(func=cmd_worker)
@@ -345,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README's main job: train a small model, stream a replay, show fresh vectors")
     _add_connection_flags(p)
     p.add_argument("--users", type=int, default=40, help="users of the simulator to replay")
+    p.add_argument("--hold", type=float, default=0, help="keep the worker (and its /ui pages) up this many seconds")
     p.add_argument("--checkpoint", help="model folder (trained there first when missing; default runs/demo)")
     p.set_defaults(func=cmd_demo)
 

@@ -6,6 +6,7 @@ local stack first).  Each run uses a fresh topic/key prefix, so runs never mix.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
 
 
-def run_demo(settings: Settings, users: int = 40, show: int = 3, train_steps: int = 150) -> int:
+def page_urls(settings: Settings, users: list[str]) -> list[str]:
+    """The worker's pages for these users, then the stream page (a token, when set, goes as ``?token=``)."""
+    base = f"http://{settings.web_host}:{settings.web_port}"
+    tail = "?token=$MIRSTREAM_WEB_TOKEN" if settings.web_token else ""
+    return [f"{base}/ui/users/{u}{tail}" for u in users] + [f"{base}/ui{tail}"]
+
+
+def run_demo(settings: Settings, users: int = 40, show: int = 3, train_steps: int = 150, hold: float = 0) -> int:
     ckpt = Path(settings.checkpoint)
     if not (ckpt / "model.json").exists():
         print(f"== training a small model on the multi-scenario simulator → {ckpt}")
@@ -36,20 +44,37 @@ def run_demo(settings: Settings, users: int = 40, show: int = 3, train_steps: in
     log = Path(settings.datadir) / f"{run}-worker.log"
     with WorkerProcess(settings, log=log):
         print(f"== worker up (log: {log})")
+        if settings.web_port:
+            print("== its pages, live while the demo runs: " + "  ".join(page_urls(settings, list(expected)[:show])))
         print(f"== replaying {len(p.items)} items and {len(p.events)} events of {users} users")
         send_items(settings, ds, p.items)
         t0 = time.perf_counter()
         rate = send_events(settings, ds, p.events)
         behind = wait_for_vectors(settings, expected, timeout=180)
         wall = time.perf_counter() - t0
-    if behind:
-        print(f"!! {len(behind)} users still behind after the wait: {sorted(behind)[:10]}")
-        return 1
+        if behind:
+            print(f"!! {len(behind)} users still behind after the wait: {sorted(behind)[:10]}")
+            return 1
+        show_users(settings, expected, rate, wall, len(p.events), show)
+        first = next(iter(expected))
+        print(f"\nTry: mirstream lookup {first} --prefix {run}    mirstream search {first} --prefix {run}")
+        if settings.web_port:
+            print("    or open (in a browser, on this machine):")
+            for url in page_urls(settings, list(expected)[:show]):
+                print(f"    {url}")
+        if hold > 0:
+            print(f"== the worker stays up {hold:.0f}s for the pages (Ctrl-C stops it)")
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(hold)
+    return 0
+
+
+def show_users(settings: Settings, expected: dict[str, int], rate: float, wall: float, events: int, show: int) -> None:
     reader = InterestReader(settings.redis_url, settings.prefix)
     fresh = [reader.interests(u) for u in expected]
     lag = np.array([f.updated_at - f.produced_at for f in fresh if f])
     print(
-        f"\n== {len(p.events)} events produced at {rate:.0f}/s; all {len(expected)} users fresh {wall:.1f}s after "
+        f"\n== {events} events produced at {rate:.0f}/s; all {len(expected)} users fresh {wall:.1f}s after "
         f"the first event; last-update freshness p50 {np.median(lag):.2f}s, max {lag.max():.2f}s"
     )
     search = ItemSearch(settings)
@@ -63,6 +88,3 @@ def run_demo(settings: Settings, users: int = 40, show: int = 3, train_steps: in
             print(f"   {scenario}: {vecs.shape[0]} vectors x {vecs.shape[1]}-d")
             for hit in search.for_user(user, scenario=scenario, k=3):
                 print(f"      interest {hit.interest}  {hit.score:.3f}  {hit.item_id:>5}  {hit.title}")
-    first = next(iter(expected))
-    print(f"\nTry: mirstream lookup {first} --prefix {run}    mirstream search {first} --prefix {run}")
-    return 0

@@ -2,7 +2,8 @@
 
 Raw codecs only (we parse JSON ourselves with orjson, so a malformed message reaches our
 validation instead of crashing Faust's decoder), no Tables (state lives in Redis), earliest
-offset for new groups.
+offset for new groups.  The web server binds to ``settings.web_bind`` (loopback by default) and asks for
+``settings.web_token`` on every page but ``/metrics`` and ``/health`` when one is set.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import faust
 
 from streams.settings import Settings
+from streams.web.auth import token_middlewares
 
 
 def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
@@ -25,8 +27,10 @@ def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
         datadir=settings.datadir,
         web_enabled=settings.web_port > 0,
         web_port=settings.web_port or 6066,
-        web_host="127.0.0.1",
-        web_bind="127.0.0.1",
+        web_host=settings.web_host,
+        web_bind=settings.web_bind,
+        # Every page but /metrics and /health asks for the bearer token when one is set (streams.web.auth).
+        web_application_options={"middlewares": token_middlewares(settings.web_token)},
         # Refinement runs in an executor; give slow batches room before Faust calls the worker stuck.
         broker_commit_livelock_soft_timeout=120.0,
         stream_wait_empty=False,

@@ -5,7 +5,8 @@
     dirty users (Redis)         → refinement task (streams.refinement) → Redis vectors + <prefix>.interests
     rejected messages           → <prefix>.deadletter
 Web: ``GET /users/{id}/interests[?version=v]`` (JSON), ``GET /metrics`` (Prometheus), ``GET /health``
-(200 or 503 with the reasons), ``GET /quarantine`` (users whose refinement failed, with the reason).
+(200 or 503 with the reasons), ``GET /quarantine`` (users whose refinement failed, with the reason), and
+the read-only pages ``/ui`` and ``/ui/users/{id}`` (``streams.web``).
 
 Every batch runs through ``streams.retry`` (``BatchGate.run`` → ``run_batch``): it returns only once
 the batch is applied, and ``guard_commits`` keeps every offset commit at or below what was applied.
@@ -32,6 +33,7 @@ from streams.refinement import Refresher
 from streams.retry import BatchGate, is_transient, run_batch
 from streams.settings import Settings
 from streams.switch import Codebooks, recode_items
+from streams.web import pages
 
 log = logging.getLogger("mirstream")
 
@@ -109,6 +111,7 @@ def build_app(settings: Settings) -> faust.App:
     reader = AsyncInterestReader(settings.redis_url, settings.prefix)
     progress = Progress()
     gate = BatchGate()
+    ui = pages.register(app, settings, ckpt, store, reader)
 
     @app.on_before_shutdown.connect
     async def finish_batches(app, **kwargs) -> None:  # the fetcher has stopped; the agents have not
@@ -125,6 +128,7 @@ def build_app(settings: Settings) -> faust.App:
 
     async def deadletter(msg: Message, reason: str, source: str) -> None:
         metrics.DEADLETTER.labels(source).inc()
+        ui.note_deadletter(reason, source, msg.topic)
         log.warning("dead-letter %s:%d:%d (%s): %s", msg.topic, msg.partition, msg.offset, source, reason)
         body = {
             "reason": reason,

@@ -5,7 +5,9 @@ One object, documented defaults, no globals: every process builds a ``Settings``
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field, fields, replace
 
 from streams.events import Limits
@@ -33,8 +35,13 @@ class Settings:
     replication: int = 1
     #: Faust application id = consumer group.
     app_id: str = "mirstream"
-    #: Faust web port (``/metrics``, ``/users/{id}/interests``); 0 disables the web server.
+    #: Faust web port (``/metrics``, ``/users/{id}/interests``, the ``/ui`` pages); 0 disables the web server.
     web_port: int = 6066
+    #: Address the web server binds to.  Loopback by default; anything else needs ``web_token``.
+    web_bind: str = "127.0.0.1"
+    #: Bearer token for every page but ``/metrics`` and ``/health`` (``Authorization: Bearer``, ``?token=``
+    #: or the ``mirstream_token`` cookie).  Required when ``web_bind`` is beyond loopback; empty: no check.
+    web_token: str = field(default="", repr=False)
     #: Where the worker keeps Faust's local data (no tables are used; only bookkeeping).
     datadir: str = field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "mirstream", "faust"))
     #: Model checkpoint directory (``mirstream train`` writes one).
@@ -119,6 +126,26 @@ class Settings:
         for name in ("partitions", "replication", "history_cap", "batch_size", "refine_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.web_port and not is_loopback(self.web_bind) and not self.web_token:
+            raise ValueError(
+                f"web_bind {self.web_bind!r} is beyond loopback: set MIRSTREAM_WEB_TOKEN (the bearer token the "
+                "user endpoints and the /ui pages then require)"
+            )
+
+    @property
+    def web_host(self) -> str:
+        """The host name this worker's pages are reached at (the bind address, unless it is a wildcard)."""
+        return socket.gethostname() if self.web_bind in ("", "0.0.0.0", "::") else self.web_bind
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); names are not resolved."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse(type_name: object, raw: str, name: str) -> object:

@@ -38,3 +38,17 @@ def test_settings_env_round_trips():
 def test_bad_settings_are_clear(env, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_bind_needs_no_token(bind):
+    assert Settings.from_env({"MIRSTREAM_WEB_BIND": bind}).web_token == ""
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "10.1.2.3", "::", "worker-1.example"])
+def test_bind_beyond_loopback_needs_a_token(bind):
+    with pytest.raises(ValueError, match="MIRSTREAM_WEB_TOKEN"):
+        Settings.from_env({"MIRSTREAM_WEB_BIND": bind})
+    s = Settings.from_env({"MIRSTREAM_WEB_BIND": bind, "MIRSTREAM_WEB_TOKEN": "s3cret"})
+    assert s.web_token == "s3cret" and "s3cret" not in repr(s)  # the token never reaches a log line
+    assert Settings.from_env(settings_env(s)) == s
