@@ -23,6 +23,15 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partitions", type=int, help="partitions per topic")
 
 
+def _add_file_flags(p: argparse.ArgumentParser, items: bool = True) -> None:
+    """A user's own data (schema: models.schema; JSONL, CSV or Parquet, .gz accepted)."""
+    g = p.add_argument_group("your own data (README: Bring your own data)")
+    g.add_argument("--events", help="event file: user_id, item_id, scenario, action, ts [, query, event_id]")
+    if items:
+        g.add_argument("--items", help="item file: item_id and text and/or vector [, category]")
+    g.add_argument("--rejects", help="write bad rows here (JSONL: file, line, reason, row); default: count only")
+
+
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
     return Settings.from_env(
         bootstrap_servers=args.bootstrap_servers,
@@ -265,6 +274,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "sampler",
             "horizon_days",
             "cut_quantile",
+            "events",
+            "items",
+            "rejects",
         )
         if getattr(args, k) is not None
     }
@@ -279,6 +291,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.events or args.items:  # a user's files: the leave-last protocol with a checkpoint trained on them
+        if not (args.events and args.items):
+            print("evaluate on files needs both --events and --items", file=sys.stderr)
+            return 2
+        from models.evaluate import run_evaluate
+
+        run_evaluate(
+            args.checkpoint or "runs/demo",
+            variants=args.variants,
+            events=args.events,
+            items=args.items,
+            rejects=args.rejects,
+        )
+        return 0
     # Without a checkpoint the headline protocol runs (it trains every method on the pre-cut data itself).
     protocol = args.protocol or ("leave-last" if args.checkpoint else "temporal")
     if protocol == "temporal":
@@ -433,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cut-quantile", type=float, help="train only on events before this time quantile (temporal protocol: 0.9)"
     )
     p.add_argument("--seed", type=int)
+    _add_file_flags(p)
     p.add_argument("--evaluate", action="store_true", help="run `evaluate` on the new checkpoint afterwards")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -466,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         help="subset of: sasrec comirec no_coarse raw_vectors k1 single_scenario shared_queries (default: all)",
     )
+    _add_file_flags(p)
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -1,4 +1,7 @@
-"""Message schemas and validation. Anything that fails here goes to the dead-letter topic with the reason.
+"""Kafka message parsing. Anything that fails here goes to the dead-letter topic with the reason.
+
+The fields and their checks are ``models.schema`` (shared with the file readers); this module adds what
+only Kafka has: the byte limit, the topic a scenario belongs to, the parking origin.
 
 Event (``<prefix>.events.<scenario>``, key = user_id):
     {"event_id": "e1", "user_id": "42", "item_id": "n7", "scenario": "feed", "action": "click",
@@ -9,18 +12,17 @@ Item (``<prefix>.items``, key = item_id):
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
+from models.schema import Rejected, check_event, check_item
+
+__all__ = ["Event", "Item", "Message", "Rejected", "parse_event", "parse_item"]
+
 _ORIGIN = re.compile(r"[A-Za-z0-9._-]{1,249}:[0-9]{1,9}:[0-9]{1,19}")
-
-
-class Rejected(ValueError):
-    """A message that cannot be applied; ``str(exc)`` is the reason written to the dead-letter topic."""
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,6 @@ class Item:
     vector: np.ndarray | None
 
 
-def _ident(value: object, name: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        raise Rejected(f"field {name!r} must be a non-empty string or integer")
-    text = str(value)
-    if len(text) > 128 or any(c in text for c in "{}\n\r"):
-        raise Rejected(f"field {name!r} is too long or has characters not allowed in ids")
-    return text
-
-
 def _object(raw: bytes, max_bytes: int) -> dict:
     if len(raw) > max_bytes:
         raise Rejected(f"message of {len(raw)} bytes is over the {max_bytes}-byte limit")
@@ -80,58 +73,24 @@ def parse_event(
     raw: bytes, topic_scenario: str, scenarios: tuple[str, ...], actions: tuple[str, ...], max_bytes: int
 ) -> Event:
     data = _object(raw, max_bytes)
-    missing = [f for f in ("event_id", "user_id", "item_id", "scenario", "action", "ts") if f not in data]
-    if missing:
-        raise Rejected(f"missing fields: {', '.join(missing)}")
-    scenario = data["scenario"]
-    if scenario not in scenarios:
-        raise Rejected(f"unknown scenario {scenario!r}; known: {', '.join(scenarios)}")
-    if scenario != topic_scenario:
-        raise Rejected(f"scenario {scenario!r} sent to the {topic_scenario!r} topic")
-    action = data["action"]
-    if action not in actions:
-        raise Rejected(f"unknown action {action!r}; known: {', '.join(actions)}")
-    ts = data["ts"]
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts <= 0:
-        raise Rejected("field 'ts' must be a positive, finite number of seconds")
-    query = data.get("query") or ""
-    if not isinstance(query, str):
-        raise Rejected("field 'query' must be a string")
+    rec = check_event(data, scenarios, actions, require_id=True)  # the shared schema (models.schema)
+    if rec.scenario != topic_scenario:
+        raise Rejected(f"scenario {rec.scenario!r} sent to the {topic_scenario!r} topic")
     origin = data.get("_origin")
     if origin is not None and not (isinstance(origin, str) and _ORIGIN.fullmatch(origin)):
         raise Rejected("field '_origin' must be 'topic:partition:offset' (set only by the parking path)")
     return Event(
-        _ident(data["event_id"], "event_id"),
-        _ident(data["user_id"], "user_id"),
-        _ident(data["item_id"], "item_id"),
-        scenarios.index(scenario),
-        actions.index(action),
-        float(ts),
-        query,
+        rec.event_id,
+        rec.user_id,
+        rec.item_id,
+        scenarios.index(rec.scenario),
+        actions.index(rec.action),
+        rec.ts,
+        rec.query,
         origin,
     )
 
 
 def parse_item(raw: bytes, dim: int, max_bytes: int) -> Item:
-    data = _object(raw, max_bytes)
-    if "item_id" not in data:
-        raise Rejected("missing fields: item_id")
-    text, vector = data.get("text"), data.get("vector")
-    if text is None and vector is None:
-        raise Rejected("an item needs 'text' or 'vector'")
-    if text is not None and (not isinstance(text, str) or not text.strip()):
-        raise Rejected("field 'text' must be a non-empty string")
-    vec = None
-    if vector is not None:
-        if not isinstance(vector, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector
-        ):
-            raise Rejected("field 'vector' must be a list of numbers")
-        if len(vector) != dim:
-            raise Rejected(f"vector has {len(vector)} dimensions, the model expects {dim}")
-        vec = np.asarray(vector, dtype=np.float32)
-        if not np.isfinite(vec).all():
-            raise Rejected("vector contains NaN or infinite values")
-        if float(np.linalg.norm(vec)) == 0.0:
-            raise Rejected("vector is all zeros")
-    return Item(_ident(data["item_id"], "item_id"), text, vec)
+    rec = check_item(_object(raw, max_bytes), dim)
+    return Item(rec.item_id, rec.text, rec.vector)
