@@ -200,7 +200,7 @@ def simulate(
 
 def load_files(
     events: str | Path | list,
-    items: str | Path | list,
+    items: str | Path | list | None,
     rejects=None,
     scenarios: tuple[str, ...] | None = None,
     actions: tuple[str, ...] | None = None,
@@ -209,7 +209,8 @@ def load_files(
 
     Scenarios and actions: every one found in the events (sorted), or, given a model's, those only (an
     event of another is rejected with the known list).  Items: given vectors when every item has one,
-    else the texts go through the item tower.  Bad rows go to ``rejects`` (a ``models.files.Rejects``)."""
+    else the texts go through the item tower; no item file (``None``, a replay of events only): the items
+    the events name, without text or vector.  Bad rows go to ``rejects`` (a ``models.files.Rejects``)."""
     import hashlib
 
     from models.files import Rejects, read_events, read_items
@@ -217,7 +218,7 @@ def load_files(
     rejects = rejects if rejects is not None else Rejects()
     ids: dict[str, int] = {}
     texts, vectors, categories = [], [], []
-    for chunk in read_items(items, rejects):
+    for chunk in read_items(items, rejects) if items is not None else ():
         for line, it in chunk:
             if it.item_id in ids:
                 rejects.add(str(items), line, f"duplicate item_id {it.item_id!r}: kept its first row")
@@ -226,7 +227,7 @@ def load_files(
             texts.append(it.text or "")
             vectors.append(it.vector)
             categories.append(it.category)
-    if not ids:
+    if not ids and items is not None:
         raise ValueError(f"{items}: no valid item ({rejects.summary()})")
     has_vec = [v is not None for v in vectors]
     if any(has_vec) and not all(has_vec):
@@ -234,11 +235,16 @@ def load_files(
             f"{items}: {sum(has_vec)} of {len(ids)} items have a vector: give every item a vector, or none "
             "(then every item's text goes through the item tower)"
         )
-    if not any(has_vec) and not all(texts):
+    if items is not None and not any(has_vec) and not all(texts):
         raise ValueError(f"{items}: items without vectors need a text each")
     cols: dict[str, list] = {k: [] for k in ("user", "item", "scenario", "action", "ts", "query", "event_id")}
-    for chunk in read_events(events, rejects, scenarios, actions, items=ids):
+    for chunk in read_events(events, rejects, scenarios, actions, items=ids if items is not None else None):
         for _, e in chunk:
+            if e.item_id not in ids:  # events only: the catalogue is what they name
+                ids[e.item_id] = len(ids)
+                texts.append("")
+                vectors.append(None)
+                categories.append("")
             cols["user"].append(e.user_id)
             cols["item"].append(ids[e.item_id])
             cols["scenario"].append(e.scenario)
@@ -254,7 +260,7 @@ def load_files(
     _, category = np.unique(np.asarray(categories, dtype=object).astype(str), return_inverse=True)
     digest = hashlib.blake2b("\x1f".join([*ids, *texts]).encode(), digest_size=4).hexdigest()
     return _finish(
-        f"files-{Path(str(items if not isinstance(items, list) else items[0])).name.split('.')[0]}-{digest}",
+        f"files-{Path(str(_first(items if items is not None else events))).name.split('.')[0]}-{digest}",
         scen_names,
         act_names,
         np.asarray(list(ids), dtype=object).astype(str),
@@ -265,10 +271,14 @@ def load_files(
         np.asarray([s_index[s] for s in cols["scenario"]], dtype=np.int64),
         np.asarray([a_index[a] for a in cols["action"]], dtype=np.int64),
         np.asarray(cols["ts"], dtype=np.float64),
-        item_vectors=np.stack(vectors).astype(np.float32) if all(has_vec) else None,
+        item_vectors=np.stack(vectors).astype(np.float32) if items is not None and all(has_vec) else None,
         query=cols["query"],
         event_ids=cols["event_id"],
     )
+
+
+def _first(paths: str | Path | list) -> str | Path:
+    return paths[0] if isinstance(paths, list) else paths
 
 
 def load(name: str, seed: int = 0) -> Dataset:

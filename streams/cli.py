@@ -120,12 +120,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from streams.topics import ensure_topics
 
     settings = _settings(args)
+    if args.events:
+        from models.data import load_files
+        from models.files import Rejects
+
+        with Rejects(args.rejects) as rejects:  # an event of a scenario without a topic is rejected
+            ds = load_files(args.events, args.items, rejects, scenarios=settings.scenarios)
+        if rejects.total:
+            print(rejects.summary(), file=sys.stderr)
+    else:
+        ds = load(args.dataset)
     ensure_topics(settings)
-    ds = load(args.dataset)
     p = plan(ds, args.max_users, args.max_events)
-    if not args.no_items:
+    if not args.no_items and (not args.events or args.items):
         send_items(settings, ds, p.items)
-    rate = send_events(settings, ds, p.events, rate=args.rate)
+    rate = send_events(settings, ds, p.events, rate=args.rate, speedup=args.speedup)
     print(f"sent {len(p.events)} events of {len(expected_seq(ds, p.events))} users at {rate:.0f} events/s")
     if args.wait:
         behind = wait_for_vectors(settings, expected_seq(ds, p.events), timeout=args.wait)
@@ -371,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int)
     p.add_argument("--max-events", type=int)
     p.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    p.add_argument("--speedup", type=float, help="keep the events' own timing, N times faster than real time")
     p.add_argument("--no-items", action="store_true", help="do not send the items first")
+    _add_file_flags(p)
     p.add_argument("--wait", type=float, default=0, help="then wait up to N s until every user's vectors are fresh")
     p.set_defaults(func=cmd_replay)
 
