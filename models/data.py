@@ -56,9 +56,9 @@ def _finish(
     """Sorts events by (user, ts, item) — a stable tie-break for equal timestamps — and builds offsets."""
     order = np.lexsort((item, ts, user))
     user, item, scenario, action, ts = user[order], item[order], scenario[order], action[order], ts[order]
-    for name in ("query", "event_ids"):
-        if extra.get(name) is not None:
-            extra[name] = [extra[name][i] for i in order]
+    for column in ("query", "event_ids"):
+        if extra.get(column) is not None:
+            extra[column] = [extra[column][i] for i in order]
     uniq, user = np.unique(user, return_inverse=True)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(uniq)))])
     return Dataset(

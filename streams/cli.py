@@ -145,6 +145,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from models.files import Rejects
+    from streams.backfill import run_backfill
+
+    settings = _settings(args, checkpoint=args.checkpoint)
+    with Rejects(args.rejects) as rejects:
+        report = run_backfill(
+            settings,
+            [args.events],
+            [args.items] if args.items else None,
+            until=args.until,
+            rejects=rejects,
+            buckets=args.buckets,
+            users_per_batch=args.users_per_batch,
+            refine_batch=args.refine_batch,
+        )
+    print(report.line())
+    print(rejects.summary())
+    return 0
+
+
 def cmd_quarantine(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -385,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_file_flags(p)
     p.add_argument("--wait", type=float, default=0, help="then wait up to N s until every user's vectors are fresh")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "backfill",
+        help="fill Redis from event files in batch: the state the stream would write; hands over to the stream",
+    )
+    _add_connection_flags(p)
+    _add_file_flags(p)
+    p.add_argument("--checkpoint", help="model folder (default runs/demo): the one the workers will run")
+    p.add_argument("--until", type=float, help="the cut: only events with ts <= UNTIL (seconds)")
+    p.add_argument("--buckets", type=int, default=16, help="spill files by user hash (memory: one bucket at a time)")
+    p.add_argument("--users-per-batch", type=int, default=1024, help="users per plan/apply round")
+    p.add_argument("--refine-batch", type=int, default=256, help="users per refiner call")
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("lookup", help="print a user's interest vectors and their freshness")
     _add_connection_flags(p)
