@@ -50,7 +50,9 @@ def event_body(ds: Dataset, i: int) -> dict:
 
 
 def item_body(ds: Dataset, j: int) -> dict:
-    body: dict = {"item_id": str(ds.item_ids[j]), "text": ds.item_text[j]}
+    body: dict = {"item_id": str(ds.item_ids[j])}
+    if ds.item_text[j]:  # a catalogue of vectors only has no text
+        body["text"] = ds.item_text[j]
     if ds.item_vectors is not None:
         body["vector"] = ds.item_vectors[j].tolist()
     return body
