@@ -33,6 +33,7 @@ class Dataset:
     offsets: np.ndarray  # (n_users + 1,) events of user u are [offsets[u], offsets[u+1])
     item_vectors: np.ndarray | None = None  # given content vectors (simulator)
     query: list[str] | None = None  # search query text per event ('' elsewhere)
+    event_ids: list[str] | None = None  # per event, from a user's file (``models.schema``); None: derived
 
     @property
     def n_users(self) -> int:
@@ -55,8 +56,9 @@ def _finish(
     """Sorts events by (user, ts, item) — a stable tie-break for equal timestamps — and builds offsets."""
     order = np.lexsort((item, ts, user))
     user, item, scenario, action, ts = user[order], item[order], scenario[order], action[order], ts[order]
-    if extra.get("query") is not None:
-        extra["query"] = [extra["query"][i] for i in order]
+    for column in ("query", "event_ids"):
+        if extra.get(column) is not None:
+            extra[column] = [extra[column][i] for i in order]
     uniq, user = np.unique(user, return_inverse=True)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(uniq)))])
     return Dataset(
@@ -191,6 +193,92 @@ def simulate(
         item_vectors=vectors,
         query=cols["query"],
     )
+
+
+# --------------------------------------------------------------------------- a user's own files
+
+
+def load_files(
+    events: str | Path | list,
+    items: str | Path | list | None,
+    rejects=None,
+    scenarios: tuple[str, ...] | None = None,
+    actions: tuple[str, ...] | None = None,
+) -> Dataset:
+    """A dataset from a team's event and item files (``models.files``; schema: ``models.schema``).
+
+    Scenarios and actions: every one found in the events (sorted), or, given a model's, those only (an
+    event of another is rejected with the known list).  Items: given vectors when every item has one,
+    else the texts go through the item tower; no item file (``None``, a replay of events only): the items
+    the events name, without text or vector.  Bad rows go to ``rejects`` (a ``models.files.Rejects``)."""
+    import hashlib
+
+    from models.files import Rejects, read_events, read_items
+
+    rejects = rejects if rejects is not None else Rejects()
+    ids: dict[str, int] = {}
+    texts, vectors, categories = [], [], []
+    for chunk in read_items(items, rejects) if items is not None else ():
+        for line, it in chunk:
+            if it.item_id in ids:
+                rejects.add(str(items), line, f"duplicate item_id {it.item_id!r}: kept its first row")
+                continue
+            ids[it.item_id] = len(ids)
+            texts.append(it.text or "")
+            vectors.append(it.vector)
+            categories.append(it.category)
+    if not ids and items is not None:
+        raise ValueError(f"{items}: no valid item ({rejects.summary()})")
+    has_vec = [v is not None for v in vectors]
+    if any(has_vec) and not all(has_vec):
+        raise ValueError(
+            f"{items}: {sum(has_vec)} of {len(ids)} items have a vector: give every item a vector, or none "
+            "(then every item's text goes through the item tower)"
+        )
+    if items is not None and not any(has_vec) and not all(texts):
+        raise ValueError(f"{items}: items without vectors need a text each")
+    cols: dict[str, list] = {k: [] for k in ("user", "item", "scenario", "action", "ts", "query", "event_id")}
+    for chunk in read_events(events, rejects, scenarios, actions, items=ids if items is not None else None):
+        for _, e in chunk:
+            if e.item_id not in ids:  # events only: the catalogue is what they name
+                ids[e.item_id] = len(ids)
+                texts.append("")
+                vectors.append(None)
+                categories.append("")
+            cols["user"].append(e.user_id)
+            cols["item"].append(ids[e.item_id])
+            cols["scenario"].append(e.scenario)
+            cols["action"].append(e.action)
+            cols["ts"].append(e.ts)
+            cols["query"].append(e.query)
+            cols["event_id"].append(e.event_id)
+    if not cols["ts"]:
+        raise ValueError(f"{events}: no valid event ({rejects.summary()})")
+    scen_names = tuple(scenarios) if scenarios is not None else tuple(sorted(set(cols["scenario"])))
+    act_names = tuple(actions) if actions is not None else tuple(sorted(set(cols["action"])))
+    s_index, a_index = {s: i for i, s in enumerate(scen_names)}, {a: i for i, a in enumerate(act_names)}
+    _, category = np.unique(np.asarray(categories, dtype=object).astype(str), return_inverse=True)
+    digest = hashlib.blake2b("\x1f".join([*ids, *texts]).encode(), digest_size=4).hexdigest()
+    return _finish(
+        f"files-{Path(str(_first(items if items is not None else events))).name.split('.')[0]}-{digest}",
+        scen_names,
+        act_names,
+        np.asarray(list(ids), dtype=object).astype(str),
+        texts,
+        category,
+        np.asarray(cols["user"], dtype=object).astype(str),
+        np.asarray(cols["item"], dtype=np.int64),
+        np.asarray([s_index[s] for s in cols["scenario"]], dtype=np.int64),
+        np.asarray([a_index[a] for a in cols["action"]], dtype=np.int64),
+        np.asarray(cols["ts"], dtype=np.float64),
+        item_vectors=np.stack(vectors).astype(np.float32) if items is not None and all(has_vec) else None,
+        query=cols["query"],
+        event_ids=cols["event_id"],
+    )
+
+
+def _first(paths: str | Path | list) -> str | Path:
+    return paths[0] if isinstance(paths, list) else paths
 
 
 def load(name: str, seed: int = 0) -> Dataset:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 from models.batches import Sample, make_batch
-from models.data import Dataset, load
+from models.data import Dataset
 from models.metrics import diversity_at_k, item_index, multi_interest_topk, ndcg_at_k, recall_at_k
-from models.train import TrainConfig, fit_variant, split, subset_users
+from models.train import TrainConfig, dataset_of, fit_variant, split
 from models.user_model import Checkpoint, UserModel
 
 KS = (10, 50, 200)
@@ -100,13 +101,34 @@ def by_scenario(ds: Dataset, samples: list[Sample], ranked: list[list[int]]) -> 
 
 
 def run_evaluate(
-    checkpoint: str | Path, variants: list[str] | None = None, progress: bool = True, out: str | Path | None = None
+    checkpoint: str | Path,
+    variants: list[str] | None = None,
+    progress: bool = True,
+    out: str | Path | None = None,
+    events: str | None = None,
+    items: str | None = None,
+    rejects: str | None = None,
 ) -> dict:
+    """``events`` / ``items``: score a user's files (default: the data the checkpoint was trained on);
+    their scenarios and actions must be the checkpoint's, and the items its catalogue."""
+    from models.files import Rejects
+
     ckpt_dir = Path(checkpoint)
     t0 = time.perf_counter()
     cfg = TrainConfig.saved(json.loads((ckpt_dir / "train.json").read_text())["config"])
+    if events or items:
+        cfg = replace(cfg, events=events, items=items)
     ckpt = Checkpoint.load(ckpt_dir)
-    ds = subset_users(load(cfg.dataset, seed=cfg.seed), cfg.max_users)
+    mcfg = ckpt.model.cfg
+    with Rejects(rejects) as bad:
+        ds = dataset_of(cfg, bad, tuple(mcfg.scenarios), tuple(mcfg.actions))
+    if bad.total and progress:
+        print(bad.summary())
+    if list(map(str, ds.item_ids)) != list(map(str, ckpt.item_ids)):
+        raise ValueError(
+            f"the item file has {ds.n_items} items, not the {len(ckpt.item_ids)} the checkpoint was trained on "
+            "(in the same order): evaluate with the checkpoint's item file"
+        )
     held, limit = split(ds, cfg.window)
     vectors = ckpt.item_vectors
     enc = ckpt.codebook.encode(vectors)

@@ -29,7 +29,7 @@ from models.backbone import models_home
 from models.batches import eval_samples, global_train_samples, make_batch, train_limits, train_samples
 from models.coarse import CoarseConfig
 from models.codebook import CodebookConfig, ResidualCodebook
-from models.data import Dataset, load
+from models.data import Dataset, load, load_files
 from models.item_tower import ItemTower, TextEncoder
 from models.refiner import RefinerConfig
 from models.user_model import Checkpoint, ModelConfig, UserModel
@@ -78,6 +78,11 @@ class TrainConfig:
     #: a stream replaying the pre-cut events serves).  None: the leave-last-W-out split.
     cut_quantile: float | None = None
     seed: int = 0
+    #: A user's own files (``models.schema``; JSONL, CSV or Parquet, gzip accepted) instead of ``dataset``.
+    events: str | None = None
+    items: str | None = None
+    #: Where bad rows of those files are written (with line number and reason); None: counted only.
+    rejects: str | None = None
     #: Use only the first N users (fast tests); None = all.
     max_users: int | None = None
 
@@ -115,7 +120,20 @@ def subset_users(ds: Dataset, n: int | None) -> Dataset:
         ts=ds.ts[:stop],
         offsets=ds.offsets[: n + 1],
         query=q,
+        event_ids=ds.event_ids[:stop] if ds.event_ids is not None else None,
     )
+
+
+def dataset_of(cfg: TrainConfig, rejects=None, scenarios=None, actions=None) -> Dataset:
+    """The training data a config names: a user's files (``events`` + ``items``) or a bundled dataset.
+    ``scenarios`` / ``actions``: a trained model's (events of others are rejected)."""
+    if cfg.events or cfg.items:
+        if not (cfg.events and cfg.items):
+            raise ValueError("training on files needs both --events and --items")
+        ds = load_files(cfg.events, cfg.items, rejects, scenarios, actions)
+    else:
+        ds = load(cfg.dataset, seed=cfg.seed)
+    return subset_users(ds, cfg.max_users)
 
 
 def split(ds: Dataset, window: int) -> tuple[list, np.ndarray]:
@@ -329,7 +347,12 @@ def fit_variant(
 def run_train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Checkpoint:
     out = Path(out)
     t0 = time.perf_counter()
-    ds = subset_users(load(cfg.dataset, seed=cfg.seed), cfg.max_users)
+    from models.files import Rejects
+
+    with Rejects(cfg.rejects) as rejects:
+        ds = dataset_of(cfg, rejects)
+    if rejects.total and progress:
+        print(rejects.summary())
     cut = None
     if cfg.cut_quantile is not None:
         from models.temporal import before, cut_time

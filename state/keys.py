@@ -30,6 +30,7 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:trend``                    | string | τ (seconds) of the items' trend counts, set by the worker   | ~0.1 KB       |
 | ``<p>:codebook:<id>``            | string | a codebook any worker can load to decode codes of that id   | ~1.8 MB       |
 | ``<p>:codebook:<id>:recoded``    | string | set once every item has a code of that codebook             |               |
+| ``<p>:backfill:<run>``          | set    | buckets a batch backfill run finished (resume; 7-day TTL)   | small         |
 | ``<p>:smoke:<key>``              | string | ``mirstream smoke`` only: a message copied by the agent     | ~0.1 KB       |
 | ``<p>:{u:<id>}:raw``             | string | naive bench baseline only: full raw float32 history         | events × ~4d B|
 | ``<p>:{u:<id>}:rawv``            | string | naive bench baseline only: its coarse interests             | M × d × 4     |
@@ -83,6 +84,9 @@ class Keys:
 
     def codebook_recoded(self, codebook_id: str) -> str:
         return f"{self.prefix}:codebook:{codebook_id}:recoded"
+
+    def backfill(self, run: str) -> str:
+        return f"{self.prefix}:backfill:{run}"
 
     def smoke(self, key: str) -> str:
         return f"{self.prefix}:smoke:{key}"

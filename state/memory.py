@@ -66,6 +66,8 @@ class MemoryUsers:
             del self.history[user]
         if u.state_id is not None:
             h["gen"], h["cb"] = u.state_id.encode(), (u.codebook or "").encode()
+        if u.backfill is not None:
+            h["bts"], h["bids"] = repr(float(u.backfill[0])).encode(), "\n".join(u.backfill[1]).encode()
         for name, offset in u.watermarks.items():
             raise_(name, offset, str(offset))
         for origin in u.applied:

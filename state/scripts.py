@@ -16,7 +16,8 @@ return vals
 #: what the plan read; bumps ``ver``; watermarks, ``last_ts`` and ``kts`` only ever move up.
 #: KEYS: state hash, history string.
 #: ARGV: expected ver, expected gen ('' none), n_events, has_coarse ('1'), coarse, last_ts, kts,
-#: records, record_size, cap, has_history ('1'), history, new gen ('' keeps), new cb, n_watermarks,
+#: records, record_size, cap, has_history ('1'), history, new gen ('' keeps), new cb, backfill time
+#: ('' keeps), backfill ids ('\n'-joined), n_watermarks,
 #: [watermark field, offset]..., then [applied-mark field, parked-mark field]... of applied parked events.
 #: Returns {new seq, refined seq, new ver}, or {-1, current ver} on conflict.
 APPLY_USER = """
@@ -52,11 +53,14 @@ end
 if ARGV[13] ~= '' then
   redis.call('HSET', KEYS[1], 'gen', ARGV[13], 'cb', ARGV[14])
 end
-local n = tonumber(ARGV[15])
-for i = 16, 15 + 2 * n, 2 do
+if ARGV[15] ~= '' then
+  redis.call('HSET', KEYS[1], 'bts', ARGV[15], 'bids', ARGV[16])
+end
+local n = tonumber(ARGV[17])
+for i = 18, 17 + 2 * n, 2 do
   raise(ARGV[i], ARGV[i + 1])
 end
-for i = 16 + 2 * n, #ARGV, 2 do
+for i = 18 + 2 * n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], 1)
   redis.call('HDEL', KEYS[1], ARGV[i + 1])
 end

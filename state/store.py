@@ -252,6 +252,33 @@ class StreamStore:
             pipe.zcard(self.keys.dirty(p))
         return sum(int(n) for n in await pipe.execute())
 
+    async def write_vectors_many(
+        self,
+        rows: list[tuple[str, int, float, float, dict[str, np.ndarray]]],
+        version: str,
+        version_ttl_s: float = 0,
+    ) -> list[bool]:
+        """``write_vectors`` for many (user, seq, event_ts, produced_at, vectors) in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        now = repr(time.time())
+        for user, seq, event_ts, produced_at, vectors in rows:
+            k, d = next(iter(vectors.values())).shape
+            args: list = [seq, version, now, repr(float(event_ts)), repr(float(produced_at)), k, d]
+            args.append(int(version_ttl_s))
+            for scenario, v in vectors.items():
+                args += [f"vec:{scenario}", np.ascontiguousarray(v, dtype="<f4").tobytes()]
+            keys = [self.keys.user_vectors(user), self.keys.user_state(user), self.keys.user_vectors_at(user, version)]
+            pipe.eval(scripts.WRITE_VECTORS, len(keys), *keys, *args)
+        return [bool(x) for x in await pipe.execute()]
+
+    # ---------------------------------------------------------------- batch backfill
+    async def backfill_done(self, run: str) -> set[int]:
+        return {int(m) for m in await self.r.smembers(self.keys.backfill(run))}
+
+    async def mark_backfill_done(self, run: str, bucket: int) -> None:
+        await self.r.sadd(self.keys.backfill(run), bucket)
+        await self.r.expire(self.keys.backfill(run), 7 * 86400)
+
     async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
         await self._clear(keys=[self.keys.dirty(partition)], args=[user, seq])
 

@@ -27,8 +27,14 @@ STATE_ID = "gen"  # the checkpoint state id (codebook + coarse weights) that bui
 LAST_TS = "last_ts"  # newest event time folded in
 KTS = "kts"  # newest Kafka (producer) timestamp folded in: freshness is measured from it
 REFINED_SEQ = "refined_seq"  # seq of the newest vectors written
+#: The backfill's hand-over watermark (``streams.backfill``): the newest event time a batch backfill
+#: applied to this user, and the ids of the events it applied at exactly that time ('\n'-joined).  An
+#: event older than ``bts``, or at ``bts`` with an id in ``bids``, is already in the state (a duplicate),
+#: whichever path, stream or backfill, brings it again.
+BACKFILL_TS = "bts"
+BACKFILL_IDS = "bids"
 #: Fields every read returns, in this order, before the requested per-batch fields.
-ROW_FIELDS = (VERSION, SEQ, COARSE, CODEBOOK, STATE_ID, REFINED_SEQ, LAST_TS, KTS)
+ROW_FIELDS = (VERSION, SEQ, COARSE, CODEBOOK, STATE_ID, REFINED_SEQ, LAST_TS, KTS, BACKFILL_TS, BACKFILL_IDS)
 
 
 def watermark(topic: str, partition: int) -> str:
@@ -67,6 +73,12 @@ class UserRow:
     applied: frozenset[str] = frozenset()  # origins (of those asked for) with an applied mark
     parked: frozenset[str] = frozenset()  # origins (of those asked for) with a parked mark
     history: bytes = b""
+    backfill_ts: float = 0.0  # the hand-over watermark (``BACKFILL_TS``); 0: never backfilled
+    backfill_ids: frozenset[str] = frozenset()
+
+    def backfilled(self, ts: float, event_id: str) -> bool:
+        """Whether the batch backfill already applied this event (by time, then by id at the cut's time)."""
+        return ts < self.backfill_ts or (ts == self.backfill_ts and event_id in self.backfill_ids)
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,8 @@ class UserUpdate:
     applied: tuple[str, ...] = ()  # origins to mark applied; their parked marks are dropped
     state_id: str | None = None  # new ``gen`` + ``cb`` (a rebuild, or a user's first write)
     codebook: str | None = None
+    #: A backfill moves the hand-over watermark to (time, ids at that time); None keeps it.
+    backfill: tuple[float, tuple[str, ...]] | None = None
 
     def args(self) -> list:
         """ARGV of ``state.scripts.APPLY_USER``, in its order."""
@@ -105,6 +119,8 @@ class UserUpdate:
             self.history or b"",
             self.state_id or "",
             self.codebook or "",
+            "" if self.backfill is None else repr(float(self.backfill[0])),
+            "" if self.backfill is None else "\n".join(self.backfill[1]),
             len(self.watermarks),
         ]
         for name, offset in self.watermarks.items():
@@ -131,7 +147,7 @@ def read_args(watermarks: list[str], origins: list[str]) -> list[str]:
 def parse_row(user: str, raw: list, watermarks: list[str], origins: list[str]) -> UserRow:
     """``READ_USER``'s reply → a row."""
     fixed, extra, history = raw[: len(ROW_FIELDS)], raw[len(ROW_FIELDS) : -1], raw[-1]
-    ver, seq, coarse, cb, gen, refined, last_ts, kts = fixed
+    ver, seq, coarse, cb, gen, refined, last_ts, kts, bts, bids = fixed
     n_w, n_o = len(watermarks), len(origins)
     marks = {w: int(float(v)) for w, v in zip(watermarks, extra[:n_w], strict=True) if v is not None}
     applied = frozenset(o for o, v in zip(origins, extra[n_w : n_w + n_o], strict=True) if v is not None)
@@ -150,6 +166,8 @@ def parse_row(user: str, raw: list, watermarks: list[str], origins: list[str]) -
         applied,
         parked,
         history or b"",
+        float(bts or 0),
+        frozenset(bids.decode().split("\n")) if bids else frozenset(),
     )
 
 

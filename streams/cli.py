@@ -23,6 +23,15 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partitions", type=int, help="partitions per topic")
 
 
+def _add_file_flags(p: argparse.ArgumentParser, items: bool = True) -> None:
+    """A user's own data (schema: models.schema; JSONL, CSV or Parquet, .gz accepted)."""
+    g = p.add_argument_group("your own data (README: Bring your own data)")
+    g.add_argument("--events", help="event file: user_id, item_id, scenario, action, ts [, query, event_id]")
+    if items:
+        g.add_argument("--items", help="item file: item_id and text and/or vector [, category]")
+    g.add_argument("--rejects", help="write bad rows here (JSONL: file, line, reason, row); default: count only")
+
+
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
     return Settings.from_env(
         bootstrap_servers=args.bootstrap_servers,
@@ -113,12 +122,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from streams.topics import ensure_topics
 
     settings = _settings(args)
+    if args.events:
+        from models.data import load_files
+        from models.files import Rejects
+
+        with Rejects(args.rejects) as rejects:  # an event of a scenario without a topic is rejected
+            ds = load_files(args.events, args.items, rejects, scenarios=settings.scenarios)
+        if rejects.total:
+            print(rejects.summary(), file=sys.stderr)
+    else:
+        ds = load(args.dataset)
     ensure_topics(settings)
-    ds = load(args.dataset)
     p = plan(ds, args.max_users, args.max_events)
-    if not args.no_items:
+    if not args.no_items and (not args.events or args.items):
         send_items(settings, ds, p.items)
-    rate = send_events(settings, ds, p.events, rate=args.rate)
+    rate = send_events(settings, ds, p.events, rate=args.rate, speedup=args.speedup)
     print(f"sent {len(p.events)} events of {len(expected_seq(ds, p.events))} users at {rate:.0f} events/s")
     if args.wait:
         behind = wait_for_vectors(settings, expected_seq(ds, p.events), timeout=args.wait)
@@ -126,6 +144,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"{len(behind)} users still behind after {args.wait:.0f}s" if behind else "every user's vectors are fresh"
         )
         return 1 if behind else 0
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from models.files import Rejects
+    from streams.backfill import run_backfill
+
+    settings = _settings(args, checkpoint=args.checkpoint)
+    with Rejects(args.rejects) as rejects:
+        report = run_backfill(
+            settings,
+            [args.events],
+            [args.items] if args.items else None,
+            until=args.until,
+            rejects=rejects,
+            buckets=args.buckets,
+            users_per_batch=args.users_per_batch,
+            refine_batch=args.refine_batch,
+        )
+    print(report.line())
+    print(rejects.summary())
     return 0
 
 
@@ -267,6 +306,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "sampler",
             "horizon_days",
             "cut_quantile",
+            "events",
+            "items",
+            "rejects",
         )
         if getattr(args, k) is not None
     }
@@ -281,6 +323,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.events or args.items:  # a user's files: the leave-last protocol with a checkpoint trained on them
+        if not (args.events and args.items):
+            print("evaluate on files needs both --events and --items", file=sys.stderr)
+            return 2
+        from models.evaluate import run_evaluate
+
+        run_evaluate(
+            args.checkpoint or "runs/demo",
+            variants=args.variants,
+            events=args.events,
+            items=args.items,
+            rejects=args.rejects,
+        )
+        return 0
     # Without a checkpoint the headline protocol runs (it trains every method on the pre-cut data itself).
     protocol = args.protocol or ("leave-last" if args.checkpoint else "temporal")
     if protocol == "temporal":
@@ -362,9 +418,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int)
     p.add_argument("--max-events", type=int)
     p.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    p.add_argument("--speedup", type=float, help="keep the events' own timing, N times faster than real time")
     p.add_argument("--no-items", action="store_true", help="do not send the items first")
+    _add_file_flags(p)
     p.add_argument("--wait", type=float, default=0, help="then wait up to N s until every user's vectors are fresh")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "backfill",
+        help="fill Redis from event files in batch: the state the stream would write; hands over to the stream",
+    )
+    _add_connection_flags(p)
+    _add_file_flags(p)
+    p.add_argument("--checkpoint", help="model folder (default runs/demo): the one the workers will run")
+    p.add_argument("--until", type=float, help="the cut: only events with ts <= UNTIL (seconds)")
+    p.add_argument("--buckets", type=int, default=16, help="spill files by user hash (memory: one bucket at a time)")
+    p.add_argument("--users-per-batch", type=int, default=1024, help="users per plan/apply round")
+    p.add_argument("--refine-batch", type=int, default=256, help="users per refiner call")
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("lookup", help="print a user's interest vectors and their freshness")
     _add_connection_flags(p)
@@ -450,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cut-quantile", type=float, help="train only on events before this time quantile (temporal protocol: 0.9)"
     )
     p.add_argument("--seed", type=int)
+    _add_file_flags(p)
     p.add_argument("--evaluate", action="store_true", help="run `evaluate` on the new checkpoint afterwards")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -491,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="subset of: sasrec comirec no_coarse raw_vectors k1 single_scenario shared_queries (default: all)",
     )
     _add_connection_flags(p)
+    _add_file_flags(p)
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -1,4 +1,8 @@
-"""Message schemas and validation. Anything that fails here goes to the dead-letter topic with the reason.
+"""Kafka message parsing. Anything that fails here goes to the dead-letter topic with the reason.
+
+The fields and their checks are ``models.schema`` (shared with the file readers); this module adds what
+only Kafka has: the byte limit, the topic a scenario belongs to, the worker's clock (no far-future
+dates), the parking origin and its signature.
 
 Event (``<prefix>.events.<scenario>``, key = user_id):
     {"event_id": "e1", "user_id": "42", "item_id": "n7", "scenario": "feed", "action": "click",
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -19,9 +22,21 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from models.schema import MAX_VECTOR_VALUE, Rejected, check_event, check_item
+
+__all__ = [
+    "MAX_VECTOR_VALUE",
+    "Event",
+    "Item",
+    "Limits",
+    "Message",
+    "Rejected",
+    "origin_signature",
+    "parse_event",
+    "parse_item",
+]
+
 _ORIGIN = re.compile(r"[A-Za-z0-9._-]{1,249}:[0-9]{1,9}:[0-9]{1,19}")
-#: Largest absolute value accepted in an item vector (float32 math downstream must stay finite).
-MAX_VECTOR_VALUE = 1e4
 
 
 @dataclass(frozen=True)
@@ -40,10 +55,6 @@ def origin_signature(key: bytes, origin: str, event_id: str, user_id: str) -> st
     re-produced parked event, whose copy the planner would otherwise trust."""
     mac = hmac.new(key, f"{origin}|{event_id}|{user_id}".encode(), hashlib.sha256)
     return mac.hexdigest()[:32]
-
-
-class Rejected(ValueError):
-    """A message that cannot be applied; ``str(exc)`` is the reason written to the dead-letter topic."""
 
 
 @dataclass(frozen=True)
@@ -78,15 +89,6 @@ class Item:
     vector: np.ndarray | None
 
 
-def _ident(value: object, name: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        raise Rejected(f"field {name!r} must be a non-empty string or integer")
-    text = str(value)
-    if len(text) > 128 or any(c in text for c in "{}") or not text.isprintable():
-        raise Rejected(f"field {name!r} is too long or has characters not allowed in ids (braces, control, bidi)")
-    return text
-
-
 def _object(raw: bytes, max_bytes: int) -> dict:
     if len(raw) > max_bytes:
         raise Rejected(f"message of {len(raw)} bytes is over the {max_bytes}-byte limit")
@@ -111,72 +113,34 @@ def parse_event(
     """A valid event, or ``Rejected`` with the reason.  ``origin_key``: the key re-produced parked events
     are signed with (None: no event may carry ``_origin``); ``now``: the worker's clock."""
     data = _object(raw, limits.max_bytes)
-    missing = [f for f in ("event_id", "user_id", "item_id", "scenario", "action", "ts") if f not in data]
-    if missing:
-        raise Rejected(f"missing fields: {', '.join(missing)}")
-    scenario = data["scenario"]
-    if scenario not in scenarios:
-        raise Rejected(f"unknown scenario {scenario!r}; known: {', '.join(scenarios)}")
-    if scenario != topic_scenario:
-        raise Rejected(f"scenario {scenario!r} sent to the {topic_scenario!r} topic")
-    action = data["action"]
-    if action not in actions:
-        raise Rejected(f"unknown action {action!r}; known: {', '.join(actions)}")
-    ts = data["ts"]
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts <= 0:
-        raise Rejected("field 'ts' must be a positive, finite number of seconds")
+    rec = check_event(data, scenarios, actions, require_id=True)  # the shared schema (models.schema)
+    if rec.scenario != topic_scenario:
+        raise Rejected(f"scenario {rec.scenario!r} sent to the {topic_scenario!r} topic")
     now = time.time() if now is None else now
-    if ts > now + limits.max_future_s:
-        raise Rejected(f"field 'ts' ({ts:.6g}) is more than {limits.max_future_s:g} s ahead of the worker's clock")
-    if limits.max_age_s and ts < now - limits.max_age_s:
-        raise Rejected(f"field 'ts' ({ts:.6g}) is more than {limits.max_age_s:g} s old (max_age_s)")
-    query = data.get("query") or ""
-    if not isinstance(query, str):
-        raise Rejected("field 'query' must be a string")
-    event_id, user_id = _ident(data["event_id"], "event_id"), _ident(data["user_id"], "user_id")
+    if rec.ts > now + limits.max_future_s:
+        raise Rejected(f"field 'ts' ({rec.ts:.6g}) is more than {limits.max_future_s:g} s ahead of the worker's clock")
+    if limits.max_age_s and rec.ts < now - limits.max_age_s:
+        raise Rejected(f"field 'ts' ({rec.ts:.6g}) is more than {limits.max_age_s:g} s old (max_age_s)")
     origin = data.get("_origin")
     if origin is not None:
         if not (isinstance(origin, str) and _ORIGIN.fullmatch(origin)):
             raise Rejected("field '_origin' must be 'topic:partition:offset' (set only by the parking path)")
         sig = data.get("_sig")
-        if origin_key is None or not (
-            isinstance(sig, str) and hmac.compare_digest(sig, origin_signature(origin_key, origin, event_id, user_id))
-        ):
+        want = origin_signature(origin_key, origin, rec.event_id, rec.user_id) if origin_key is not None else None
+        if want is None or not (isinstance(sig, str) and hmac.compare_digest(sig, want)):
             raise Rejected("field '_origin' is set only by the parking path (missing or wrong '_sig')")
     return Event(
-        event_id,
-        user_id,
-        _ident(data["item_id"], "item_id"),
-        scenarios.index(scenario),
-        actions.index(action),
-        float(ts),
-        query,
+        rec.event_id,
+        rec.user_id,
+        rec.item_id,
+        scenarios.index(rec.scenario),
+        actions.index(rec.action),
+        rec.ts,
+        rec.query,
         origin,
     )
 
 
 def parse_item(raw: bytes, dim: int, max_bytes: int) -> Item:
-    data = _object(raw, max_bytes)
-    if "item_id" not in data:
-        raise Rejected("missing fields: item_id")
-    text, vector = data.get("text"), data.get("vector")
-    if text is None and vector is None:
-        raise Rejected("an item needs 'text' or 'vector'")
-    if text is not None and (not isinstance(text, str) or not text.strip()):
-        raise Rejected("field 'text' must be a non-empty string")
-    vec = None
-    if vector is not None:
-        if not isinstance(vector, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector
-        ):
-            raise Rejected("field 'vector' must be a list of numbers")
-        if len(vector) != dim:
-            raise Rejected(f"vector has {len(vector)} dimensions, the model expects {dim}")
-        if not all(math.isfinite(x) for x in vector):
-            raise Rejected("vector contains NaN or infinite values")
-        if max((abs(x) for x in vector), default=0.0) > MAX_VECTOR_VALUE:
-            raise Rejected(f"vector has values beyond ±{MAX_VECTOR_VALUE:g} (not a normalised embedding?)")
-        vec = np.asarray(vector, dtype=np.float32)
-        if float(np.linalg.norm(vec)) == 0.0:
-            raise Rejected("vector is all zeros")
-    return Item(_ident(data["item_id"], "item_id"), text, vec)
+    rec = check_item(_object(raw, max_bytes), dim)
+    return Item(rec.item_id, rec.text, rec.vector)

@@ -46,8 +46,11 @@ class Accepted:
 
     event: Event
     msg: Message
-    origin: str  # "topic:partition:offset" of its first delivery
+    origin: str  # "topic:partition:offset" of its first delivery ("file:<line>" for a backfill)
     replayed: bool  # re-produced from a parking list
+    #: Read from a file by the batch backfill (``streams.backfill``): no Kafka watermark; the update moves
+    #: the backfill's hand-over watermark (time, ids) instead.
+    backfill: bool = False
 
     @property
     def topic(self) -> str:
@@ -144,10 +147,15 @@ def plan(
 
 
 def _fresh(row: UserRow, batch: list[Accepted]) -> list[Accepted]:
-    """Events not applied yet, each once (a parked copy and its redelivered original can share a batch)."""
+    """Events not applied yet, each once (a parked copy and its redelivered original can share a batch).
+    An event the backfill already applied (by time and id, ``UserRow.backfilled``) is a duplicate too."""
     fresh, seen = [], set()
     for a in batch:
-        if a.offset > row.watermarks.get(a.mark, -1) and a.origin not in row.applied and a.origin not in seen:
+        if a.origin in seen or a.origin in row.applied:
+            continue
+        if row.backfill_ts and row.backfilled(a.event.ts, a.event.event_id):
+            continue
+        if a.backfill or a.offset > row.watermarks.get(a.mark, -1):
             fresh.append(a)
             seen.add(a.origin)
     return fresh
@@ -217,7 +225,8 @@ def _update(
 ) -> UserUpdate:
     marks: dict[str, int] = {}
     for a in p.applied + p.waiting:  # the watermark passes parked events too: their parked copy carries them on
-        marks[a.mark] = max(marks.get(a.mark, -1), a.offset)
+        if not a.backfill:
+            marks[a.mark] = max(marks.get(a.mark, -1), a.offset)
     ever_parked = set(row.parked) | set(p.mark) | set(handled)
     applied = tuple(a.origin for a in p.applied if a.replayed or a.origin in ever_parked)
     new_state = row.state_id != ctx.ckpt.state_id
@@ -237,4 +246,19 @@ def _update(
         applied=applied,
         state_id=ctx.ckpt.state_id if new_state else None,
         codebook=ctx.ckpt.codebook_id if new_state else None,
+        backfill=_backfill_mark(row, p.applied),
     )
+
+
+def _backfill_mark(row: UserRow, applied: list[Accepted]) -> tuple[float, tuple[str, ...]] | None:
+    """The hand-over watermark after a backfill batch: its newest event time and the ids applied at it."""
+    times = [a.event.ts for a in applied if a.backfill]
+    if not times:
+        return None
+    top = max(times)
+    ids = {a.event.event_id for a in applied if a.backfill and a.event.ts == top}
+    if top < row.backfill_ts:  # cannot happen (older events are duplicates), but never move it back
+        return None
+    if top == row.backfill_ts:
+        ids |= row.backfill_ids
+    return top, tuple(sorted(ids))

@@ -175,6 +175,12 @@ class Refresher:
         metrics.QUARANTINED.set(await self.store.quarantined_count())
         return len(picked)
 
+    def refine_rows(
+        self, rows: list[UserRow], books: dict[str, ResidualCodebook]
+    ) -> tuple[list[np.ndarray | None], dict[str, str]]:
+        """The tick's computation for any rows (the batch backfill calls it with large batches)."""
+        return self._refine(rows, books)
+
     def _refine(
         self, rows: list[UserRow], books: dict[str, ResidualCodebook]
     ) -> tuple[list[np.ndarray | None], dict[str, str]]:

@@ -37,7 +37,7 @@ def plan(ds: Dataset, max_users: int | None = None, max_events: int | None = Non
 
 def event_body(ds: Dataset, i: int) -> dict:
     body = {
-        "event_id": f"{ds.name}-{i}",
+        "event_id": ds.event_ids[i] if ds.event_ids is not None else f"{ds.name}-{i}",
         "user_id": str(ds.user_ids[ds.user[i]]),
         "item_id": str(ds.item_ids[ds.item[i]]),
         "scenario": ds.scenarios[ds.scenario[i]],
@@ -50,7 +50,9 @@ def event_body(ds: Dataset, i: int) -> dict:
 
 
 def item_body(ds: Dataset, j: int) -> dict:
-    body: dict = {"item_id": str(ds.item_ids[j]), "text": ds.item_text[j]}
+    body: dict = {"item_id": str(ds.item_ids[j])}
+    if ds.item_text[j]:  # a catalogue of vectors only has no text
+        body["text"] = ds.item_text[j]
     if ds.item_vectors is not None:
         body["vector"] = ds.item_vectors[j].tolist()
     return body
@@ -75,14 +77,22 @@ def send_items(settings: Settings, ds: Dataset, items: np.ndarray, progress: boo
 
 
 def send_events(
-    settings: Settings, ds: Dataset, events: np.ndarray, rate: float | None = None, progress: bool = True
+    settings: Settings,
+    ds: Dataset,
+    events: np.ndarray,
+    rate: float | None = None,
+    progress: bool = True,
+    speedup: float | None = None,
 ) -> float:
-    """Sends events in order; returns the achieved events/s."""
+    """Sends events in order; returns the achieved events/s.  ``rate``: at most this many events/s;
+    ``speedup``: the events' own timing, ``speedup`` times faster than real time (both: the slower)."""
     p = producer(settings)
     t0 = time.perf_counter()
+    ts0 = float(ds.ts[events[0]]) if len(events) else 0.0
     for n, i in enumerate(tqdm(events.tolist(), desc="replay events", unit="ev", disable=not progress)):
-        if rate:
-            ahead = t0 + n / rate - time.perf_counter()
+        due = max(n / rate if rate else 0.0, (float(ds.ts[i]) - ts0) / speedup if speedup else 0.0)
+        if due:
+            ahead = t0 + due - time.perf_counter()
             if ahead > 0:
                 time.sleep(ahead)
         body = event_body(ds, i)

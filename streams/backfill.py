@@ -1,0 +1,331 @@
+"""Batch backfill of Redis from event files: the state the stream would have written, without Kafka.
+
+Why: millions of users need vectors before the stream starts, and replaying months of events through
+Kafka runs at stream speed.  The backfill computes the same Redis state in batch, by construction: it
+builds the same ``Accepted`` events the agents build, runs the same pure planner (``streams.planner.plan``:
+dedup, coarse fold of a whole batch of users in one model call, history records) and writes through the
+same atomic, compare-and-set apply script (``StreamStore.apply_many``, pipelined); refinement is the
+refinement tick's code (``Refresher.refine_rows``) in large batches, written with one pipelined round.
+
+Larger than memory: events are read in chunks and spilled to ``buckets`` files by a hash of the user,
+so each bucket holds whole users and is processed alone (sorted by user and time in memory).
+
+Resumable: a finished bucket is recorded in Redis (``<p>:backfill:<run>``, the run named by the input
+files, the cut and the checkpoint), so a restarted run skips it; a bucket cut short by a crash is done
+again, and each event the first attempt applied is a duplicate by the hand-over watermark below.
+
+Hand-over to the stream (the watermark, ``state.users.BACKFILL_TS`` / ``BACKFILL_IDS``): per user, the
+newest event time the backfill applied and the ids of the events applied at exactly that time.  When
+the stream later replays events, one older than that time, or at that time with a backfilled id, is a
+duplicate; any later event is applied once, with the stream's own offset watermarks from then on.  So
+an event at or before the cut that was *not* in the backfilled files but reaches the stream later is
+taken as covered and skipped (the backfill owns everything up to each user's cut).  Event ids: the
+file's ``event_id``, or one derived from the event's fields (``models.schema.derived_event_id``), the same
+in ``mirstream replay`` of the same files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+from tqdm import tqdm
+
+from models.files import Rejects, read_events, read_items
+from models.user_model import Checkpoint
+from state.store import StreamStore, connect_async
+from streams.events import Event, Item, Message
+from streams.items import ItemHandler
+from streams.planner import Accepted, PlanContext, plan
+from streams.refinement import Refresher
+from streams.settings import Settings
+from streams.switch import Codebooks
+
+BACKFILL_TOPIC = "backfill"  # the synthetic Message topic of file events (never a Kafka watermark)
+
+
+@dataclass
+class BackfillReport:
+    events_read: int = 0
+    events_applied: int = 0
+    duplicates: int = 0
+    after_cut: int = 0
+    users: int = 0
+    items: int = 0
+    buckets_skipped: int = 0
+    rejected: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @property
+    def wall(self) -> float:
+        return self.seconds.get("wall", 0.0)
+
+    def line(self) -> str:
+        s, wall = self.seconds, max(self.wall, 1e-9)
+        split = ", ".join(f"{k} {s[k]:.1f}s" for k in ("spill", "encode", "coarse", "refine", "redis") if k in s)
+        return (
+            f"backfilled {self.events_applied} events of {self.users} users in {wall:.1f}s "
+            f"({self.events_applied / wall:.0f} events/s, {self.users / wall:.0f} users/s; {split}); "
+            f"{self.duplicates} already applied, {self.after_cut} after the cut, {self.rejected} rejected"
+        )
+
+
+def run_id(events: list[str], until: float | None, ckpt: Checkpoint, buckets: int) -> str:
+    """Names a run by its inputs: the same files, cut, checkpoint and bucket count resume the same run."""
+    parts = [ckpt.state_id, repr(until), str(buckets)]
+    for p in events:
+        st = os.stat(p)
+        parts += [str(Path(p).resolve()), str(st.st_size), str(st.st_mtime_ns)]
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).hexdigest()
+
+
+def kafka_partition(user: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives this user key (whose worker owns the user)."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(user.encode()) & 0x7FFFFFFF) % partitions
+
+
+class Backfill:
+    def __init__(
+        self,
+        settings: Settings,
+        ckpt: Checkpoint,
+        rejects: Rejects,
+        users_per_batch: int = 1024,
+        refine_batch: int = 256,
+        refine: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if ckpt.model.trend:
+            # The stream counts each event once in its item's trend by Kafka offset (state.trend); file rows
+            # processed bucket by bucket have no such order yet, so a backfill would leave the counts short.
+            raise ValueError(
+                "this checkpoint scores an item trend, which backfill does not count yet: "
+                "stream the events instead (mirstream replay --events F)"
+            )
+        self.settings = settings
+        self.ckpt = ckpt
+        self.rejects = rejects
+        self.users_per_batch = users_per_batch
+        self.refine_batch = refine_batch
+        self.refine = refine
+        self.progress = progress
+        self.scenarios = tuple(ckpt.model.cfg.scenarios)
+        self.actions = tuple(ckpt.model.cfg.actions)
+        self.report = BackfillReport()
+        self.store: StreamStore | None = None
+
+    async def run(
+        self, events: list[str], items: list[str] | None = None, until: float | None = None, buckets: int = 16
+    ) -> BackfillReport:
+        t0 = time.perf_counter()
+        self.store = store = StreamStore(connect_async(self.settings.redis_url), self.settings.prefix)
+        self.codebooks = Codebooks(store, self.ckpt.codebook)
+        self.refresher = Refresher(self.settings, self.ckpt, store, self.codebooks, emit=_no_emit)
+        try:
+            await self.codebooks.publish()
+            if items:
+                await self._items(items)
+            run = run_id(events, until, self.ckpt, buckets)
+            done = await store.backfill_done(run)
+            with tempfile.TemporaryDirectory(prefix="mirstream-backfill-") as tmp:
+                paths = self._spill(events, until, buckets, Path(tmp))
+                bar = tqdm(desc="backfill", unit="user", disable=not self.progress)
+                for b, path in enumerate(paths):
+                    if b in done:
+                        self.report.buckets_skipped += 1
+                        continue
+                    await self._bucket(path, events, bar)
+                    await store.mark_backfill_done(run, b)
+                bar.close()
+        finally:
+            await store.close()
+            self.refresher.executor.shutdown(wait=False)
+        self.report.rejected = self.rejects.total
+        self.report.seconds["wall"] = time.perf_counter() - t0
+        return self.report
+
+    # ------------------------------------------------------------------ items
+    async def _items(self, items: list[str]) -> None:
+        """The item agent's path in batch: vector (given, or text through the item tower) → codes and
+        retrieval vector → ``put_items``."""
+        handler = ItemHandler(self.settings, self.ckpt, self.store, self.codebooks, _no_deadletter, _no_republish)
+        dim = self.ckpt.codebook.cfg.dim
+        for chunk in read_items(items, self.rejects, dim=dim):
+            t = time.perf_counter()
+            recs = [it for _, it in chunk]
+            vecs = handler._vectors([Item(r.item_id, r.text, r.vector) for r in recs])
+            retrieval = self.ckpt.model.retrieval_vectors(vecs).astype("<f4")
+            ok = np.isfinite(vecs).all(axis=1) & np.isfinite(retrieval).all(axis=1)
+            for (line, _), good in zip(chunk, ok, strict=True):
+                if not good:
+                    self.rejects.add(items[0], line, "the item's vector gives NaN or infinite model outputs")
+            keep = np.flatnonzero(ok)
+            codes = self.ckpt.codebook.encode(vecs[keep]).records()
+            rows = [
+                (recs[i].item_id, codes[n].tobytes(), retrieval[i].tobytes(), self.ckpt.version, recs[i].text or "")
+                for n, i in enumerate(keep.tolist())
+            ]
+            self.report.seconds["encode"] += time.perf_counter() - t
+            t = time.perf_counter()
+            await self.store.put_items(rows, self.ckpt.codebook_id)
+            self.report.seconds["redis"] += time.perf_counter() - t
+            self.report.items += len(rows)
+
+    # ------------------------------------------------------------------ events
+    def _spill(self, events: list[str], until: float | None, buckets: int, tmp: Path) -> list[Path]:
+        """Valid events → ``buckets`` files by user hash (each bucket holds whole users)."""
+        t = time.perf_counter()
+        paths = [tmp / f"bucket-{b}.jsonl" for b in range(buckets)]
+        outs = [open(p, "wb") for p in paths]  # noqa: SIM115
+        try:
+            for f, path in enumerate(events):
+                for chunk in read_events(path, self.rejects, self.scenarios, self.actions):
+                    for line, e in chunk:
+                        self.report.events_read += 1
+                        if until is not None and e.ts > until:
+                            self.report.after_cut += 1
+                            continue
+                        row = [f, line, e.event_id, e.user_id, e.item_id, e.scenario, e.action, e.ts, e.query]
+                        outs[zlib.crc32(e.user_id.encode()) % buckets].write(orjson.dumps(row) + b"\n")
+        finally:
+            for o in outs:
+                o.close()
+        self.report.seconds["spill"] += time.perf_counter() - t
+        return paths
+
+    async def _bucket(self, path: Path, files: list[str], bar: tqdm) -> None:
+        rows = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        if not rows:
+            return
+        rows.sort(key=lambda r: (r[3], r[7], r[0], r[1]))  # user, time, file, line
+        t = time.perf_counter()
+        codes: dict[str, bytes | None] = {}
+        unique = sorted({r[4] for r in rows})
+        for i in range(0, len(unique), 10_000):
+            codes.update(await self.store.item_codes(unique[i : i + 10_000], self.codebooks.own_id))
+        self.report.seconds["redis"] += time.perf_counter() - t
+        self._codes = codes
+        by_user: dict[str, list[Accepted]] = defaultdict(list)
+        s_index, a_index = {s: i for i, s in enumerate(self.scenarios)}, {a: i for i, a in enumerate(self.actions)}
+        for f, line, event_id, user, item, scenario, action, ts, query in rows:
+            if codes.get(item) is None:
+                reason = f"unknown item: {item!r} is not in Redis (give --items, or let the item agent store it)"
+                self.rejects.add(files[f], line, reason)
+                continue
+            event = Event(event_id, user, item, s_index[scenario], a_index[action], ts, query)
+            msg = Message(BACKFILL_TOPIC, 0, line, None, b"", 0.0)
+            by_user[user].append(Accepted(event, msg, f"file:{f}:{line}", False, backfill=True))
+        users = list(by_user)
+        for i in range(0, len(users), self.users_per_batch):
+            batch = {u: by_user[u] for u in users[i : i + self.users_per_batch]}
+            applied = await self._apply(batch)
+            if self.refine and applied:
+                await self._refine(applied)
+            self.report.users += len(batch)
+            bar.update(len(batch))
+            wall = bar.format_dict.get("elapsed") or 1e-9
+            bar.set_postfix(events_s=f"{self.report.events_applied / wall:.0f}", refresh=False)
+
+    async def _apply(self, pending: dict[str, list[Accepted]]) -> list[str]:
+        """Read → plan → compare-and-set apply, as ``streams.ingest`` does; users that conflicted (another
+        writer meanwhile) are re-read and re-planned.  Returns the users whose state changed."""
+        changed: list[str] = []
+        attempt = 0
+        while pending:
+            t = time.perf_counter()
+            rows = await self.store.read_users({u: ([], []) for u in pending})
+            books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
+            self.report.seconds["redis"] += time.perf_counter() - t
+            t = time.perf_counter()
+            plans = plan(
+                rows, pending, self.codes_of(pending), PlanContext(self.ckpt, books, self.settings.history_cap)
+            )
+            self.report.seconds["coarse"] += time.perf_counter() - t
+            for p in plans.values():
+                if attempt == 0:
+                    self.report.duplicates += p.duplicates
+                if p.poison:
+                    for a in p.dead:
+                        self.rejects.add(BACKFILL_TOPIC, a.offset, str(p.poison))
+            updates = {u: p.update for u, p in plans.items() if p.update is not None}
+            t = time.perf_counter()
+            results = await self.store.apply_many(updates) if updates else {}
+            self.report.seconds["redis"] += time.perf_counter() - t
+            conflicts = {u for u, r in results.items() if r is None}
+            for u, r in results.items():
+                if r is not None and plans[u].applied:
+                    changed.append(u)
+                    self.report.events_applied += len(plans[u].applied)
+            pending = {u: pending[u] for u in conflicts}
+            if pending:
+                attempt += 1
+                await asyncio.sleep(min(0.001 * 2**attempt, 0.5))
+        return changed
+
+    def codes_of(self, pending: dict[str, list[Accepted]]) -> dict[str, bytes | None]:
+        return {a.event.item_id: self._codes[a.event.item_id] for v in pending.values() for a in v}
+
+    async def _refine(self, users: list[str]) -> None:
+        """The refinement tick's computation in large batches; vectors written in one pipelined round."""
+        for i in range(0, len(users), self.refine_batch):
+            part = users[i : i + self.refine_batch]
+            t = time.perf_counter()
+            rows = await self.store.read_for_refine(part)
+            books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
+            self.report.seconds["redis"] += time.perf_counter() - t
+            t = time.perf_counter()
+            vectors, failed = self.refresher.refine_rows([rows[u] for u in part], books)
+            self.report.seconds["refine"] += time.perf_counter() - t
+            t = time.perf_counter()
+            writes = []
+            for user, vecs in zip(part, vectors, strict=True):
+                row = rows[user]
+                if vecs is not None and not np.isfinite(vecs).all():
+                    failed[user] = "refined vectors hold NaN or infinite values"
+                if user in failed or vecs is None:
+                    reason = failed.get(user, "refinement failed")
+                    partition = kafka_partition(user, self.settings.partitions)
+                    await self.store.quarantine(user, partition, row.seq, reason)
+                    continue
+                per = {s: vecs[j] for j, s in enumerate(self.refresher.scenarios)}
+                writes.append((user, row.seq, row.last_ts, row.kts or row.last_ts, per))  # no Kafka time
+            await self.store.write_vectors_many(writes, self.ckpt.version, self.settings.version_ttl_s)
+            self.report.seconds["redis"] += time.perf_counter() - t
+
+
+async def _no_emit(user: str, body: dict) -> None:
+    return None
+
+
+async def _no_deadletter(msg: Message, reason: str, source: str) -> None:  # pragma: no cover - never called
+    raise RuntimeError(reason)
+
+
+async def _no_republish(scenario: str, user: str, body: bytes) -> None:  # pragma: no cover - never called
+    raise RuntimeError("the backfill does not park events")
+
+
+def run_backfill(
+    settings: Settings,
+    events: list[str],
+    items: list[str] | None = None,
+    until: float | None = None,
+    rejects: Rejects | None = None,
+    buckets: int = 16,
+    progress: bool = True,
+    **kw,
+) -> BackfillReport:
+    ckpt = Checkpoint.load(settings.checkpoint)
+    bf = Backfill(settings, ckpt, rejects or Rejects(), progress=progress, **kw)
+    return asyncio.run(bf.run(events, items, until, buckets))
