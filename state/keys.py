@@ -24,7 +24,9 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:{i:<id>}:parked``          | list   | events waiting for this item to arrive                      | bounded       |
 | ``<p>:items``                    | set    | every known item id (the search index is built from it)     |               |
 | ``<p>:parked``                   | zset   | item id → time its first event was parked                   |               |
-| ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → their ``seq``    |               |
+| ``<p>:dirty:{p<n>}``             | zset   | users of partition n awaiting refinement → when first marked| ≤ users       |
+|                                  |        | (ms): served oldest first                                   |               |
+| ``<p>:dirty-seq:{p<n>}``         | hash   | the same users → the ``seq`` their refinement must reach     | ≤ users       |
 | ``<p>:quarantine``               | hash   | user → JSON {partition, seq, reason, at}: refinement failed |               |
 | ``<p>:origin-key``               | string | 32 random bytes signing re-produced parked events (``_sig``) | 32 B         |
 | ``<p>:trend``                    | string | τ (seconds) of the items' trend counts, set by the worker   | ~0.1 KB       |
@@ -110,3 +112,6 @@ class Keys:
 
     def dirty(self, partition: int) -> str:
         return f"{self.prefix}:dirty:{{p{partition}}}"
+
+    def dirty_seq(self, partition: int) -> str:
+        return f"{self.prefix}:dirty-seq:{{p{partition}}}"

@@ -129,11 +129,39 @@ end
 return 1
 """
 
-#: Remove a user from a dirty set only if no newer event re-marked it meanwhile.
-#: KEYS: dirty zset. ARGV: member, score seen when it was picked.
+#: Mark users dirty (awaiting refinement).  The queue is ordered by when a user was first marked, so it is
+#: served oldest first and a busy user cannot push a quiet one back; the seq to refine up to is kept
+#: beside it, raised only.  Both keys share the partition's hash tag.
+#: KEYS: queue zset, seq hash.  ARGV: now (ms), [user, seq]...
+MARK_DIRTY = """
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i])
+  local cur = redis.call('HGET', KEYS[2], ARGV[i])
+  if (not cur) or tonumber(ARGV[i + 1]) > tonumber(cur) then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+
+#: The oldest dirty users and the seq each one awaits.  KEYS: queue zset, seq hash.  ARGV: limit.
+#: Returns [user, seq, user, seq, ...].
+DIRTY_USERS = """
+local users = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local out = {}
+for _, u in ipairs(users) do
+  out[#out + 1] = u
+  out[#out + 1] = redis.call('HGET', KEYS[2], u) or '0'
+end
+return out
+"""
+
+#: Leave the queue once refined up to the seq it awaits (a newer mark keeps the user queued, in its place).
+#: KEYS: queue zset, seq hash.  ARGV: user, refined seq.
 CLEAR_DIRTY = """
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if s and tonumber(s) <= tonumber(ARGV[2]) then
+local s = redis.call('HGET', KEYS[2], ARGV[1])
+if (not s) or tonumber(s) <= tonumber(ARGV[2]) then
+  redis.call('HDEL', KEYS[2], ARGV[1])
   return redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return 0

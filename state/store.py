@@ -44,6 +44,8 @@ class StreamStore:
         self.keys = Keys(prefix)
         self._write = client.register_script(scripts.WRITE_VECTORS)
         self._clear = client.register_script(scripts.CLEAR_DIRTY)
+        self._mark = client.register_script(scripts.MARK_DIRTY)
+        self._dirty = client.register_script(scripts.DIRTY_USERS)
         self._park = client.register_script(scripts.PARK)
         self._unpark = client.register_script(scripts.UNPARK)
 
@@ -213,14 +215,22 @@ class StreamStore:
             out[user] = None if int(reply[0]) == -1 else users.Applied(int(reply[0]), int(reply[2]), int(reply[1]))
         return out
 
+    def _dirty_keys(self, partition: int) -> list[str]:
+        return [self.keys.dirty(partition), self.keys.dirty_seq(partition)]
+
     async def mark_dirty(self, partition: int, users: dict[str, int]) -> None:
+        """Queues users for refinement up to ``seq``; a user already queued keeps its place."""
         if users:
-            await self.r.zadd(self.keys.dirty(partition), users, gt=True)
+            args: list = [int(time.time() * 1000)]
+            for user, seq in users.items():
+                args += [user, seq]
+            await self._mark(keys=self._dirty_keys(partition), args=args)
 
     # ---------------------------------------------------------------- users: refinement
     async def dirty_users(self, partition: int, limit: int) -> list[tuple[str, int]]:
-        got = await self.r.zrange(self.keys.dirty(partition), 0, limit - 1, withscores=True)
-        return [(m.decode(), int(s)) for m, s in got]
+        """The partition's ``limit`` longest-waiting dirty users and the seq each awaits."""
+        got = await self._dirty(keys=self._dirty_keys(partition), args=[limit])
+        return [(got[i].decode(), int(got[i + 1])) for i in range(0, len(got), 2)]
 
     async def read_for_refine(self, user_ids: list[str]) -> dict[str, UserRow]:
         """Each user's state and history, one consistent snapshot per user."""
@@ -280,7 +290,7 @@ class StreamStore:
         await self.r.expire(self.keys.backfill(run), 7 * 86400)
 
     async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
-        await self._clear(keys=[self.keys.dirty(partition)], args=[user, seq])
+        await self._clear(keys=self._dirty_keys(partition), args=[user, seq])
 
     # ---------------------------------------------------------------- users: quarantine
     async def quarantine(self, user: str, partition: int, seq: int, reason: str) -> None:
@@ -303,7 +313,7 @@ class StreamStore:
         """Marks every quarantined user dirty again (after a fix); how many."""
         entries = await self.quarantined()
         for user, entry in entries.items():
-            await self.r.zadd(self.keys.dirty(int(entry["partition"])), {user: int(entry["seq"])}, gt=True)
+            await self.mark_dirty(int(entry["partition"]), {user: int(entry["seq"])})
         return len(entries)
 
     async def ping(self) -> bool:

@@ -117,7 +117,7 @@ class Ingestor:
                 if attempt % CONFLICT_WARN_EVERY == 0:
                     log.warning("%d compare-and-set conflicts in a row on users %s", attempt, sorted(pending)[:5])
                 await asyncio.sleep(min(0.001 * 2**attempt, 0.5))  # another writer is mid-step: let it finish
-        for partition, users in dirty.items():
+        for partition, users in dirty.items() if self.settings.refine else ():  # nobody would drain them
             await self.store.mark_dirty(partition, users)
         metrics.BATCH.labels(f"events-{scenario}").observe(time.perf_counter() - t0)
         return dirty

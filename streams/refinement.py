@@ -76,6 +76,10 @@ def user_inputs(
     return out
 
 
+#: Above this many entries the debounce map drops those older than the debounce window.
+LAST_REFINED_MAX = 100_000
+
+
 class Refresher:
     """Refines dirty users in micro-batches.  A user whose refinement fails is *quarantined* (listed in
     Redis with the reason, counted, left out of its dirty set) so it cannot stall or crash its
@@ -91,7 +95,8 @@ class Refresher:
         self.emit = emit
         self.scenarios = list(ckpt.model.cfg.scenarios)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refiner")
-        self.last_refined: dict[str, float] = {}
+        self.last_refined: dict[str, float] = {}  # debounce: user → when last refined (pruned, see _tick)
+        self._turn = 0
         self.failing_since: float | None = None  # monotonic time of the first failed tick in a row
 
     async def tick(self, partitions: list[int]) -> int:
@@ -119,7 +124,11 @@ class Refresher:
         now = time.monotonic()
         debounce = self.settings.refine_debounce_ms / 1000
         picked: list[tuple[int, str]] = []
-        for p in partitions:
+        if len(self.last_refined) > LAST_REFINED_MAX:  # only entries inside the debounce window matter
+            self.last_refined = {u: t for u, t in self.last_refined.items() if now - t < debounce}
+        # Round robin: each tick starts at the next partition, so under a backlog none waits behind the others.
+        self._turn = (self._turn + 1) % max(1, len(partitions))
+        for p in partitions[self._turn :] + partitions[: self._turn]:
             for user, _seq in await self.store.dirty_users(p, self.settings.refine_batch * 2):
                 if now - self.last_refined.get(user, -1e9) >= debounce:
                     picked.append((p, user))

@@ -96,7 +96,8 @@ def test_poison_dirty_user_is_quarantined_and_retried_after_a_fix(pipeline_setti
         # A dirty user whose history no longer decodes (written by hand, as a broken tool would).
         r.set(keys.user_history("bad"), b"x" * 17)
         r.hset(keys.user_state("bad"), "seq", 2)
-        r.zadd(keys.dirty(0), {"bad": 2})
+        r.zadd(keys.dirty(0), {"bad": 0})
+        r.hset(keys.dirty_seq(0), "bad", 2)
         _send(settings, [("a", 2)], item)
         assert wait_for_vectors(settings, {"a": 2}, timeout=60, progress=False) == {}
         deadline = time.monotonic() + 30

@@ -129,3 +129,23 @@ async def test_trend_script_equals_its_reference(redis_url, prefix):
         h = sync.hgetall(Keys(prefix).item(item))
         assert float(h[b"tc"]) == c and float(h[b"tt"]) == last  # %.17g round-trips a double exactly
         assert {k.decode(): int(v) for k, v in h.items() if k.startswith(b"tm:")} == marks
+
+
+async def test_dirty_queue_serves_the_longest_waiting_user_first(redis_url, prefix):
+    """A busy user re-marked at every event keeps its place; it does not push quiet users back, and it
+    leaves the queue only once refined up to its newest mark."""
+    import asyncio
+
+    store = StreamStore(connect_async(redis_url), prefix)
+    await store.mark_dirty(0, {"quiet": 1, "busy": 5})
+    await asyncio.sleep(0.01)
+    await store.mark_dirty(0, {"late": 1})
+    await store.mark_dirty(0, {"busy": 900})  # heavy user: a higher seq, same place in the queue
+    await store.mark_dirty(0, {"busy": 7})  # seqs only rise
+    got = await store.dirty_users(0, 10)
+    assert got[2] == ("late", 1) and dict(got) == {"quiet": 1, "busy": 900, "late": 1}
+    await store.clear_dirty(0, "busy", 5)  # refined up to an older seq: still owed the newer events
+    assert ("busy", 900) in await store.dirty_users(0, 10)
+    await store.clear_dirty(0, "busy", 900)
+    await store.clear_dirty(0, "quiet", 1)
+    assert await store.dirty_users(0, 10) == [("late", 1)]
