@@ -10,7 +10,9 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 |                                  |        | ``last_ts``, ``refined_seq``, ``w:<topic>:<partition>``     |               |
 |                                  |        | (highest applied offset: the idempotency watermark),        |               |
 |                                  |        | ``cb`` (codebook of the history), ``gen`` (state id),       |               |
-|                                  |        | ``o:``/``p:<origin>`` (parked events applied / parked)      |               |
+|                                  |        | ``o:``/``p:<origin>`` (parked events applied / parked; at   |               |
+|                                  |        | most ``MARKS_CAP`` = 256, counted in ``nm``, older half     |               |
+|                                  |        | dropped past it)                                            |               |
 | ``<p>:{u:<id>}:h``               | string | recent history, fixed-size records (codes, α, scenario,     | cap × 16 B    |
 |                                  |        | action, ts), trimmed to the history cap                     |               |
 | ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float32), ``version``, ``seq``,     | S × K × d × 4 |

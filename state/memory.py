@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from state.users import ROW_FIELDS, Applied, UserRow, UserUpdate, applied_mark, parked_mark, parse_row, read_args
+from state.users import (
+    MARKS,
+    MARKS_CAP,
+    ROW_FIELDS,
+    Applied,
+    UserRow,
+    UserUpdate,
+    applied_mark,
+    parked_mark,
+    parse_row,
+    read_args,
+)
 
 
 @dataclass
@@ -33,9 +44,11 @@ class MemoryUsers:
         if not self._version_ok(row.user, row.version, row.state_id):
             return False
         h = self.state.setdefault(row.user, {})
-        h["ver"] = str(int(h.get("ver", b"0")) + 1).encode()
+        ver = int(h.get("ver", b"0")) + 1
+        h["ver"] = str(ver).encode()
         for o in origins:
-            h[parked_mark(o)] = b"1"
+            _mark(h, parked_mark(o), ver)
+        _prune(h)
         return True
 
     def apply(self, user: str, u: UserUpdate) -> Applied | None:
@@ -71,8 +84,9 @@ class MemoryUsers:
         for name, offset in u.watermarks.items():
             raise_(name, offset, str(offset))
         for origin in u.applied:
-            h[applied_mark(origin)] = b"1"
-            h.pop(parked_mark(origin), None)
+            _mark(h, applied_mark(origin), ver)
+            _unmark(h, parked_mark(origin))
+        _prune(h)
         return Applied(seq, ver, int(h.get("refined_seq", b"0")))
 
     def park(self, item: str, body: bytes, max_parked: int) -> bool:
@@ -93,3 +107,25 @@ class MemoryUsers:
         if not lst:
             self.parked_lists.pop(item, None)
         return removed
+
+
+def _mark(h: dict[str, bytes], name: str, ver: int) -> None:
+    if name not in h:
+        h[MARKS] = str(int(h.get(MARKS, b"0")) + 1).encode()
+    h[name] = str(ver).encode()
+
+
+def _unmark(h: dict[str, bytes], name: str) -> None:
+    if h.pop(name, None) is not None:
+        h[MARKS] = str(int(h.get(MARKS, b"0")) - 1).encode()
+
+
+def _prune(h: dict[str, bytes]) -> None:
+    """Past ``MARKS_CAP`` marks, keep the newest half (by the version that wrote them, then by name)."""
+    if int(h.get(MARKS, b"0")) <= MARKS_CAP:
+        return
+    marks = sorted((int(v), f) for f, v in h.items() if f[:2] in ("o:", "p:"))
+    drop = len(marks) - MARKS_CAP // 2
+    for _, f in marks[:drop]:
+        del h[f]
+    h[MARKS] = str(len(marks) - drop).encode()

@@ -3,6 +3,33 @@
 
 from __future__ import annotations
 
+from state.users import MARKS_CAP
+
+#: Lua: set or drop an o:/p: mark, keeping the count ``nm``; past ``MARKS_CAP`` marks, drop the older half
+#: (by the ``ver`` each was written at, then by name).  KEYS[1] is the state hash; ``ver`` the new version.
+_MARKS = """
+local function mark(name, ver)
+  if redis.call('HSET', KEYS[1], name, ver) == 1 then redis.call('HINCRBY', KEYS[1], 'nm', 1) end
+end
+local function unmark(name)
+  if redis.call('HDEL', KEYS[1], name) == 1 then redis.call('HINCRBY', KEYS[1], 'nm', -1) end
+end
+local function prune()
+  if tonumber(redis.call('HGET', KEYS[1], 'nm') or '0') <= __CAP__ then return end
+  local marks = {}
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    local kind = string.sub(f, 1, 2)
+    if kind == 'o:' or kind == 'p:' then
+      marks[#marks + 1] = {f, tonumber(redis.call('HGET', KEYS[1], f))}
+    end
+  end
+  table.sort(marks, function(a, b) return a[2] < b[2] or (a[2] == b[2] and a[1] < b[1]) end)
+  local drop = #marks - math.floor(__CAP__ / 2)
+  for i = 1, drop do redis.call('HDEL', KEYS[1], marks[i][1]) end
+  redis.call('HSET', KEYS[1], 'nm', #marks - drop)
+end
+""".replace("__CAP__", str(MARKS_CAP))
+
 #: One consistent snapshot of a user: the named state fields and the history, in one atomic step.
 #: KEYS: state hash, history string.  ARGV: field names (``state.users.ROW_FIELDS`` first, then a
 #: batch's watermarks and origin marks).  Returns the fields' values, then the history.
@@ -20,7 +47,9 @@ return vals
 #: ('' keeps), backfill ids ('\n'-joined), n_watermarks,
 #: [watermark field, offset]..., then [applied-mark field, parked-mark field]... of applied parked events.
 #: Returns {new seq, refined seq, new ver}, or {-1, current ver} on conflict.
-APPLY_USER = """
+APPLY_USER = (
+    _MARKS
+    + """
 local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
 local gen = redis.call('HGET', KEYS[1], 'gen') or ''
 if ver ~= tonumber(ARGV[1]) or gen ~= ARGV[2] then
@@ -61,18 +90,22 @@ for i = 18, 17 + 2 * n, 2 do
   raise(ARGV[i], ARGV[i + 1])
 end
 for i = 18 + 2 * n, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], 1)
-  redis.call('HDEL', KEYS[1], ARGV[i + 1])
+  mark(ARGV[i], ver)
+  unmark(ARGV[i + 1])
 end
+prune()
 local refined = tonumber(redis.call('HGET', KEYS[1], 'refined_seq') or '0')
 return {seq, refined, ver}
 """
+)
 
 #: Note in a user's state that events are about to be parked (before the watermark passes them), as a
 #: versioned write: only if ``ver`` and ``gen`` are still what the plan read; bumps ``ver``.
 #: KEYS: state hash.  ARGV: expected ver, expected gen ('' none), parked-mark fields...
 #: Returns the new ver, or -1 on conflict.
-MARK_PARKED = """
+MARK_PARKED = (
+    _MARKS
+    + """
 local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
 local gen = redis.call('HGET', KEYS[1], 'gen') or ''
 if ver ~= tonumber(ARGV[1]) or gen ~= ARGV[2] then
@@ -81,10 +114,12 @@ end
 ver = ver + 1
 redis.call('HSET', KEYS[1], 'ver', ver)
 for i = 3, #ARGV do
-  redis.call('HSET', KEYS[1], ARGV[i], 1)
+  mark(ARGV[i], ver)
 end
+prune()
 return ver
 """
+)
 
 #: Store an item: its codes in the writer's codebook replace those of any other codebook (they were
 #: made from the item's previous content), then the other fields.

@@ -33,6 +33,11 @@ REFINED_SEQ = "refined_seq"  # seq of the newest vectors written
 #: whichever path, stream or backfill, brings it again.
 BACKFILL_TS = "bts"
 BACKFILL_IDS = "bids"
+MARKS = "nm"  # how many o:/p: marks the hash holds (pruned past ``MARKS_CAP``)
+#: Most o:/p: marks kept per user: past it the older half is dropped (a mark's value is the ``ver`` that
+#: wrote it).  A mark guards against the second copy of a parked event; that copy comes within a
+#: release's retry, long before a user has parked this many newer events.
+MARKS_CAP = 256
 #: Fields every read returns, in this order, before the requested per-batch fields.
 ROW_FIELDS = (VERSION, SEQ, COARSE, CODEBOOK, STATE_ID, REFINED_SEQ, LAST_TS, KTS, BACKFILL_TS, BACKFILL_IDS)
 

@@ -149,3 +149,26 @@ async def test_dirty_queue_serves_the_longest_waiting_user_first(redis_url, pref
     await store.clear_dirty(0, "busy", 900)
     await store.clear_dirty(0, "quiet", 1)
     assert await store.dirty_users(0, 10) == [("late", 1)]
+
+
+async def test_origin_marks_stay_bounded_and_equal_their_reference(redis_url, prefix):
+    """Parking marks and applied marks past ``MARKS_CAP``: the older half is dropped, in Redis as in the
+    reference, byte for byte; the newest marks (what a late second copy would meet) are kept."""
+    from state.users import MARKS_CAP, UserRow, applied_mark
+
+    store = StreamStore(connect_async(redis_url), prefix)
+    mem = MemoryUsers()
+    ver, n = 0, 0
+    while n < 2 * MARKS_CAP + 7:
+        origins = tuple(f"t:0:{n + i}" for i in range(5))
+        row = UserRow("m", ver, state_id="g1" if ver else None)
+        assert (await store.mark_parked({"m": (row, origins)}))["m"] is mem.mark_parked(row, origins) is True
+        ver += 1
+        upd = _update(ver, "g1" if ver > 1 else None, 3, b"xxxx", applied=origins[:3], state_id="g1")
+        assert (await store.apply_many({"m": upd}))["m"] == mem.apply("m", upd)
+        ver, n = ver + 1, n + 5
+    stored = {k.decode(): v for k, v in redis.Redis.from_url(redis_url).hgetall(Keys(prefix).user_state("m")).items()}
+    assert stored == mem.state["m"]
+    marks = [f for f in stored if f[:2] in ("o:", "p:")]
+    assert len(marks) <= MARKS_CAP and int(stored["nm"]) == len(marks)
+    assert applied_mark(f"t:0:{n - 5}") in stored  # the newest applied mark is kept
