@@ -39,7 +39,9 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:{u:<id>}:raw``             | string | naive bench baseline only: full raw float32 history         | events × ~4d B|
 | ``<p>:{u:<id>}:rawv``            | string | naive bench baseline only: its coarse interests             | M × d × 4     |
 
-No user or item key has a TTL: they live as long as the user or item (only ``:v@<version>`` expires).
+No item key has a TTL.  A user's keys (``:s``, ``:h``, ``:v``) expire ``user_ttl_s`` after its last event
+when that setting is on (default off; keep it above the topics' retention so no redelivered event
+outlives the watermarks that skip it); ``:v@<version>`` expires ``version_ttl_s`` after its last write.
 """
 
 from __future__ import annotations

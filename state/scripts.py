@@ -135,7 +135,8 @@ return 1
 """
 
 #: Write refined vectors unless newer ones (a higher seq) are already there, to the latest key and to
-#: the key of this model version (kept ``ttl`` seconds, so readers can pin a version during a roll-out).
+#: the key of this model version (kept ``ttl`` seconds, so readers can pin a version during a roll-out);
+#: the latest key takes the state's idle-user TTL when it has one.
 #: KEYS: vectors hash, state hash, vectors hash of this version.
 #: ARGV: seq, version, updated_at, event_ts, produced_at, k, d, ttl, [field, bytes]...
 #: Returns 1 when the latest key was written, 0 when it was skipped as stale.
@@ -157,6 +158,8 @@ if tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1') > tonumber(ARGV[1]) then
   return 0
 end
 write(KEYS[1])
+local idle = redis.call('PTTL', KEYS[2])  -- an idle-user TTL on the state (user_ttl_s): the vectors share it
+if idle > 0 then redis.call('PEXPIRE', KEYS[1], idle) end
 local refined = tonumber(redis.call('HGET', KEYS[2], 'refined_seq') or '0')
 if tonumber(ARGV[1]) > refined then
   redis.call('HSET', KEYS[2], 'refined_seq', ARGV[1])

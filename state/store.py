@@ -39,9 +39,12 @@ def connect_sync(url: str) -> redis.Redis:
 class StreamStore:
     """The workers' async view of Redis."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, user_ttl_s: float = 0) -> None:
         self.r = client
         self.keys = Keys(prefix)
+        #: Idle users' keys expire this long after their last write (0: never).  Set it longer than the
+        #: topics' retention, so no redelivered event can outlive the watermarks that would skip it.
+        self.user_ttl_s = int(user_ttl_s)
         self._write = client.register_script(scripts.WRITE_VECTORS)
         self._clear = client.register_script(scripts.CLEAR_DIRTY)
         self._mark = client.register_script(scripts.MARK_DIRTY)
@@ -210,8 +213,14 @@ class StreamStore:
             keys = [self.keys.user_state(user), self.keys.user_history(user)]
             # EVAL, not EVALSHA: a cluster pipeline does not load scripts on the nodes it reaches.
             pipe.eval(scripts.APPLY_USER, 2, *keys, *update.args())
+            if self.user_ttl_s:  # idempotent; a crash before it leaves the keys without TTL until the next write
+                for key in keys:  # the vectors take the state's TTL when written (WRITE_VECTORS)
+                    pipe.expire(key, self.user_ttl_s)
         out: dict[str, users.Applied | None] = {}
-        for user, reply in zip(updates, await pipe.execute(), strict=True):
+        replies = await pipe.execute()
+        if self.user_ttl_s:
+            replies = replies[::3]
+        for user, reply in zip(updates, replies, strict=True):
             out[user] = None if int(reply[0]) == -1 else users.Applied(int(reply[0]), int(reply[2]), int(reply[1]))
         return out
 

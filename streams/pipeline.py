@@ -107,7 +107,7 @@ def build_app(settings: Settings) -> faust.App:
     app = make_faust_app(settings)
     ckpt = Checkpoint.load(settings.checkpoint)
     check_scenarios(settings, ckpt)
-    store = StreamStore(connect_async(settings.redis_url), settings.prefix)
+    store = StreamStore(connect_async(settings.redis_url), settings.prefix, settings.user_ttl_s)
     reader = AsyncInterestReader(settings.redis_url, settings.prefix)
     progress = Progress()
     gate = BatchGate()

@@ -72,6 +72,8 @@ class Settings:
     max_future_s: float = 86400.0
     #: Events older than this are dead-lettered; 0 (default) accepts any age, as replays of logs need.
     max_age_s: float = 0.0
+    #: A user's keys expire this long after its last event (0: never).  Keep it above the topics' retention.
+    user_ttl_s: float = 0.0
 
     @property
     def limits(self) -> Limits:

@@ -172,3 +172,17 @@ async def test_origin_marks_stay_bounded_and_equal_their_reference(redis_url, pr
     marks = [f for f in stored if f[:2] in ("o:", "p:")]
     assert len(marks) <= MARKS_CAP and int(stored["nm"]) == len(marks)
     assert applied_mark(f"t:0:{n - 5}") in stored  # the newest applied mark is kept
+
+
+async def test_idle_user_keys_expire_together(redis_url, prefix):
+    """With ``user_ttl_s`` an applied user's state and history get the TTL, and its vectors take it when
+    written; without it nothing expires."""
+    import numpy as np
+
+    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
+    for ttl, user in ((0, "forever"), (3600, "idle")):
+        store = StreamStore(connect_async(redis_url), prefix, user_ttl_s=ttl)
+        assert (await store.apply_many({user: _update(0, None, 1, b"aaaa", state_id="g")}))[user] is not None
+        await store.write_vectors(user, 1, "m1", 1.0, 1.0, {"feed": np.ones((2, 3), np.float32)})
+        got = [r.ttl(k) for k in (keys.user_state(user), keys.user_history(user), keys.user_vectors(user))]
+        assert all(t == -1 for t in got) if not ttl else all(3500 < t <= 3600 for t in got), (user, got)
