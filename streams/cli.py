@@ -250,7 +250,7 @@ def cmd_recode(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_PARTS = ("codebook", "coarse", "refiner", "ingest", "freshness", "memory", "quality", "temporal")
+BENCH_PARTS = ("codebook", "coarse", "refiner", "ingest", "freshness", "memory", "soak", "quality", "temporal")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -273,6 +273,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             online.bench_freshness(settings, users=args.users, rates=tuple(args.rates), out=args.out)
         elif part == "memory":
             online.bench_memory(settings, soak_events=args.soak_events, out=args.out)
+        elif part == "soak":
+            from streams.soak import bench_soak
+
+            bench_soak(settings, users=args.users, out=args.out)
         elif part == "quality":
             offline.bench_quality(args.dataset or "sim", out=args.out)
         elif part == "temporal":  # the README's headline table (global time split, three seeds)
