@@ -22,7 +22,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.user_model import Checkpoint
-from state.store import AsyncInterestReader, StreamStore, connect_async
+from state.store import StreamStore
 from streams import metrics
 from streams.events import Message
 from streams.faust_app import make_faust_app
@@ -30,6 +30,7 @@ from streams.ingest import Ingestor, owner_partition, release_parked
 from streams.items import ItemHandler
 from streams.refinement import Refresher
 from streams.retry import BatchGate, is_transient, run_batch
+from streams.security import async_interest_reader, redis_async
 from streams.settings import Settings
 from streams.switch import Codebooks, recode_items
 
@@ -105,8 +106,8 @@ def build_app(settings: Settings) -> faust.App:
     app = make_faust_app(settings)
     ckpt = Checkpoint.load(settings.checkpoint)
     check_scenarios(settings, ckpt)
-    store = StreamStore(connect_async(settings.redis_url), settings.prefix)
-    reader = AsyncInterestReader(settings.redis_url, settings.prefix)
+    store = StreamStore(redis_async(settings), settings.prefix)
+    reader = async_interest_reader(settings)
     progress = Progress()
     gate = BatchGate()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.metrics import item_index
-from state.store import InterestReader
+from streams.security import interest_reader
 from streams.settings import Settings
 
 
@@ -26,7 +26,7 @@ class Hit:
 
 class ItemSearch:
     def __init__(self, settings: Settings) -> None:
-        self.reader = InterestReader(settings.redis_url, settings.prefix)
+        self.reader = interest_reader(settings)
         self.ids: list[str] = []
         self.index = None
         self.refresh()
