@@ -30,7 +30,7 @@ from streams.ingest import Ingestor, owner_partition, release_parked
 from streams.items import ItemHandler
 from streams.refinement import Refresher
 from streams.retry import BatchGate, is_transient, run_batch
-from streams.security import async_interest_reader, redis_async
+from streams.security import async_interest_reader, auth_failure, redis_async
 from streams.settings import Settings
 from streams.switch import Codebooks, recode_items
 
@@ -250,9 +250,10 @@ def build_app(settings: Settings) -> faust.App:
         try:
             await asyncio.wait_for(store.ping(), timeout=2.0)
         except Exception as exc:
-            if not is_transient(exc):
+            refused = auth_failure(exc)
+            if refused is None and not is_transient(exc):
                 raise
-            problems.append(f"redis unreachable: {type(exc).__name__}: {exc}")
+            problems.append(f"redis unreachable: {refused or f'{type(exc).__name__}: {exc}'}")
         failing = refresher.failing_since
         if failing is not None and time.monotonic() - failing > settings.health_stall_s:
             problems.append(f"refinement failing for {time.monotonic() - failing:.0f}s")
