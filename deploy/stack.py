@@ -176,7 +176,7 @@ def make_certs(tls_dir: Path) -> None:
     ext = tls_dir / "server.ext"
     ext.write_text(
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+        "extendedKeyUsage=serverAuth,clientAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
         "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
     )
     ca = "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 3650".split()
@@ -196,13 +196,12 @@ def make_certs(tls_dir: Path) -> None:
     keystore.chmod(0o600)
 
 
-def _stack_password() -> str:
-    """The stack's password: ``MIRSTREAM_STACK_PASSWORD``, else one made once and kept under the stack dir."""
-    given = os.environ.get("MIRSTREAM_STACK_PASSWORD")
-    if given:
-        return given
+def _stack_password(create: bool) -> str:
+    """The stack's password when none is given: one made once (by ``up``) and kept under the stack dir."""
     path = RUN / "password"
     if not path.exists():
+        if not create:
+            return ""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(base64.urlsafe_b64encode(os.urandom(18)).decode())
         path.chmod(0o600)
@@ -413,7 +412,10 @@ class KafkaNode:
         path = self.cluster_id_file
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # the storage tool would read a leading dash as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            path.write_text(cluster_id)
         return path.read_text().strip()
 
     def _java(self, main: str, *args: str) -> list[str]:
@@ -645,7 +647,12 @@ def form_redis_cluster(nodes: list[RedisNode]) -> None:
         raise StackError("redis-cli is missing; install Debian's package: sudo apt-get install redis-tools")
     flags, env = nodes[0].cli()
     cmd = ["redis-cli", *flags, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
-    out = subprocess.run([*cmd, "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, env=env)
+    try:  # redis-cli waits for the join without end when the nodes cannot reach each other's bus
+        out = subprocess.run(
+            [*cmd, "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, env=env, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        raise StackError("redis-cli --cluster create: the nodes did not join in 60s (see their redis.log)") from None
     if out.returncode != 0:
         raise StackError(f"redis-cli --cluster create failed: {out.stdout.strip()[-400:]} {out.stderr.strip()}")
     for n in nodes:
@@ -708,8 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     secure = None
     if args.kafka_sasl_port or args.redis_tls:
-        password = os.environ.get(args.password_env) or _stack_password()
-        if not re.fullmatch(r"[A-Za-z0-9_.~-]+", password) or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.user):
+        password = os.environ.get(args.password_env) or _stack_password(create=args.action == "up")
+        if not re.fullmatch(r"[A-Za-z0-9_.~-]*", password) or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.user):
             parser.error("user and password: letters, digits and _ . ~ - only (they go into JAAS and URL text)")
         secure = Secure(args.tls_dir.resolve(), args.user, password)
     kafka = KafkaNode(args.kafka_port, 1, args.brokers, args.kafka_sasl_port, secure).peers

@@ -178,9 +178,10 @@ class _Secure:
     """Kafka with a SASL_SSL listener (PLAIN, SCRAM-SHA-256/512) and a TLS-only Redis with requirepass, on
     self-signed certificates made for this session in a temporary folder (deploy/stack.py)."""
 
-    def __init__(self, tls_dir: Path) -> None:
+    def __init__(self, tls_dir: Path, args: list[str] | None = None) -> None:
         self.password = f"pw-{uuid.uuid4().hex[:12]}"
-        self.args = [*_secure_ports(), "--redis-tls", "--tls-dir", str(tls_dir)]
+        self.tls_dir = tls_dir
+        self.args = [*(args or _secure_ports()), "--redis-tls", "--tls-dir", str(tls_dir)]
         os.environ["MIRSTREAM_STACK_PASSWORD"] = self.password  # read by the stack subprocess
         try:
             self.env = _stack_up(self.args, "the SASL_SSL Kafka / TLS Redis stack")
@@ -215,6 +216,19 @@ def secure(tmp_path_factory) -> Iterator[_Secure]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture(scope="session")
+def secure_cluster_url(secure) -> Iterator[str]:
+    """A Redis Cluster of 3 masters over TLS only (client and cluster bus) with requirepass/masterauth, on
+    the certificates of ``secure``; its ``rediss+cluster://`` URL (the password in it)."""
+    port = int(os.environ.get("MIRSTREAM_TEST_CLUSTER_REDIS_PORT", "26379")) + 10
+    c = _Secure(secure.tls_dir, ["--only", "redis", "--redis-port", str(port), "--redis-cluster", "3"])
+    _SERVICES_USED.append(f"secure: Redis Cluster over TLS on 127.0.0.1:{port}+ via local stack")
+    try:
+        yield c.env["REDIS_URL"]
+    finally:
+        c.close()
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,17 @@ def test_pipeline_through_sasl_ssl_kafka_and_tls_redis(secure_settings, ds, tmp_
     assert settings.kafka_sasl_password not in log and "Traceback" not in log
 
 
+def test_pipeline_through_a_tls_redis_cluster_with_a_password(secure_settings, secure_cluster_url, ds, tmp_path):
+    settings = secure_settings.with_(redis_url=secure_cluster_url)
+    assert settings.redis_url.startswith("rediss+cluster://:")
+    with WorkerProcess(settings, log=tmp_path / "worker.log") as w:
+        expected = replay(settings, ds, USERS)
+        assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
+        log = w.log_text()
+    assert_matches_offline(settings, ds, expected)
+    assert len(redis_sync(settings).get_nodes()) == 3 and "Traceback" not in log
+
+
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
 def test_other_sasl_mechanisms_reach_the_worker(secure_settings, ds, tmp_path, mechanism):
     settings = secure_settings.with_(kafka_sasl_mechanism=mechanism)
