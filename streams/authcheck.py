@@ -118,6 +118,8 @@ def _sasl(s: socket.socket, settings: Settings) -> None:
         message, at = _string(reply, 2)
         if error:
             raise AuthFailure(f"Kafka authentication failed for user {user!r} ({mechanism}): {message}")
+        # The server's final SCRAM message (its signature) is not checked: this is a credentials check,
+        # the real clients that follow verify the broker themselves.
         if scram is not None and correlation == 2:
             (n,) = struct.unpack_from(">i", reply, at)
             tokens.append(scram.final(reply[at + 4 : at + 4 + n]))

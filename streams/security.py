@@ -14,6 +14,9 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+import redis
+import redis.asyncio as aioredis
+
 from state.store import AsyncInterestReader, InterestReader, RedisTLS, connect_async, connect_sync
 from streams.settings import Settings, redact_url
 
@@ -72,11 +75,13 @@ def redis_tls(settings: Settings) -> RedisTLS:
     return RedisTLS(settings.redis_ca_file, settings.redis_cert_file, settings.redis_key_file)
 
 
-def redis_sync(settings: Settings):  # -> redis.Redis | RedisCluster
+def redis_sync(settings: Settings) -> redis.Redis:
+    """A blocking client (``RedisCluster`` for ``+cluster`` URLs) with the settings' TLS files."""
     return connect_sync(settings.redis_url, redis_tls(settings))
 
 
-def redis_async(settings: Settings):  # -> redis.asyncio.Redis | RedisCluster
+def redis_async(settings: Settings) -> aioredis.Redis:
+    """An asyncio client (``RedisCluster`` for ``+cluster`` URLs) with the settings' TLS files."""
     return connect_async(settings.redis_url, redis_tls(settings))
 
 
