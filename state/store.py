@@ -21,19 +21,47 @@ from state.keys import Keys
 from state.users import UserRow
 
 
-def connect_async(url: str) -> aioredis.Redis:
-    """``redis://`` for one server; ``redis+cluster://host:port`` for Redis Cluster."""
-    if url.startswith("redis+cluster://"):
+@dataclass(frozen=True)
+class RedisTLS:
+    """Files for ``rediss://`` connections (PEM); empty strings: the system's trust store, no client cert."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def kwargs(self) -> dict[str, str]:
+        out = {"ssl_ca_certs": self.ca_file, "ssl_certfile": self.cert_file, "ssl_keyfile": self.key_file}
+        return {k: v for k, v in out.items() if v}
+
+
+def _split_url(url: str, tls: RedisTLS | None) -> tuple[bool, str, dict[str, str]]:
+    """(cluster?, the URL redis-py parses, extra keyword arguments) for the URL schemes this project takes:
+    ``redis://`` and ``rediss://`` (TLS) for one server, ``redis+cluster://`` and ``rediss+cluster://``
+    for Redis Cluster; a password rides in the URL (``rediss://user:password@host:port/0``)."""
+    cluster = False
+    for scheme in ("redis", "rediss"):
+        if url.startswith(f"{scheme}+cluster://"):
+            cluster, url = True, f"{scheme}://" + url.removeprefix(f"{scheme}+cluster://")
+    kwargs = tls.kwargs() if tls is not None and url.startswith("rediss://") else {}
+    return cluster, url, kwargs
+
+
+def connect_async(url: str, tls: RedisTLS | None = None) -> aioredis.Redis:
+    """An asyncio client for ``url`` (see ``_split_url`` for the schemes); ``tls`` for ``rediss`` URLs."""
+    cluster, url, kwargs = _split_url(url, tls)
+    if cluster:
         from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
-        return AsyncRedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"))
-    return aioredis.from_url(url)
+        return AsyncRedisCluster.from_url(url, **kwargs)
+    return aioredis.from_url(url, **kwargs)
 
 
-def connect_sync(url: str) -> redis.Redis:
-    if url.startswith("redis+cluster://"):
-        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"))
-    return redis.Redis.from_url(url)
+def connect_sync(url: str, tls: RedisTLS | None = None) -> redis.Redis:
+    """A blocking client for ``url`` (see ``_split_url`` for the schemes); ``tls`` for ``rediss`` URLs."""
+    cluster, url, kwargs = _split_url(url, tls)
+    if cluster:
+        return RedisCluster.from_url(url, **kwargs)
+    return redis.Redis.from_url(url, **kwargs)
 
 
 class StreamStore:
@@ -405,8 +433,8 @@ def user_memory(client: redis.Redis, prefix: str, user: str, version: str | None
 class InterestReader:
     """Synchronous lookups for services: ``get_user_interests(user, scenario) -> (K, d)`` + metadata."""
 
-    def __init__(self, redis_url: str, prefix: str = "mir") -> None:
-        self.r = connect_sync(redis_url)
+    def __init__(self, redis_url: str, prefix: str = "mir", tls: RedisTLS | None = None) -> None:
+        self.r = connect_sync(redis_url, tls)
         self.keys = Keys(prefix)
 
     def interests(self, user: str, version: str | None = None) -> Interests | None:
@@ -481,8 +509,8 @@ class UserStatus:
 class AsyncInterestReader:
     """The same lookups for asyncio services, and what the worker's pages show (``streams.web``)."""
 
-    def __init__(self, redis_url: str, prefix: str = "mir") -> None:
-        self.r = connect_async(redis_url)
+    def __init__(self, redis_url: str, prefix: str = "mir", tls: RedisTLS | None = None) -> None:
+        self.r = connect_async(redis_url, tls)
         self.keys = Keys(prefix)
 
     async def interests(self, user: str, version: str | None = None) -> Interests | None:

@@ -42,11 +42,12 @@ from tqdm import tqdm
 
 from models.files import Rejects, read_events, read_items
 from models.user_model import Checkpoint
-from state.store import StreamStore, connect_async
+from state.store import StreamStore
 from streams.events import Event, Item, Message
 from streams.items import ItemHandler
 from streams.planner import Accepted, PlanContext, plan
 from streams.refinement import Refresher
+from streams.security import redis_async
 from streams.settings import Settings
 from streams.switch import Codebooks
 
@@ -129,7 +130,7 @@ class Backfill:
         self, events: list[str], items: list[str] | None = None, until: float | None = None, buckets: int = 16
     ) -> BackfillReport:
         t0 = time.perf_counter()
-        self.store = store = StreamStore(connect_async(self.settings.redis_url), self.settings.prefix)
+        self.store = store = StreamStore(redis_async(self.settings), self.settings.prefix)
         self.codebooks = Codebooks(store, self.ckpt.codebook)
         self.refresher = Refresher(self.settings, self.ckpt, store, self.codebooks, emit=_no_emit)
         try:

@@ -22,7 +22,7 @@ from models.data import Dataset, load, simulate
 from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
 from state.baseline import BaselineStore
-from state.store import connect_sync, user_memory
+from state.store import user_memory
 from streams.naive import run_naive
 from streams.replay import (
     ReplayPlan,
@@ -33,6 +33,7 @@ from streams.replay import (
     wait_for_items,
     wait_for_vectors,
 )
+from streams.security import redis_sync
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -203,7 +204,7 @@ def bench_memory(
     p = plan(ds)
     long_row, s = run_worker(settings, ds, p, None, True, "mem")
     naive = run_naive_baseline(settings, ckpt, ds, p, prefix=s.prefix)
-    r = connect_sync(settings.redis_url)
+    r = redis_sync(settings)
     per_user = [user_memory(r, s.prefix, str(u), ckpt.version) for u in ds.user_ids]
     raw = [BaselineStore(r, s.prefix).memory_usage(str(u)) for u in ds.user_ids]
     ours = {k: float(np.median([m[k] for m in per_user])) for k in per_user[0]}

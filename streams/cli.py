@@ -21,6 +21,12 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--redis-url", help="Redis URL, e.g. redis://127.0.0.1:6379/0")
     g.add_argument("--prefix", help="prefix of topics and Redis keys")
     g.add_argument("--partitions", type=int, help="partitions per topic")
+    s = p.add_argument_group("security (the password only from MIRSTREAM_KAFKA_SASL_PASSWORD / the Redis URL)")
+    s.add_argument("--kafka-security-protocol", choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+    s.add_argument("--kafka-sasl-mechanism", choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+    s.add_argument("--kafka-sasl-username")
+    s.add_argument("--kafka-ssl-ca-file", help="CA bundle (PEM) of the brokers' certificates")
+    s.add_argument("--redis-ca-file", help="CA bundle (PEM) for rediss:// URLs")
 
 
 def _add_file_flags(p: argparse.ArgumentParser, items: bool = True) -> None:
@@ -33,21 +39,34 @@ def _add_file_flags(p: argparse.ArgumentParser, items: bool = True) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
-    return Settings.from_env(
+    """The settings of a command that talks to Kafka and Redis, checked first: refused credentials or
+    certificates raise ``AuthFailure`` (one line from ``main``) instead of retrying."""
+    from streams.authcheck import preflight
+
+    settings = Settings.from_env(
         bootstrap_servers=args.bootstrap_servers,
         redis_url=args.redis_url,
         prefix=args.prefix,
         partitions=args.partitions,
+        kafka_security_protocol=args.kafka_security_protocol,
+        kafka_sasl_mechanism=args.kafka_sasl_mechanism,
+        kafka_sasl_username=args.kafka_sasl_username,
+        kafka_ssl_ca_file=args.kafka_ssl_ca_file,
+        redis_ca_file=args.redis_ca_file,
         **extra,
     )
+    preflight(settings)
+    return settings
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.security import describe
     from streams.workerproc import settings_env
 
     settings = _settings(
         args, web_port=args.web_port, web_bind=args.web_bind, checkpoint=getattr(args, "checkpoint", None)
     )
+    print(f"mirstream worker: {describe(settings)}", file=sys.stderr)
     if args.app == "smoke":
         os.environ.update(settings_env(settings))  # the smoke app reads Settings.from_env() on import
         from streams.smoke import app
@@ -83,19 +102,19 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
     from state.keys import Keys
-    from state.store import connect_sync
+    from streams.security import kafka_python_config, redis_sync
     from streams.topics import ensure_topics
     from streams.workerproc import WorkerProcess
 
     settings = _settings(args, web_port=0)
     topic = f"{settings.prefix}.smoke"
     ensure_topics(settings, [topic])
-    r, smoke = connect_sync(settings.redis_url), Keys(settings.prefix).smoke
+    r, smoke = redis_sync(settings), Keys(settings.prefix).smoke
     run = f"{time.time_ns():x}"
     keys = [f"{run}-{i}" for i in range(args.messages)]
     r.delete(*(smoke(k) for k in keys))
     with WorkerProcess(settings, app="smoke"):
-        producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        producer = KafkaProducer(**kafka_python_config(settings))
         t0 = time.monotonic()
         for i, key in enumerate(keys):
             producer.send(topic, key=key.encode(), value=orjson.dumps({"n": i, "run": run}))
@@ -171,12 +190,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def cmd_quarantine(args: argparse.Namespace) -> int:
     import asyncio
 
-    from state.store import StreamStore, connect_async
+    from state.store import StreamStore
+    from streams.security import redis_async
 
     settings = _settings(args)
 
     async def run() -> int:
-        store = StreamStore(connect_async(settings.redis_url), settings.prefix)
+        store = StreamStore(redis_async(settings), settings.prefix)
         try:
             entries = await store.quarantined()
             for user, entry in sorted(entries.items()):
@@ -195,10 +215,10 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 def cmd_lookup(args: argparse.Namespace) -> int:
     import orjson
 
-    from state.store import InterestReader
+    from streams.security import interest_reader
 
     settings = _settings(args)
-    found = InterestReader(settings.redis_url, settings.prefix).interests(args.user, args.model_version)
+    found = interest_reader(settings).interests(args.user, args.model_version)
     if found is None:
         at = f" of model version {args.model_version!r}" if args.model_version else ""
         print(f"no interest vectors{at} for user {args.user!r} yet", file=sys.stderr)
@@ -227,14 +247,15 @@ def cmd_recode(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.user_model import Checkpoint
-    from state.store import StreamStore, connect_async
+    from state.store import StreamStore
+    from streams.security import redis_async
     from streams.switch import Codebooks, recode_items
 
     settings = _settings(args, checkpoint=args.checkpoint)
     ckpt = Checkpoint.load(settings.checkpoint)
 
     async def run() -> int:
-        store = StreamStore(connect_async(settings.redis_url), settings.prefix)
+        store = StreamStore(redis_async(settings), settings.prefix)
         codebooks = Codebooks(store, ckpt.codebook)
         await codebooks.publish()
         if args.force:
@@ -573,8 +594,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streams.retry import EXIT_FATAL
+    from streams.security import AuthFailure
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except AuthFailure as exc:  # refused credentials or certificates: one line, no traceback, no retry
+        print(f"mirstream {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except ValueError as exc:
+        if str(exc).startswith(("MIRSTREAM_", "kafka_", "redis_")):  # a bad setting (Settings.validate)
+            print(f"mirstream {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import numpy as np
 
 from models.data import load
 from models.train import TrainConfig, run_train
-from state.store import InterestReader
 from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
 from streams.search import ItemSearch
+from streams.security import interest_reader
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -70,7 +70,7 @@ def run_demo(settings: Settings, users: int = 40, show: int = 3, train_steps: in
 
 
 def show_users(settings: Settings, expected: dict[str, int], rate: float, wall: float, events: int, show: int) -> None:
-    reader = InterestReader(settings.redis_url, settings.prefix)
+    reader = interest_reader(settings)
     fresh = [reader.interests(u) for u in expected]
     lag = np.array([f.updated_at - f.produced_at for f in fresh if f])
     print(

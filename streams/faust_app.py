@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import faust
 
+from streams.security import faust_credentials
 from streams.settings import Settings
 from streams.web.auth import token_middlewares
 
@@ -18,6 +19,7 @@ def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
     return faust.App(
         app_id or settings.app_id,
         broker=settings.kafka_url,
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         key_serializer="raw",
         value_serializer="raw",

@@ -17,7 +17,7 @@ from kafka import KafkaConsumer
 
 from models.user_model import Checkpoint
 from state.baseline import BaselineStore
-from state.store import connect_sync
+from streams.security import kafka_python_config, redis_sync
 from streams.settings import Settings
 
 
@@ -31,12 +31,12 @@ def run_naive(
     """Consumes ``events`` events from the scenario topics of ``settings.prefix``; returns events/s."""
     consumer = KafkaConsumer(
         *[settings.events_topic(s) for s in settings.scenarios],
-        bootstrap_servers=settings.bootstrap_servers,
+        **kafka_python_config(settings),
         group_id=f"naive-{settings.prefix}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
-    store = BaselineStore(connect_sync(settings.redis_url), settings.prefix)
+    store = BaselineStore(redis_sync(settings), settings.prefix)
     model = ckpt.model.coarse
     dim = ckpt.codebook.cfg.dim
     dtype = record_dtype(dim)

@@ -23,7 +23,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.user_model import Checkpoint
-from state.store import AsyncInterestReader, StreamStore, connect_async
+from state.store import StreamStore
 from streams import metrics
 from streams.events import Message
 from streams.faust_app import make_faust_app
@@ -31,6 +31,7 @@ from streams.ingest import Ingestor, owner_partition, release_parked
 from streams.items import ItemHandler
 from streams.refinement import Refresher
 from streams.retry import BatchGate, is_transient, run_batch
+from streams.security import async_interest_reader, auth_failure, redis_async
 from streams.settings import Settings
 from streams.switch import Codebooks, recode_items
 from streams.web import pages
@@ -107,8 +108,8 @@ def build_app(settings: Settings) -> faust.App:
     app = make_faust_app(settings)
     ckpt = Checkpoint.load(settings.checkpoint)
     check_scenarios(settings, ckpt)
-    store = StreamStore(connect_async(settings.redis_url), settings.prefix, settings.user_ttl_s)
-    reader = AsyncInterestReader(settings.redis_url, settings.prefix)
+    store = StreamStore(redis_async(settings), settings.prefix, settings.user_ttl_s)
+    reader = async_interest_reader(settings)
     progress = Progress()
     gate = BatchGate()
     ui = pages.register(app, settings, ckpt, store, reader)
@@ -259,9 +260,10 @@ def build_app(settings: Settings) -> faust.App:
         try:
             await asyncio.wait_for(store.ping(), timeout=2.0)
         except Exception as exc:
-            if not is_transient(exc):
+            refused = auth_failure(exc)
+            if refused is None and not is_transient(exc):
                 raise
-            problems.append(f"redis unreachable: {type(exc).__name__}: {exc}")
+            problems.append(f"redis unreachable: {refused or f'{type(exc).__name__}: {exc}'}")
         failing = refresher.failing_since
         if failing is not None and time.monotonic() - failing > settings.health_stall_s:
             problems.append(f"refinement failing for {time.monotonic() - failing:.0f}s")

@@ -26,7 +26,8 @@ from models.user_model import Checkpoint
 from state.store import StreamStore
 from state.users import CorruptState, UserRow, decode_coarse, decode_history
 from streams import metrics
-from streams.retry import is_transient
+from streams.retry import fatal, is_transient
+from streams.security import auth_failure
 from streams.settings import Settings
 from streams.switch import Codebooks, built_elsewhere, rebuild_user
 
@@ -105,6 +106,8 @@ class Refresher:
         try:
             n = await self._tick(partitions)
         except Exception as exc:
+            if auth_failure(exc) is not None:  # refused credentials: every tick would fail the same way
+                fatal("refine", exc)
             transient = is_transient(exc)
             metrics.AGENT_ERRORS.labels("refine", "transient" if transient else type(exc).__name__).inc()
             log.log(

@@ -15,7 +15,7 @@ from kafka import KafkaProducer
 from tqdm import tqdm
 
 from models.data import Dataset
-from state.store import InterestReader
+from streams.security import interest_reader, kafka_python_config
 from streams.settings import Settings
 
 
@@ -60,7 +60,7 @@ def item_body(ds: Dataset, j: int) -> dict:
 
 def producer(settings: Settings) -> KafkaProducer:
     return KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
+        **kafka_python_config(settings),
         linger_ms=5,
         acks="all",
         max_request_size=settings.max_message_bytes * 4,
@@ -110,7 +110,7 @@ def expected_seq(ds: Dataset, events: np.ndarray) -> dict[str, int]:
 
 def wait_for_items(settings: Settings, n: int, timeout: float = 120.0) -> bool:
     """Polls Redis until ``n`` items are stored (a replay's catalogue is in); False on timeout."""
-    reader = InterestReader(settings.redis_url, settings.prefix)
+    reader = interest_reader(settings)
     deadline = time.monotonic() + timeout
     while reader.item_count() < n:
         if time.monotonic() >= deadline:
@@ -128,7 +128,7 @@ def wait_for_vectors(
 ) -> dict[str, int]:
     """Polls Redis until every user's vectors reflect ``expected[user]`` events (with ``applied_only``: until
     its state has applied them, for runs without refinement); returns the users still behind."""
-    reader = InterestReader(settings.redis_url, settings.prefix)
+    reader = interest_reader(settings)
     users = list(expected)
     deadline = time.monotonic() + timeout
     bar = tqdm(total=len(users), desc="waiting for fresh vectors", unit="user", disable=not progress)

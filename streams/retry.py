@@ -29,6 +29,7 @@ import redis.exceptions as rx
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from streams import metrics
+from streams.security import auth_failure
 
 log = logging.getLogger("mirstream")
 T = TypeVar("T")
@@ -50,12 +51,12 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     ConnectionError,  # the builtin: refused, reset, aborted
     asyncio.TimeoutError,
 )
-#: Connection errors that a retry does not fix.
-_NOT_TRANSIENT = (rx.AuthenticationError, rx.AuthorizationError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, _NOT_TRANSIENT):
+    """True for errors that go away by themselves; refused credentials, permissions or certificates never
+    do (``streams.security.auth_failure``), even when a client wraps them in a connection error."""
+    if auth_failure(exc) is not None:
         return False
     if isinstance(exc, TRANSIENT):
         return True
@@ -65,6 +66,10 @@ def is_transient(exc: BaseException) -> bool:
 def fatal(agent: str, exc: BaseException) -> None:
     """Stops the process now, without Faust's clean shutdown (which would commit the acked batch)."""
     metrics.AGENT_ERRORS.labels(agent, type(exc).__name__).inc()
+    refused = auth_failure(exc)
+    if refused is not None:  # a configuration problem, not a bug: one line, no traceback
+        log.critical("%s: %s; stopping this worker (exit %d)", agent, refused, EXIT_FATAL)
+        exit_now(EXIT_FATAL)
     log.critical(
         "%s: unexpected %s: %s; stopping this worker without committing the batch (its partitions move to "
         "another worker, which re-reads the batch)",

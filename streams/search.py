@@ -15,6 +15,7 @@ import numpy as np
 from models.metrics import item_index
 from state.store import InterestReader
 from state.trend import trend_at
+from streams.security import interest_reader
 from streams.settings import Settings
 
 
@@ -41,7 +42,7 @@ def index_vectors(reader: InterestReader, at: float | None = None) -> tuple[list
 
 class ItemSearch:
     def __init__(self, settings: Settings, at: float | None = None, trend_max_age_s: float = 10.0) -> None:
-        self.reader = InterestReader(settings.redis_url, settings.prefix)
+        self.reader = interest_reader(settings)
         self.at = at
         self.trend_max_age_s = trend_max_age_s
         self.ids: list[str] = []

@@ -9,8 +9,23 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field, fields, replace
+from urllib.parse import urlsplit, urlunsplit
 
 from streams.events import Limits
+
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "unix://")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for logs, errors and ``repr``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -79,6 +94,26 @@ class Settings:
     def limits(self) -> Limits:
         return Limits(self.max_message_bytes, self.max_future_s, self.max_age_s)
 
+    # ---- security (see ``streams.security``, which turns these into each client's arguments) -------
+    #: Kafka security protocol: ``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``.
+    kafka_security_protocol: str = "PLAINTEXT"
+    #: SASL mechanism with a ``SASL_*`` protocol: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    #: Never logged, never in ``repr``.
+    kafka_sasl_password: str = field(default="", repr=False)
+    #: CA bundle (PEM) that signed the brokers' certificates; empty: the system's trust store.
+    kafka_ssl_ca_file: str = ""
+    #: Client certificate and key (PEM), for brokers that ask for one (mutual TLS).
+    kafka_ssl_cert_file: str = ""
+    kafka_ssl_key_file: str = ""
+    #: CA bundle (PEM) for ``rediss://`` URLs; empty: the system's trust store.  The Redis password goes
+    #: in the URL (``rediss://user:password@host:port/0``).
+    redis_ca_file: str = ""
+    #: Client certificate and key (PEM), for a Redis with ``tls-auth-clients yes``.
+    redis_cert_file: str = ""
+    redis_key_file: str = ""
+
     # ---- topic names ----------------------------------------------------------------------------
     def events_topic(self, scenario: str) -> str:
         return f"{self.prefix}.events.{scenario}"
@@ -119,6 +154,12 @@ class Settings:
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)
 
+    def __repr__(self) -> str:
+        """Every field but the secrets: the SASL password is left out and the Redis URL's masked."""
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr and f.name != "redis_url"]
+        shown.insert(1, f"redis_url={redact_url(self.redis_url)!r}")
+        return f"Settings({', '.join(shown)})"
+
     def validate(self) -> None:
         if not self.scenarios:
             raise ValueError("at least one scenario is needed")
@@ -128,6 +169,37 @@ class Settings:
         for name in ("partitions", "replication", "history_cap", "batch_size", "refine_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kafka_security_protocol not in KAFKA_PROTOCOLS:
+            raise ValueError(
+                f"kafka_security_protocol must be one of {', '.join(KAFKA_PROTOCOLS)}, "
+                f"got {self.kafka_security_protocol!r}"
+            )
+        if self.kafka_security_protocol.startswith("SASL_"):
+            if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+                raise ValueError(
+                    f"kafka_sasl_mechanism must be one of {', '.join(SASL_MECHANISMS)}, "
+                    f"got {self.kafka_sasl_mechanism!r}"
+                )
+            if not self.kafka_sasl_username or not self.kafka_sasl_password:
+                raise ValueError(f"{self.kafka_security_protocol} needs kafka_sasl_username and kafka_sasl_password")
+        if bool(self.kafka_ssl_cert_file) != bool(self.kafka_ssl_key_file):
+            raise ValueError("kafka_ssl_cert_file and kafka_ssl_key_file go together")
+        if bool(self.redis_cert_file) != bool(self.redis_key_file):
+            raise ValueError("redis_cert_file and redis_key_file go together")
+        for name in (
+            "kafka_ssl_ca_file",
+            "kafka_ssl_cert_file",
+            "kafka_ssl_key_file",
+            "redis_ca_file",
+            "redis_cert_file",
+            "redis_key_file",
+        ):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file {path!r}")
+        if not self.redis_url.startswith(REDIS_SCHEMES):
+            schemes = ", ".join(REDIS_SCHEMES)
+            raise ValueError(f"redis_url must start with one of {schemes}, got {redact_url(self.redis_url)!r}")
         if self.web_port and not is_loopback(self.web_bind) and not self.web_token:
             raise ValueError(
                 f"web_bind {self.web_bind!r} is beyond loopback: set MIRSTREAM_WEB_TOKEN (the bearer token the "

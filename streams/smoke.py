@@ -10,8 +10,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from state.keys import Keys
-from state.store import connect_async
 from streams.faust_app import make_faust_app
+from streams.security import redis_async
 from streams.settings import Settings
 
 settings = Settings.from_env()
@@ -26,7 +26,7 @@ async def copy_to_redis(stream):
     """Writes every message's value under its key, with the partition/offset it came from."""
     global _redis
     if _redis is None:
-        _redis = connect_async(settings.redis_url)
+        _redis = redis_async(settings)
     async for event in stream.events():
         key = event.key.decode()
         record = {

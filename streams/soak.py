@@ -18,9 +18,9 @@ import numpy as np
 from models.bench import print_table, write_rows
 from models.data import simulate
 from state.keys import Keys
-from state.store import connect_sync
 from streams.bench import _fresh_prefix, ensure_checkpoint
 from streams.replay import expected_seq, send_events, send_items, wait_for_items, wait_for_vectors
+from streams.security import redis_sync
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -44,7 +44,7 @@ def bench_soak(
     order = np.lexsort((np.arange(len(ds.ts)), ds.ts, ds.user))  # user-major: each slice brings new users
     s = _fresh_prefix(settings, "soak")
     ensure_topics(s)
-    r, keys = connect_sync(s.redis_url), Keys(s.prefix)
+    r, keys = redis_sync(s), Keys(s.prefix)
     rows: list[dict] = []
     with WorkerProcess(s, log=Path(settings.datadir) / f"{s.prefix}.log") as worker:
         send_items(s, ds, np.unique(ds.item), progress=False)

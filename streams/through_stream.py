@@ -34,9 +34,9 @@ from models.temporal import evaluate_ranked, protocol_splits, score_served, tren
 from models.temporal_run import MODELS, Stage12, _cfg, fit_user_model, rank_user_model
 from models.train import TrainConfig
 from models.user_model import Checkpoint
-from state.store import InterestReader
 from streams.replay import expected_seq, plan, producer, send_events, wait_for_items, wait_for_vectors
 from streams.search import index_vectors
+from streams.security import interest_reader
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -118,7 +118,7 @@ def run_through_stream(
         raise RuntimeError(f"{len(behind)} users' vectors did not reflect all their events (see {out / 'worker.log'})")
 
     # ---------------------------------------------------------------- 3. score what Redis holds
-    reader = InterestReader(s.redis_url, s.prefix)
+    reader = interest_reader(s)
     ids, rows = index_vectors(reader, at=test.cut)
     where = {it: i for i, it in enumerate(ids)}
     items = rows[[where[str(it)] for it in ds.item_ids.tolist()]]

@@ -11,6 +11,7 @@ import contextlib
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from streams.security import kafka_python_config
 from streams.settings import Settings
 
 
@@ -36,7 +37,7 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
     """Creates missing topics; raises TopicMismatch when an existing one has another partition count."""
     names = names or all_topics(settings)
     partitions = partitions or settings.partitions
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id=f"{settings.app_id}-admin")
+    admin = KafkaAdminClient(**kafka_python_config(settings), client_id=f"{settings.app_id}-admin")
     try:
         existing = set(admin.list_topics())
         missing = [n for n in names if n not in existing]

@@ -54,7 +54,9 @@ def _stack_up(args: list[str], what: str) -> dict[str, str]:
     out = subprocess.run([*STACK, "up", *args], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"could not start {what}:\n{out.stderr}")
-    return dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("KAFKA_", "REDIS_")))
+    return dict(
+        line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("KAFKA_", "REDIS_", "MIRSTREAM_"))
+    )
 
 
 class _Services:
@@ -163,6 +165,72 @@ def cluster() -> Iterator[_Cluster]:
         c.close()
 
 
+def _secure_ports() -> list[str]:
+    """A stack of its own, next to the plain test stack: Kafka +10 (its SASL_SSL listener +12), Redis +10."""
+    kafka = int(os.environ.get("MIRSTREAM_TEST_KAFKA_PORT", "19092")) + 10
+    redis = int(os.environ.get("MIRSTREAM_TEST_REDIS_PORT", "16379")) + 10
+    kafka = int(os.environ.get("MIRSTREAM_TEST_SECURE_KAFKA_PORT", kafka))
+    redis = int(os.environ.get("MIRSTREAM_TEST_SECURE_REDIS_PORT", redis))
+    return ["--kafka-port", str(kafka), "--kafka-sasl-port", str(kafka + 2), "--redis-port", str(redis)]
+
+
+class _Secure:
+    """Kafka with a SASL_SSL listener (PLAIN, SCRAM-SHA-256/512) and a TLS-only Redis with requirepass, on
+    self-signed certificates made for this session in a temporary folder (deploy/stack.py)."""
+
+    def __init__(self, tls_dir: Path, args: list[str] | None = None) -> None:
+        self.password = f"pw-{uuid.uuid4().hex[:12]}"
+        self.tls_dir = tls_dir
+        self.args = [*(args or _secure_ports()), "--redis-tls", "--tls-dir", str(tls_dir)]
+        os.environ["MIRSTREAM_STACK_PASSWORD"] = self.password  # read by the stack subprocess
+        try:
+            self.env = _stack_up(self.args, "the SASL_SSL Kafka / TLS Redis stack")
+        except RuntimeError:
+            subprocess.run([*STACK, "down", "--wipe", *self.args], capture_output=True)
+            raise
+        finally:
+            del os.environ["MIRSTREAM_STACK_PASSWORD"]
+
+    def settings(self, base):
+        """``base`` pointed at the secured services, with every security setting the stack printed."""
+        from streams.settings import Settings
+
+        env = {k: v for k, v in self.env.items() if k.startswith("MIRSTREAM_")}
+        secured = Settings.from_env(env)
+        names = [n for n in vars(secured) if n.startswith(("kafka_", "redis_"))]
+        return base.with_(
+            bootstrap_servers=self.env["KAFKA_BOOTSTRAP_SERVERS"],
+            redis_url=self.env["REDIS_URL"],
+            **{n: getattr(secured, n) for n in names if n != "redis_url"},
+        )
+
+    def close(self) -> None:
+        subprocess.run([*STACK, "down", "--wipe", *self.args], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def secure(tmp_path_factory) -> Iterator[_Secure]:
+    s = _Secure(tmp_path_factory.mktemp("tls"))
+    _SERVICES_USED.append(f"secure: kafka={s.env['KAFKA_BOOTSTRAP_SERVERS']} (SASL_SSL) redis=rediss via local stack")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def secure_cluster_url(secure) -> Iterator[str]:
+    """A Redis Cluster of 3 masters over TLS only (client and cluster bus) with requirepass/masterauth, on
+    the certificates of ``secure``; its ``rediss+cluster://`` URL (the password in it)."""
+    port = int(os.environ.get("MIRSTREAM_TEST_CLUSTER_REDIS_PORT", "26379")) + 10
+    c = _Secure(secure.tls_dir, ["--only", "redis", "--redis-port", str(port), "--redis-cluster", "3"])
+    _SERVICES_USED.append(f"secure: Redis Cluster over TLS on 127.0.0.1:{port}+ via local stack")
+    try:
+        yield c.env["REDIS_URL"]
+    finally:
+        c.close()
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(services: _Services) -> str:
     assert services.kafka
@@ -201,6 +269,16 @@ def free_port() -> int:
 
 @pytest.fixture
 def pipeline_settings(kafka_bootstrap, redis_url, prefix, tmp_path, sim_checkpoint):
+    return _pipeline_settings(kafka_bootstrap, redis_url, prefix, tmp_path, sim_checkpoint)
+
+
+@pytest.fixture
+def secure_settings(secure, prefix, tmp_path, sim_checkpoint):
+    """``pipeline_settings`` against the SASL_SSL Kafka listener and the TLS + password Redis."""
+    return secure.settings(_pipeline_settings("unused:1", "redis://unused", prefix, tmp_path, sim_checkpoint))
+
+
+def _pipeline_settings(kafka_bootstrap, redis_url, prefix, tmp_path, sim_checkpoint):
     from streams.settings import Settings
 
     return Settings(

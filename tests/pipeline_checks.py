@@ -14,8 +14,9 @@ from models.codebook import CodebookConfig, ResidualCodebook, transcode
 from models.refiner import UserInput
 from models.user_model import Checkpoint
 from state.keys import Keys
-from state.store import InterestReader, connect_sync
+from state.store import RedisTLS, connect_sync
 from streams.replay import expected_seq, plan, send_events, send_items
+from streams.security import interest_reader, kafka_python_config, redis_sync
 from streams.topics import ensure_topics
 
 COARSE_TOL = 1e-5  # float64 running sums: only summation order differs between stream and offline
@@ -27,7 +28,7 @@ def lagging(settings, timeout: float = 60.0) -> dict[TopicPartition, int]:
     an event only once Redis holds its effect); returns what is still behind at the timeout."""
     topics = [*(settings.events_topic(s) for s in settings.scenarios), settings.items_topic]
     tps = [TopicPartition(t, p) for t in topics for p in range(settings.partitions)]
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = KafkaAdminClient(**kafka_python_config(settings))
     try:
         ends = {tp: o.offset for tp, o in admin.list_partition_offsets(dict.fromkeys(tps, OffsetSpec.LATEST)).items()}
         deadline = time.monotonic() + timeout
@@ -46,7 +47,7 @@ def read_deadletters(settings, n: int, timeout_ms: int = 30_000) -> list[dict]:
     """The first ``n`` dead letters of the run (fewer if they do not come within the timeout)."""
     consumer = KafkaConsumer(
         settings.deadletter_topic,
-        bootstrap_servers=settings.bootstrap_servers,
+        **kafka_python_config(settings),
         auto_offset_reset="earliest",
         consumer_timeout_ms=timeout_ms,
     )
@@ -101,9 +102,9 @@ def retrained(src: str, out, version: str) -> Checkpoint:
     return Checkpoint.load(out)
 
 
-def snapshot(redis_url: str, prefix: str, users: list[str]) -> dict[str, tuple]:
+def snapshot(redis_url: str, prefix: str, users: list[str], tls: RedisTLS | None = None) -> dict[str, tuple]:
     """Every byte of each user's state, history and vectors (timestamps of writes aside)."""
-    r, keys = connect_sync(redis_url), Keys(prefix)
+    r, keys = connect_sync(redis_url, tls), Keys(prefix)
     out = {}
     for u in users:
         s = r.hgetall(keys.user_state(u))
@@ -129,8 +130,8 @@ def replay(settings, ds, users: int, **kw) -> dict[str, int]:
 def assert_matches_offline(settings, ds, expected: dict[str, int], scenarios: tuple[str, ...] = ("feed",)) -> None:
     """Each user applied exactly its events (``seq``), and state + vectors equal the offline models."""
     ckpt = Checkpoint.load(settings.checkpoint)
-    reader = InterestReader(settings.redis_url, settings.prefix)
-    r, keys = connect_sync(settings.redis_url), Keys(settings.prefix)
+    reader = interest_reader(settings)
+    r, keys = redis_sync(settings), Keys(settings.prefix)
     for user, n in expected.items():
         _, meta = reader.get_user_interests(user)
         assert meta.seq == n, f"user {user}: seq {meta.seq} != {n} events (one lost or applied twice)"
