@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.metrics import item_index
+from state import trend
 from state.keys import Keys
 from state.store import AsyncInterestReader
 
@@ -44,8 +45,11 @@ class Snapshot:
 
 
 class Catalogue:
-    def __init__(self, reader: AsyncInterestReader, check_every_s: float = 2.0) -> None:
+    def __init__(self, reader: AsyncInterestReader, check_every_s: float = 2.0, trend_tau_s: float = 0.0) -> None:
         self.reader = reader
+        #: A trend model's τ: the index then carries each item's trend coordinate, as ``streams.search``'s
+        #: does (read at the newest counted event time when the catalogue is loaded).
+        self.trend_tau_s = trend_tau_s
         self.check_every_s = check_every_s
         self.snap = Snapshot([], [], np.zeros((0, 0), np.float32), None)
         self._checked = 0.0
@@ -62,12 +66,17 @@ class Catalogue:
 
     async def _load(self) -> Snapshot:
         ids = await self.reader.item_ids()
-        rows = await self.reader.item_fields(ids, ["ret", "title"])
-        keep = [i for i, (ret, _) in enumerate(rows) if ret is not None]
+        rows = await self.reader.item_fields(ids, ["ret", "title", trend.COUNT, trend.TIME])
+        keep = [i for i, row in enumerate(rows) if row[0] is not None]
         ids = [ids[i] for i in keep]
         titles = [(rows[i][1] or b"").decode(errors="replace") for i in keep]
         vectors = np.stack([np.frombuffer(rows[i][0], dtype="<f4") for i in keep]) if keep else np.zeros((0, 0))
         vectors = vectors.astype(np.float32)
+        if self.trend_tau_s and keep:
+            count = np.asarray([float(rows[i][2] or 0.0) for i in keep])
+            last = np.asarray([float(rows[i][3] or 0.0) for i in keep])
+            column = trend.trend_at(count, last, float(last.max()), self.trend_tau_s)
+            vectors = np.concatenate([vectors, column[:, None]], 1)
         index = await asyncio.to_thread(item_index, vectors) if len(ids) else None
         return Snapshot(ids, titles, vectors, index)
 

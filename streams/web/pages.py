@@ -46,7 +46,8 @@ def register(
 ) -> StreamSamples:
     """Adds the pages and the sampling timer to ``app``; returns the sampler (it also keeps dead letters)."""
     samples = StreamSamples(settings, store)
-    catalogue = Catalogue(reader)
+    trend_tau_s = ckpt.model.cfg.trend_tau_days * 86400.0 if ckpt.model.trend else 0.0
+    catalogue = Catalogue(reader, trend_tau_s=trend_tau_s)
     shell = {"content_type": "text/html", "headers": {"Cache-Control": "no-store"}}
 
     @app.timer(interval=EVERY_S)
