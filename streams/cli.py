@@ -378,6 +378,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 choices_from=args.choices_from,
                 out=args.out or "runs/through-stream",
                 threads=args.threads,
+                checkpoint=args.checkpoint,
             )
             return 0
         if args.merge:

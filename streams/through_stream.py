@@ -19,6 +19,7 @@ Nothing of the test period reaches the worker: it sees only pre-T events.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +56,22 @@ def _send_catalogue(settings: Settings, item_ids: np.ndarray, vectors: np.ndarra
     p.close()
 
 
+class _SavedStage:
+    """What ``rank_user_model`` reads of a ``Stage12``, from a saved checkpoint: the item vectors and their
+    codebook reconstruction."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt, self.book, self.vectors = ckpt, ckpt.codebook, ckpt.item_vectors
+        enc = ckpt.codebook.encode(ckpt.item_vectors)
+        self.decoded = ckpt.codebook.decode(enc.codes, enc.alphas)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
@@ -72,8 +89,10 @@ def run_through_stream(
     threads: int = 2,
     progress: bool = True,
     steps: int | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict:
-    """Runs steps 1-4 and writes ``through_stream.json``; ``steps`` overrides the validation choice (tests)."""
+    """Runs steps 1-4 and writes ``through_stream.json``; ``steps`` overrides the validation choice (tests);
+    ``checkpoint``: a checkpoint an earlier run saved (trained before the same cut) instead of training."""
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,19 +108,31 @@ def run_through_stream(
     base = replace(
         TrainConfig(item_tower_epochs=1), dataset=dataset, trend_tau_days=float(choices["recent_window_days"])
     )
-    stage = Stage12(test, replace(base, seed=0), progress)
-    cfg, variant = _cfg(replace(base, seed=seed), model, steps=steps)
-    um = fit_user_model(test, stage, cfg, variant, progress, f"{model} seed {seed}")
+    if checkpoint is None:
+        stage = Stage12(test, replace(base, seed=0), progress)
+        cfg, variant = _cfg(replace(base, seed=seed), model, steps=steps)
+        um = fit_user_model(test, stage, cfg, variant, progress, f"{model} seed {seed}")
+        version = f"{ds.name}-temporal-{model}-s{seed}-{int(time.time())}"
+        ckpt_dir = out / "checkpoint"
+        Checkpoint(um, stage.book, ds.item_ids, stage.vectors, version).save(ckpt_dir)
+    else:
+        ckpt_dir = Path(checkpoint)
+        stage = _SavedStage(Checkpoint.load(ckpt_dir))
+        um = stage.ckpt.model
+        if [str(i) for i in stage.ckpt.item_ids.tolist()] != [str(i) for i in ds.item_ids.tolist()]:
+            raise ValueError(f"{ckpt_dir} was not trained on {dataset}'s item table")
     offline = evaluate_ranked(test, rank_user_model(test, um, stage))
     say(f"offline: {model} R@50 {offline['recall@50']:.4f} NDCG@50 {offline['ndcg@50']:.4f}")
-    version = f"{ds.name}-temporal-{model}-s{seed}-{int(time.time())}"
-    ckpt_dir = out / "checkpoint"
-    Checkpoint(um, stage.book, ds.item_ids, stage.vectors, version).save(ckpt_dir)
 
     # ---------------------------------------------------------------- 2. the pre-T stream through a worker
     run = f"thru{int(time.time() * 1000) % 10**8}"
     s = settings.with_(
-        checkpoint=str(ckpt_dir), prefix=run, app_id=f"mirstream-{run}", scenarios=tuple(ds.scenarios), refine=True
+        checkpoint=str(ckpt_dir),
+        prefix=run,
+        app_id=f"mirstream-{run}",
+        scenarios=tuple(ds.scenarios),
+        refine=True,
+        web_port=_free_port(),  # its pages are not needed; a free port keeps it clear of any running worker
     )
     ensure_topics(s)
     replay = plan(test.train)
