@@ -33,6 +33,11 @@ def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
         web_bind=settings.web_bind,
         # Every page but /metrics and /health asks for the bearer token when one is set (streams.web.auth).
         web_application_options={"middlewares": token_middlewares(settings.web_token)},
+        # Faust's own pages (/router/, /table/, /graph, the stats index) show internals: off unless asked for.
+        web_router_enabled=settings.web_debug_pages,
+        web_tables_enabled=settings.web_debug_pages,
+        web_graph_enabled=settings.web_debug_pages,
+        web_stats_enabled=settings.web_debug_pages,
         # Refinement runs in an executor; give slow batches room before Faust calls the worker stuck.
         broker_commit_livelock_soft_timeout=120.0,
         stream_wait_empty=False,

@@ -20,6 +20,7 @@ import time
 
 import faust
 import orjson
+from aiohttp import web as aioweb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.user_model import Checkpoint
@@ -256,6 +257,32 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.page("/health")
     async def health_page(web, request):
+        body = await health()
+        return web.json(body, status=200 if body["ok"] else 503)
+
+    @app.task
+    async def ops_server() -> None:
+        """``/metrics`` and ``/health`` on a port of their own (``metrics_port``), e.g. for a Prometheus on
+        another host while the user pages stay on loopback; they hold no user data, so no token."""
+        if not settings.metrics_port:
+            return
+
+        async def metrics_route(request: aioweb.Request) -> aioweb.Response:
+            return aioweb.Response(body=generate_latest(metrics.REGISTRY), content_type="text/plain")
+
+        async def health_route(request: aioweb.Request) -> aioweb.Response:
+            body = await health()
+            return aioweb.json_response(body, status=200 if body["ok"] else 503)
+
+        ops = aioweb.Application()
+        ops.router.add_get("/metrics", metrics_route)
+        ops.router.add_get("/health", health_route)
+        runner = aioweb.AppRunner(ops)
+        await runner.setup()
+        await aioweb.TCPSite(runner, settings.metrics_bind, settings.metrics_port).start()
+        log.info("metrics and health on http://%s:%d", settings.metrics_bind, settings.metrics_port)
+
+    async def health() -> dict:
         problems = progress.stalled(app, settings.health_stall_s)
         try:
             await asyncio.wait_for(store.ping(), timeout=2.0)
@@ -268,8 +295,7 @@ def build_app(settings: Settings) -> faust.App:
         if failing is not None and time.monotonic() - failing > settings.health_stall_s:
             problems.append(f"refinement failing for {time.monotonic() - failing:.0f}s")
         quarantined = await store.quarantined_count() if not any("redis" in p for p in problems) else None
-        body = {"ok": not problems, "problems": problems, "quarantined_users": quarantined}
-        return web.json(body, status=200 if not problems else 503)
+        return {"ok": not problems, "problems": problems, "quarantined_users": quarantined}
 
     @app.page("/quarantine")
     async def quarantine_page(web, request):

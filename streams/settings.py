@@ -57,6 +57,12 @@ class Settings:
     #: Bearer token for every page but ``/metrics`` and ``/health`` (``Authorization: Bearer``, ``?token=``
     #: or the ``mirstream_token`` cookie).  Required when ``web_bind`` is beyond loopback; empty: no check.
     web_token: str = field(default="", repr=False)
+    #: Faust's own pages (``/router/``, ``/table/``, ``/graph``, the stats index): off by default.
+    web_debug_pages: bool = False
+    #: ``/metrics`` and ``/health`` also on this port of their own (0: only on ``web_port``), bound to
+    #: ``metrics_bind``: a Prometheus on another host can scrape while the user pages stay on loopback.
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
     #: Where the worker keeps Faust's local data (no tables are used; only bookkeeping).
     datadir: str = field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "mirstream", "faust"))
     #: Model checkpoint directory (``mirstream train`` writes one).

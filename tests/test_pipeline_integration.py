@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 import pytest
 import redis
+from conftest import free_port
 from kafka import KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, OffsetSpec
 from pipeline_checks import (
@@ -168,7 +169,7 @@ BAD_ITEMS = [
 
 
 def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_settings, ds, tmp_path):
-    settings = pipeline_settings.with_(park_timeout_s=3.0)
+    settings = pipeline_settings.with_(park_timeout_s=3.0, metrics_port=free_port())
     ensure_topics(settings)
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=200_000)
     good = {"event_id": "g1", "user_id": "u1", "item_id": "n1", "scenario": "feed", "action": "click", "ts": 1.7e9}
@@ -189,6 +190,11 @@ def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_setti
         assert wait_for_vectors(settings, {"u1": 1}, timeout=30, progress=False) == {}
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics").read().decode()
         assert w.proc.poll() is None, "the worker must keep running"
+        # The same figures on the operations port of their own (metrics_port).
+        ops = urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/metrics").read().decode()
+        assert "mirstream_deadletter_total" in ops
+        health = orjson.loads(urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/health").read())
+        assert "problems" in health and "ok" in health
     reasons = [d["reason"] for d in letters]
     for _, expected_reason in BAD + BAD_ITEMS:
         assert any(expected_reason in reason for reason in reasons), (expected_reason, reasons)

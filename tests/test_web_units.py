@@ -63,3 +63,16 @@ async def test_without_a_token_nothing_is_asked():
 def test_quantile_from_histogram_buckets(q, buckets, expected):
     got = quantile(q, buckets)
     assert got == expected if expected is None else got == pytest.approx(expected)
+
+
+def test_faust_debug_pages_are_off_unless_asked_for():
+    """/router/, /table/, /graph and the stats index show a worker's internals: not served by default."""
+    from streams.faust_app import make_faust_app
+    from streams.settings import Settings
+
+    served = {
+        dbg: [p for p, _ in make_faust_app(Settings(web_debug_pages=dbg)).web._enabled_blueprints()]
+        for dbg in (False, True)
+    }
+    assert served[False] == [""]  # Faust's production index only
+    assert {"/router", "/table", "/graph"} <= set(served[True])
