@@ -222,7 +222,7 @@ def bench_ingest(settings: Settings, users: int = 100, repeats: int = 1, out: st
             }
         )
     write_rows(out, "ingest", rows)
-    by = {r["key"]: r["events_per_s"] for r in rows}
+    by = {r["key"]: r["events_per_s"] or float("nan") for r in rows}  # 0: one batch held everything
     print(
         f"\ningest: simulator, {n:,} events of {len(expected)} users, {settings.partitions} partitions per topic, "
         f"pre-produced; one reader at a time; median of {repeats} round(s)\n"

@@ -3,7 +3,8 @@
 Benchmark tooling only; no worker imports this module.  Two consumers read the same pre-produced
 scenario topics as the pipeline:
 
-- ``raw_consumer``: aiokafka ``getmany`` + ``orjson.loads`` of every value, in the bench process,
+- ``raw_consumer``: aiokafka ``getmany`` (500 records at most, kafka-python's default) + ``orjson.loads``
+  of every value, in the bench process,
   without a consumer group (every partition from the beginning): what the client library and the
   broker give on this machine.
 - ``build_noop_app``: a Faust app with the pipeline's shape (one agent per scenario topic, the same
@@ -85,7 +86,7 @@ async def _raw(settings: Settings, expected: int, timeout: float) -> Span:
         deadline = time.monotonic() + timeout
         while span.events < expected and time.monotonic() < deadline:
             n = 0
-            for msgs in (await consumer.getmany(timeout_ms=200)).values():
+            for msgs in (await consumer.getmany(timeout_ms=200, max_records=500)).values():
                 for m in msgs:
                     orjson.loads(m.value)
                 n += len(msgs)
