@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from models.bench import print_table, write_rows
 from models.data import Dataset, load, simulate
@@ -23,6 +24,7 @@ from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
 from state.baseline import BaselineStore
 from state.store import user_memory
+from streams.ceilings import EVENTS_ENV, Span, raw_consumer, wait_ceiling
 from streams.naive import run_naive
 from streams.replay import (
     ReplayPlan,
@@ -33,7 +35,7 @@ from streams.replay import (
     wait_for_items,
     wait_for_vectors,
 )
-from streams.security import redis_sync
+from streams.security import interest_reader, redis_sync
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -132,33 +134,112 @@ def run_naive_baseline(
 
 
 # ---------------------------------------------------------------------------------------------- parts
-def bench_ingest(settings: Settings, users: int = 100, out: str = "bench") -> list[dict]:
-    """Events/s: refinement off, on, and the naive per-event recompute baseline, same events."""
+def watch_pipeline(settings: Settings, expected: dict[str, int], refine: bool, timeout: float = 900.0) -> dict:
+    """Times a worker over pre-produced events from Redis, like ``ceilings.Span``: from the first poll that
+    sees an applied event to the poll that sees every user complete (applied, or with ``refine`` its
+    vectors written), over the events applied after that first poll.  Polls every 50 ms."""
+    reader = interest_reader(settings)
+    users, total = list(expected), sum(expected.values())
+    span = Span()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        applied = [s or 0 for s in reader.seqs(users, applied=True)]
+        now = time.perf_counter()
+        done = sum(min(a, expected[u]) for u, a in zip(users, applied, strict=True))
+        if done and not span.first_at:
+            span.note(done, now)
+        if refine:
+            seqs = reader.seqs(users)
+            complete = all((s or 0) >= expected[u] for u, s in zip(users, seqs, strict=True))
+        else:
+            complete = done >= total
+        if complete:
+            span.note(total - span.events, now)
+            return span.row(total)
+        time.sleep(0.05)
+    return {**span.row(total), "complete": False}
+
+
+def _prepared_run(settings: Settings, ds: Dataset, p: ReplayPlan, tag: str, refine: bool) -> Settings:
+    """A fresh prefix whose catalogue is already stored (by a worker that is stopped again before any event
+    exists, so the timed worker never parks an event for an item still on its way)."""
+    s = _fresh_prefix(settings, tag, refine=refine)
+    ensure_topics(s)
+    send_items(s, ds, p.items, progress=False)
+    with WorkerProcess(s, log=Path(settings.datadir) / f"{s.prefix}-items.log"):
+        if not wait_for_items(s, len(p.items)):
+            raise RuntimeError(f"the catalogue of {s.prefix} was not stored in time")
+    return s
+
+
+def bench_ingest(settings: Settings, users: int = 100, repeats: int = 1, out: str = "bench") -> list[dict]:
+    """Events/s over the same pre-produced events (nothing produces while a reader is timed), in one run:
+    the raw aiokafka ceiling, the no-op Faust ceiling (``streams.ceilings``), the pipeline with
+    refinement off and on, and the naive per-event recompute baseline; ``repeats`` rounds, medians."""
     ckpt = ensure_checkpoint(settings)
     ds = load("sim")
     p = plan(ds, max_users=users)
+    expected = expected_seq(ds, p.events)
+    n = len(p.events)
+    names = {
+        "raw": "raw aiokafka consumer: getmany + orjson (ceiling of the client)",
+        "noop": f"no-op Faust agents: take_events({settings.batch_size}, {settings.batch_wait_ms} ms) + orjson",
+        "off": "pipeline, refinement off",
+        "on": "pipeline, refinement on",
+        "naive": "naive: per event fetch raw history, recompute, write",
+    }
+    rounds: list[dict[str, dict]] = []
+    for r in range(repeats):
+        print(f"== round {r + 1}/{repeats}: catalogue, then {n:,} events pre-produced", flush=True)
+        off_s, on_s = (
+            _prepared_run(settings, ds, p, f"{tag}{r}", refine) for tag, refine in (("off", False), ("on", True))
+        )
+        for s in (off_s, on_s):  # the same events, in the same order, to each run's topics
+            send_events(s, ds, p.events, progress=False)
+        got: dict[str, dict] = {"raw": raw_consumer(off_s, n)}
+        noop_s = off_s.with_(app_id=f"{off_s.app_id}-noop")
+        with WorkerProcess(
+            noop_s, app="noop", log=Path(settings.datadir) / f"{off_s.prefix}-noop.log", extra_env={EVENTS_ENV: str(n)}
+        ):
+            got["noop"] = wait_ceiling(noop_s) or {"events_per_s": float("nan"), "complete": False}
+        for key, s, refine in (("off", off_s, False), ("on", on_s, True)):
+            with WorkerProcess(s, log=Path(settings.datadir) / f"{s.prefix}.log"):
+                got[key] = watch_pipeline(s, expected, refine)
+        got["naive"] = run_naive_baseline(settings, ckpt, ds, p, prefix=off_s.prefix)
+        rounds.append(got)
+        print("   " + ", ".join(f"{k} {v['events_per_s']:,.0f}" for k, v in got.items()) + " events/s", flush=True)
     rows = []
-    for refine in (False, True):
-        row, _ = run_worker(settings, ds, p, None, refine, "on" if refine else "off")
-        rows.append({"run": f"pipeline, refinement {'on' if refine else 'off'}", **row})
-    naive = run_naive_baseline(settings, ckpt, ds, p)
-    rows.append({"run": "naive: per event fetch raw history, recompute, write", "refine": False, **naive})
-    for refine in (False, True):  # the same two cores shared by two workers: a scale-out check, not a gain
-        row, _ = run_worker(settings, ds, p, None, refine, "two", workers=2)
-        rows.append({"run": f"pipeline, refinement {'on' if refine else 'off'}, 2 workers", **row})
+    for key, name in names.items():
+        rates = [g[key]["events_per_s"] for g in rounds]
+        rows.append(
+            {
+                "run": name,
+                "key": key,
+                "events": n,
+                "users": len(expected),
+                "events_per_s": float(np.median(rates)),
+                "rounds": rates,
+                "complete": all(g[key]["complete"] for g in rounds),
+            }
+        )
     write_rows(out, "ingest", rows)
+    by = {r["key"]: r["events_per_s"] or float("nan") for r in rows}  # 0: one batch held everything
     print(
-        f"ingest: simulator, {len(p.events):,} events of {users} users, {settings.partitions} partitions, one worker\n"
+        f"\ningest: simulator, {n:,} events of {len(expected)} users, {settings.partitions} partitions per topic, "
+        f"pre-produced; one reader at a time; median of {repeats} round(s)\n"
     )
     print_table(
-        ["run", "events/s absorbed", "wall (s)", "complete"],
+        ["run", "events/s", "vs no-op Faust", "complete"],
         "lrrl",
-        [[r["run"], f"{r['events_per_s']:.0f}", f"{r['wall_s']:.1f}", str(r["complete"])] for r in rows],
+        [
+            [r["run"], f"{r['events_per_s']:,.0f}", f"{r['events_per_s'] / by['noop']:.2f}", str(r["complete"])]
+            for r in rows
+        ],
     )
-    off, on, base = (r["events_per_s"] for r in rows[:3])
     print(
-        f"\npipeline (refinement off) / naive: {off / base:.1f}x; refinement on / naive: {on / base:.1f}x; "
-        f"off / on: {off / on:.2f}x  (single passes in one run)"
+        f"\nno-op Faust / raw aiokafka: {by['noop'] / by['raw']:.3f}; "
+        f"pipeline off / naive: {by['off'] / by['naive']:.1f}x; on / naive: {by['on'] / by['naive']:.1f}x; "
+        f"off / on: {by['off'] / by['on']:.2f}x"
     )
     return rows
 
@@ -262,5 +343,109 @@ def bench_memory(
     print(
         f"\nhistory, codes vs raw float32: {np.median(raw) / max(ours['history'], 1):.1f}x smaller; "
         f"whole user vs raw history alone: {np.median(raw) / max(sum(ours.values()), 1):.1f}x smaller"
+    )
+    return rows
+
+
+def item_texts(n: int, seed: int = 0) -> list[str]:
+    """``n`` catalogue texts: MovieLens-100K's titles (title, year, genres), then synthetic ones made by
+    pairing a title with another title's genres when more are asked for (same length distribution)."""
+    texts = list(load("ml-100k").item_text)
+    rng = np.random.default_rng(seed)
+    while len(texts) < n:
+        a, b = rng.integers(0, 1682, size=2)
+        title, genres = texts[a].split(")")[0] + ")", texts[b].split(")", 1)[-1]
+        texts.append(f"{title}{genres} #{len(texts)}")
+    return texts[:n]
+
+
+def bench_items(
+    items: int = 1682, sample: int = 128, repeats: int = 3, spec: str = "smollm2", out: str = "bench"
+) -> list[dict]:
+    """Items/s through the item tower's LLM: the reference path (``TextEncoder.encode_reference``: batches
+    of 32 in arrival order) against the fast path (``encode``: length-sorted batches, dedup, text-hash
+    cache), alternated on the same ``sample`` texts ``repeats`` times (medians), then the fast path over
+    the whole catalogue cold, and again warm (every text cached: a re-sent catalogue)."""
+    from models.item_tower import TextEncoder
+
+    texts = item_texts(items)
+    enc = TextEncoder(spec)
+    rng = np.random.default_rng(1)
+    picked = [texts[i] for i in rng.choice(len(texts), size=min(sample, len(texts)), replace=False)]
+    enc.encode_reference(picked[:8])  # warm-up (allocator, kernels)
+    ref_t, fast_t, worst = [], [], 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a = enc.encode_reference(picked)
+        t1 = time.perf_counter()
+        b = enc.encode(picked, use_cache=False)
+        t2 = time.perf_counter()
+        ref_t.append(t1 - t0)
+        fast_t.append(t2 - t1)
+        worst = max(worst, float((np.abs(a - b) / np.abs(a).max(axis=1, keepdims=True)).max()))
+    ids = enc.token_ids(texts)
+    real = sum(len(x) for x in ids)
+    ref_run = sum(len(x[i : i + 32]) * max(map(len, x[i : i + 32])) for x in [ids] for i in range(0, len(ids), 32))
+    by_len = sorted(ids, key=len)
+    fast_run = sum(len(by_len[i : i + 64]) * len(by_len[min(i + 63, len(by_len) - 1)]) for i in range(0, len(ids), 64))
+    enc.cache.clear()
+    t0 = time.perf_counter()
+    enc.encode(texts)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    enc.encode(texts)
+    warm = time.perf_counter() - t0
+    n = len(picked)
+    rows = [
+        {
+            "run": "reference: batches of 32 in arrival order (the path before)",
+            "texts": n,
+            "items_per_s": n / float(np.median(ref_t)),
+            "seconds": ref_t,
+            "tokens_run_per_token": ref_run / real,
+        },
+        {
+            "run": "fast: length-sorted batches of 64, dedup, text-hash cache (cold)",
+            "texts": n,
+            "items_per_s": n / float(np.median(fast_t)),
+            "seconds": fast_t,
+            "tokens_run_per_token": fast_run / real,
+            "max_rel_diff_vs_reference": worst,
+        },
+        {
+            "run": f"fast, the whole catalogue once, cold cache ({len(texts):,} texts)",
+            "texts": len(texts),
+            "items_per_s": len(texts) / cold,
+            "seconds": [cold],
+        },
+        {
+            "run": "fast, the same catalogue again (every text cached)",
+            "texts": len(texts),
+            "items_per_s": len(texts) / warm,
+            "seconds": [warm],
+        },
+    ]
+    write_rows(out, "items", rows)
+    print(
+        f"items: {spec} item tower, MovieLens-100K titles (+ synthetic past 1,682), {len(texts):,} texts, "
+        f"median {int(np.median([len(x) for x in ids]))} tokens (EOS included, max {enc.max_tokens}); "
+        f"reference vs fast alternated {repeats}x on the same {n} texts, torch threads {torch.get_num_threads()}\n"
+    )
+    print_table(
+        ["run", "items/s", "LLM tokens per real token"],
+        "lrr",
+        [
+            [
+                r["run"],
+                f"{r['items_per_s']:,.1f}",
+                f"{r['tokens_run_per_token']:.2f}" if "tokens_run_per_token" in r else "—",
+            ]
+            for r in rows
+        ],
+    )
+    print(
+        f"\nfast / reference: {rows[1]['items_per_s'] / rows[0]['items_per_s']:.2f}x (median of {repeats}); "
+        f"cached / reference: {rows[3]['items_per_s'] / rows[0]['items_per_s']:,.0f}x; largest difference of a "
+        f"state from the reference's, relative to its largest entry: {worst:.1e}"
     )
     return rows

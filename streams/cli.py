@@ -70,6 +70,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.app == "smoke":
         os.environ.update(settings_env(settings))  # the smoke app reads Settings.from_env() on import
         from streams.smoke import app
+    elif args.app == "noop":  # bench ingest's ceiling: the pipeline's Faust shape, agents that only parse
+        from streams.ceilings import build_noop_app
+
+        app = build_noop_app(settings)
     else:
         from streams.pipeline import build_app
         from streams.topics import ensure_topics
@@ -271,7 +275,18 @@ def cmd_recode(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_PARTS = ("codebook", "coarse", "refiner", "ingest", "freshness", "memory", "soak", "quality", "temporal")
+BENCH_PARTS = (
+    "codebook",
+    "coarse",
+    "refiner",
+    "items",
+    "ingest",
+    "freshness",
+    "memory",
+    "soak",
+    "quality",
+    "temporal",
+)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -288,8 +303,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             offline.bench_coarse(out=args.out)
         elif part == "refiner":
             offline.bench_refiner(backbones=tuple(args.backbones), out=args.out)
+        elif part == "items":
+            online.bench_items(items=args.items, sample=args.sample, repeats=args.repeat, out=args.out)
         elif part == "ingest":
-            online.bench_ingest(settings, users=args.users, out=args.out)
+            online.bench_ingest(settings, users=args.users, repeats=args.repeat, out=args.out)
         elif part == "freshness":
             online.bench_freshness(settings, users=args.users, rates=tuple(args.rates), out=args.out)
         elif part == "memory":
@@ -416,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a Faust worker")
     _add_connection_flags(p)
-    p.add_argument("--app", choices=["pipeline", "smoke"], default="pipeline")
+    p.add_argument("--app", choices=["pipeline", "smoke", "noop"], default="pipeline")
     p.add_argument("--web-port", type=int, help="Faust web port (metrics, lookups, /ui pages); 0 disables")
     p.add_argument("--web-bind", help="address the web server binds to (default 127.0.0.1; others need a token)")
     p.add_argument("--checkpoint", help="model checkpoint folder (default runs/demo)")
@@ -493,13 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="measured figures with their baselines: " + ", ".join(BENCH_PARTS) + " or all",
-        description="Offline parts (codebook, coarse, refiner, quality, temporal) need no services; ingest, "
+        description="Offline parts (codebook, coarse, refiner, items, quality, temporal) need no services; ingest, "
         "freshness and memory run real workers against the Kafka + Redis given (deploy/stack.py up starts local ones).",
     )
     _add_connection_flags(p)
     p.add_argument("part", choices=[*BENCH_PARTS, "all"])
     p.add_argument("--users", type=int, default=100, help="simulator users to replay (about 110 events each)")
     p.add_argument("--rates", type=float, nargs="*", default=[200, 1000, 5000], help="offered rates for freshness")
+    p.add_argument(
+        "--items", type=int, default=1682, help="items: catalogue texts (ML-100K titles, synthetic past 1,682)"
+    )
+    p.add_argument("--sample", type=int, default=128, help="items: texts both paths encode, alternated, for the ratio")
+    p.add_argument("--repeat", type=int, default=3, help="items, ingest: repeats (medians are reported)")
     p.add_argument("--soak-events", type=int, default=100_000, help="events of the memory soak")
     p.add_argument(
         "--backbones",
