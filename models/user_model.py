@@ -90,6 +90,11 @@ class UserModel(nn.Module):
     def trend(self) -> bool:
         return self.refiner is not None and self.cfg.refiner.trend
 
+    @property
+    def trend_tau_s(self) -> float:
+        """τ of the item trend coordinate in seconds (0: the model scores no trend)."""
+        return self.cfg.trend_tau_days * 86400.0 if self.trend else 0.0
+
     def item_retrieval(self, item_vectors: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """(n, d) unit retrieval vectors: content through the shared head, plus the item-ID embedding of
         items known to the checkpoint (``ids``: rows of its item table, -1 for an item it never saw)."""

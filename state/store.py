@@ -482,6 +482,12 @@ class InterestReader:
             pipe.hget(self.keys.user_state(u) if applied else self.keys.user_vectors(u), "seq")
         return [None if s is None else int(s) for s in pipe.execute()]
 
+    def oldest_dirty_wait_s(self, partitions: int) -> float:
+        """Seconds the longest-waiting dirty user of these partitions has waited (0: nobody waits)."""
+        firsts = [self.r.zrange(self.keys.dirty(p), 0, 0, withscores=True) for p in range(partitions)]
+        oldest = min((got[0][1] for got in firsts if got), default=None)
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
+
     def item_count(self) -> int:
         """How many items are known (a cheap check for a stale index)."""
         return int(self.r.scard(self.keys.items))

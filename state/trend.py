@@ -54,3 +54,10 @@ def trend_at(count: np.ndarray, last: np.ndarray, at: float, tau_s: float) -> np
     count = np.asarray(count, np.float64)
     age = np.maximum(at - np.asarray(last, np.float64), 0.0)
     return np.log1p(count * np.exp(-age / tau_s)).astype(np.float32)
+
+
+def with_trend_column(vectors: np.ndarray, count: np.ndarray, last: np.ndarray, tau_s: float, at: float | None = None):
+    """Index rows: each item's stored ``ret`` plus its trend coordinate read at ``at`` (None: the newest
+    counted event time, the stream's own clock)."""
+    when = float(np.max(last)) if at is None else float(at)
+    return np.concatenate([vectors, trend_at(count, last, when, tau_s)[:, None]], 1)

@@ -85,9 +85,7 @@ class Ingestor:
         self.actions = ckpt.model.cfg.actions
         self.max_parked = 1000
         self.origin_key: bytes | None = None  # signs re-produced parked events (read from Redis on first use)
-        model = ckpt.model
-        #: τ of the item trend counts when the model scores a trend coordinate (0: not counted).
-        self.trend_tau_s = model.cfg.trend_tau_days * 86400.0 if model.trend else 0.0
+        self.trend_tau_s = ckpt.model.trend_tau_s  # 0: the model scores no trend, nothing is counted
 
     async def handle(self, scenario: str, batch: list[Message]) -> dict[int, dict[str, int]]:
         """Applies a batch; returns {partition: {user: seq}} of users whose vectors need refreshing.

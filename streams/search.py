@@ -14,7 +14,7 @@ import numpy as np
 
 from models.metrics import item_index
 from state.store import InterestReader
-from state.trend import trend_at
+from state.trend import with_trend_column
 from streams.security import interest_reader
 from streams.settings import Settings
 
@@ -36,8 +36,7 @@ def index_vectors(reader: InterestReader, at: float | None = None) -> tuple[list
     if tau is None or not ids:
         return ids, vectors
     count, last = reader.item_trend(ids)
-    when = float(last.max()) if at is None else float(at)
-    return ids, np.concatenate([vectors, trend_at(count, last, when, tau)[:, None]], 1)
+    return ids, with_trend_column(vectors, count, last, tau, at)
 
 
 class ItemSearch:

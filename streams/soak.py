@@ -17,23 +17,12 @@ import numpy as np
 
 from models.bench import print_table, write_rows
 from models.data import simulate
-from state.keys import Keys
 from streams.bench import _fresh_prefix, ensure_checkpoint
 from streams.replay import expected_seq, send_events, send_items, wait_for_items, wait_for_vectors
-from streams.security import redis_sync
+from streams.security import interest_reader, redis_sync
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
-
-
-def _oldest_wait_s(r, keys: Keys, partitions: int) -> float:
-    """Seconds the longest-waiting dirty user has waited (0: nobody waits)."""
-    now_ms, oldest = time.time() * 1000, None
-    for p in range(partitions):
-        got = r.zrange(keys.dirty(p), 0, 0, withscores=True)
-        if got:
-            oldest = got[0][1] if oldest is None else min(oldest, got[0][1])
-    return 0.0 if oldest is None else max(0.0, (now_ms - oldest) / 1000)
 
 
 def bench_soak(
@@ -44,7 +33,7 @@ def bench_soak(
     order = np.lexsort((np.arange(len(ds.ts)), ds.ts, ds.user))  # user-major: each slice brings new users
     s = _fresh_prefix(settings, "soak")
     ensure_topics(s)
-    r, keys = redis_sync(s), Keys(s.prefix)
+    r, reader = redis_sync(s), interest_reader(s)
     rows: list[dict] = []
     with WorkerProcess(s, log=Path(settings.datadir) / f"{s.prefix}.log") as worker:
         send_items(s, ds, np.unique(ds.item), progress=False)
@@ -66,7 +55,7 @@ def bench_soak(
             threading.Thread(target=wait, daemon=True).start()
             worst = 0.0
             while not done.wait(0.5):
-                worst = max(worst, _oldest_wait_s(r, keys, s.partitions))
+                worst = max(worst, reader.oldest_dirty_wait_s(s.partitions))
             wall = time.perf_counter() - t0
             used = int(r.info("memory")["used_memory"]) - base
             rows.append(

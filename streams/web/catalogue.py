@@ -75,8 +75,7 @@ class Catalogue:
         if self.trend_tau_s and keep:
             count = np.asarray([float(rows[i][2] or 0.0) for i in keep])
             last = np.asarray([float(rows[i][3] or 0.0) for i in keep])
-            column = trend.trend_at(count, last, float(last.max()), self.trend_tau_s)
-            vectors = np.concatenate([vectors, column[:, None]], 1)
+            vectors = trend.with_trend_column(vectors, count, last, self.trend_tau_s)
         index = await asyncio.to_thread(item_index, vectors) if len(ids) else None
         return Snapshot(ids, titles, vectors, index)
 

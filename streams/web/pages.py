@@ -46,8 +46,7 @@ def register(
 ) -> StreamSamples:
     """Adds the pages and the sampling timer to ``app``; returns the sampler (it also keeps dead letters)."""
     samples = StreamSamples(settings, store)
-    trend_tau_s = ckpt.model.cfg.trend_tau_days * 86400.0 if ckpt.model.trend else 0.0
-    catalogue = Catalogue(reader, trend_tau_s=trend_tau_s)
+    catalogue = Catalogue(reader, trend_tau_s=ckpt.model.trend_tau_s)
     shell = {"content_type": "text/html", "headers": {"Cache-Control": "no-store"}}
 
     @app.timer(interval=EVERY_S)
