@@ -74,7 +74,7 @@ def ident(value: object, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         raise Rejected(f"field {name!r} must be a non-empty string or integer")
     text = str(value)
-    if len(text) > 128 or any(c in text for c in "{}") or not text.isprintable():
+    if len(text) > 128 or "{" in text or "}" in text or not text.isprintable():
         raise Rejected(f"field {name!r} is too long or has characters not allowed in ids (braces, control, bidi)")
     return text
 

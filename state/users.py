@@ -81,6 +81,11 @@ class UserRow:
     backfill_ts: float = 0.0  # the hand-over watermark (``BACKFILL_TS``); 0: never backfilled
     backfill_ids: frozenset[str] = frozenset()
 
+    @property
+    def is_new(self) -> bool:
+        """Nothing of this user is stored yet (every field as a user never written reads)."""
+        return self == UserRow(self.user)
+
     def backfilled(self, ts: float, event_id: str) -> bool:
         """Whether the batch backfill already applied this event (by time, then by id at the cut's time)."""
         return ts < self.backfill_ts or (ts == self.backfill_ts and event_id in self.backfill_ids)

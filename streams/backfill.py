@@ -37,15 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
-from models.files import Rejects, read_events, read_items
+from models.event_table import SCHEMA, read_event_tables
+from models.files import Rejects, read_items
 from models.user_model import Checkpoint
 from state.store import StreamStore
 from streams.events import Event, Item, Message
 from streams.items import ItemHandler
-from streams.planner import Accepted, PlanContext, plan
+from streams.planner import Accepted, PlanContext, plan, plan_new
 from streams.refinement import Refresher
 from streams.security import redis_async
 from streams.settings import Settings
@@ -185,58 +187,137 @@ class Backfill:
 
     # ------------------------------------------------------------------ events
     def _spill(self, events: list[str], until: float | None, buckets: int, tmp: Path) -> list[Path]:
-        """Valid events → ``buckets`` files by user hash (each bucket holds whole users)."""
+        """Valid events → ``buckets`` Arrow files by user hash (each bucket holds whole users)."""
         t = time.perf_counter()
-        paths = [tmp / f"bucket-{b}.jsonl" for b in range(buckets)]
-        outs = [open(p, "wb") for p in paths]  # noqa: SIM115
+        paths = [tmp / f"bucket-{b}.arrow" for b in range(buckets)]
+        sinks = [pa.OSFile(str(p), "wb") for p in paths]
+        writers = [pa.ipc.new_stream(sink, SCHEMA) for sink in sinks]
         try:
-            for f, path in enumerate(events):
-                for chunk in read_events(path, self.rejects, self.scenarios, self.actions):
-                    for line, e in chunk:
-                        self.report.events_read += 1
-                        if until is not None and e.ts > until:
-                            self.report.after_cut += 1
-                            continue
-                        row = [f, line, e.event_id, e.user_id, e.item_id, e.scenario, e.action, e.ts, e.query]
-                        outs[zlib.crc32(e.user_id.encode()) % buckets].write(orjson.dumps(row) + b"\n")
+            for table in read_event_tables(events, self.rejects, self.scenarios, self.actions):
+                self.report.events_read += table.num_rows
+                if until is not None:
+                    kept = table.filter(pc.less_equal(table.column("ts"), until))
+                    self.report.after_cut += table.num_rows - kept.num_rows
+                    table = kept
+                users = table.column("user_id").to_numpy(zero_copy_only=False)
+                uniq, inverse = np.unique(users, return_inverse=True)
+                bucket = np.asarray([zlib.crc32(u.encode()) % buckets for u in uniq], dtype=np.int64)[inverse]
+                for b in np.unique(bucket).tolist():
+                    writers[b].write_table(table.take(np.flatnonzero(bucket == b)))
         finally:
-            for o in outs:
-                o.close()
+            for w, sink in zip(writers, sinks, strict=True):
+                w.close()
+                sink.close()
         self.report.seconds["spill"] += time.perf_counter() - t
         return paths
 
     async def _bucket(self, path: Path, files: list[str], bar: tqdm) -> None:
-        rows = [orjson.loads(line) for line in path.read_bytes().splitlines()]
-        if not rows:
+        with pa.OSFile(str(path), "rb") as source:
+            table = pa.ipc.open_stream(source).read_all()
+        if not table.num_rows:
             return
-        rows.sort(key=lambda r: (r[3], r[7], r[0], r[1]))  # user, time, file, line
+        col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in SCHEMA.names}
+        uniq_users, ucode = np.unique(col["user_id"], return_inverse=True)
+        # user, then the order the planner folds a user's events in: time, line (then file)
+        order = np.lexsort((col["file"], col["line"], col["ts"], ucode))
+        col = {k: v[order] for k, v in col.items()}
+        ucode = ucode[order]
         t = time.perf_counter()
+        unique_items = np.unique(col["item_id"]).tolist()
         codes: dict[str, bytes | None] = {}
-        unique = sorted({r[4] for r in rows})
-        for i in range(0, len(unique), 10_000):
-            codes.update(await self.store.item_codes(unique[i : i + 10_000], self.codebooks.own_id))
+        for i in range(0, len(unique_items), 10_000):
+            codes.update(await self.store.item_codes(unique_items[i : i + 10_000], self.codebooks.own_id))
         self.report.seconds["redis"] += time.perf_counter() - t
         self._codes = codes
-        by_user: dict[str, list[Accepted]] = defaultdict(list)
-        s_index, a_index = {s: i for i, s in enumerate(self.scenarios)}, {a: i for i, a in enumerate(self.actions)}
-        for f, line, event_id, user, item, scenario, action, ts, query in rows:
-            if codes.get(item) is None:
-                reason = f"unknown item: {item!r} is not in Redis (give --items, or let the item agent store it)"
-                self.rejects.add(files[f], line, reason)
-                continue
-            event = Event(event_id, user, item, s_index[scenario], a_index[action], ts, query)
-            msg = Message(BACKFILL_TOPIC, 0, line, None, b"", 0.0)
-            by_user[user].append(Accepted(event, msg, f"file:{f}:{line}", False, backfill=True))
-        users = list(by_user)
+        known = np.asarray([codes.get(it) is not None for it in col["item_id"].tolist()], dtype=bool)
+        for k in np.flatnonzero(~known).tolist():
+            item = col["item_id"][k]
+            reason = f"unknown item: {item!r} is not in Redis (give --items, or let the item agent store it)"
+            self.rejects.add(files[col["file"][k]], int(col["line"][k]), reason)
+        if not known.all():
+            col = {k: v[known] for k, v in col.items()}
+            ucode = ucode[known]
+        bounds = np.flatnonzero(np.diff(ucode)) + 1
+        starts = np.concatenate([[0], bounds]).astype(np.int64)
+        ends = np.concatenate([bounds, [len(ucode)]]).astype(np.int64)
+        users = [str(uniq_users[ucode[s]]) for s in starts.tolist()] if len(ucode) else []
+        refining: asyncio.Task | None = None  # one batch refines while the next one is applied
         for i in range(0, len(users), self.users_per_batch):
-            batch = {u: by_user[u] for u in users[i : i + self.users_per_batch]}
-            applied = await self._apply(batch)
+            span = slice(i, i + self.users_per_batch)
+            applied = await self._apply_columns(users[span], starts[span], ends[span], col)
+            if refining is not None:
+                await refining
+                refining = None
             if self.refine and applied:
-                await self._refine(applied)
-            self.report.users += len(batch)
-            bar.update(len(batch))
+                refining = asyncio.create_task(self._refine(applied))
+            self.report.users += len(users[span])
+            bar.update(len(users[span]))
             wall = bar.format_dict.get("elapsed") or 1e-9
             bar.set_postfix(events_s=f"{self.report.events_applied / wall:.0f}", refresh=False)
+        if refining is not None:  # the bucket is done (and recorded so) only once its vectors are written
+            await refining
+
+    async def _apply_columns(
+        self, users: list[str], starts: np.ndarray, ends: np.ndarray, col: dict[str, np.ndarray]
+    ) -> list[str]:
+        """One batch of users: new users through ``plan_new`` on the columns, the others (and any new user
+        whose write conflicted) through ``plan`` on ``Accepted`` events, as the stream does."""
+        t = time.perf_counter()
+        rows = await self.store.read_users({u: ([], []) for u in users})
+        books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
+        self.report.seconds["redis"] += time.perf_counter() - t
+        ctx = PlanContext(self.ckpt, books, self.settings.history_cap)
+        new = [k for k, u in enumerate(users) if rows[u].is_new] if self.ckpt.codebook_id in books else []
+        others = set(range(len(users))) - set(new)
+        changed: list[str] = []
+        if new:
+            t = time.perf_counter()
+            idx = np.concatenate([np.arange(starts[k], ends[k]) for k in new])
+            code_bytes = self.ckpt.codebook.cfg.bytes_per_item
+            blob = b"".join(self._codes[it] for it in col["item_id"][idx].tolist())  # type: ignore[misc]
+            updates = plan_new(
+                [users[k] for k in new],
+                (ends[new] - starts[new]),
+                np.frombuffer(blob, dtype=np.uint8).reshape(len(idx), code_bytes),
+                col["scenario"][idx],
+                col["action"][idx],
+                col["ts"][idx],
+                col["event_id"][idx].tolist(),
+                ctx,
+            )
+            self.report.seconds["coarse"] += time.perf_counter() - t
+            ready = {u: up for u, up in updates.items() if up is not None}
+            t = time.perf_counter()
+            results = await self.store.apply_many(ready) if ready else {}
+            self.report.seconds["redis"] += time.perf_counter() - t
+            for u, r in results.items():
+                if r is not None:
+                    changed.append(u)
+                    self.report.events_applied += ready[u].n_events
+            lost = {u for u, r in results.items() if r is None} | {u for u, up in updates.items() if up is None}
+            others |= {k for k in new if users[k] in lost}
+        if others:
+            pending = {users[k]: self._accepted(starts[k], ends[k], col) for k in sorted(others)}
+            changed += await self._apply(pending)
+        return changed
+
+    def _accepted(self, start: int, end: int, col: dict[str, np.ndarray]) -> list[Accepted]:
+        """A user's events as the stream's agents hand them to the planner."""
+        out = []
+        for k in range(start, end):
+            line, f = int(col["line"][k]), int(col["file"][k])
+            event = Event(
+                col["event_id"][k],
+                col["user_id"][k],
+                col["item_id"][k],
+                int(col["scenario"][k]),
+                int(col["action"][k]),
+                float(col["ts"][k]),
+                col["query"][k],
+            )
+            msg = Message(BACKFILL_TOPIC, 0, line, None, b"", 0.0)
+            out.append(Accepted(event, msg, f"file:{f}:{line}", False, backfill=True))
+        return out
 
     async def _apply(self, pending: dict[str, list[Accepted]]) -> list[str]:
         """Read → plan → compare-and-set apply, as ``streams.ingest`` does; users that conflicted (another
@@ -286,7 +367,9 @@ class Backfill:
             books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
             self.report.seconds["redis"] += time.perf_counter() - t
             t = time.perf_counter()
-            vectors, failed = self.refresher.refine_rows([rows[u] for u in part], books)
+            vectors, failed = await asyncio.get_running_loop().run_in_executor(
+                self.refresher.executor, self.refresher.refine_rows, [rows[u] for u in part], books
+            )
             self.report.seconds["refine"] += time.perf_counter() - t
             t = time.perf_counter()
             writes = []

@@ -286,6 +286,7 @@ BENCH_PARTS = (
     "soak",
     "quality",
     "temporal",
+    "backfill",
 )
 
 
@@ -295,6 +296,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     parts = BENCH_PARTS if args.part == "all" else (args.part,)
     settings = _settings(args, checkpoint=args.checkpoint)
+    users = args.users or 100
     for part in parts:
         print(f"\n## bench {part}\n", flush=True)
         if part == "codebook":
@@ -306,15 +308,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         elif part == "items":
             online.bench_items(items=args.items, sample=args.sample, repeats=args.repeat, out=args.out)
         elif part == "ingest":
-            online.bench_ingest(settings, users=args.users, repeats=args.repeat, out=args.out)
+            online.bench_ingest(settings, users=users, repeats=args.repeat, out=args.out)
         elif part == "freshness":
-            online.bench_freshness(settings, users=args.users, rates=tuple(args.rates), out=args.out)
+            online.bench_freshness(settings, users=users, rates=tuple(args.rates), out=args.out)
         elif part == "memory":
             online.bench_memory(settings, soak_events=args.soak_events, out=args.out)
         elif part == "soak":
             from streams.soak import bench_soak
 
-            bench_soak(settings, users=args.users, out=args.out)
+            bench_soak(settings, users=args.users or 100_000, out=args.out)
         elif part == "quality":
             offline.bench_quality(args.dataset or "sim", out=args.out)
         elif part == "temporal":  # the README's headline table (global time split, three seeds)
@@ -322,6 +324,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
             dataset = args.dataset or "ml-100k"
             run_temporal(dataset=dataset, out=f"{args.out}/temporal-{dataset}")
+        elif part == "backfill":
+            from streams.bench_backfill import bench_backfill
+
+            bench_backfill(
+                settings,
+                users=args.users or 100_000,
+                events_per_user=args.events_per_user,
+                stream_users=args.stream_users,
+                out=args.out,
+            )
     return 0
 
 
@@ -515,7 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_connection_flags(p)
     p.add_argument("part", choices=[*BENCH_PARTS, "all"])
-    p.add_argument("--users", type=int, default=100, help="simulator users to replay (about 110 events each)")
+    p.add_argument(
+        "--users",
+        type=int,
+        help="ingest, freshness: simulator users to replay (about 110 events each; default 100); "
+        "soak: distinct users (default 100,000); backfill: synthetic users (default 100,000)",
+    )
+    p.add_argument("--events-per-user", type=int, default=50, help="backfill: events per synthetic user")
+    p.add_argument(
+        "--stream-users", type=int, default=2_000, help="backfill: users whose events the stream side runs (0: all)"
+    )
     p.add_argument("--rates", type=float, nargs="*", default=[200, 1000, 5000], help="offered rates for freshness")
     p.add_argument(
         "--items", type=int, default=1682, help="items: catalogue texts (ML-100K titles, synthetic past 1,682)"

@@ -262,3 +262,53 @@ def _backfill_mark(row: UserRow, applied: list[Accepted]) -> tuple[float, tuple[
     if top == row.backfill_ts:
         ids |= row.backfill_ids
     return top, tuple(sorted(ids))
+
+
+def plan_new(
+    users: list[str],
+    counts: np.ndarray,
+    codes: np.ndarray,
+    scenario: np.ndarray,
+    action: np.ndarray,
+    ts: np.ndarray,
+    event_ids: list[str],
+    ctx: PlanContext,
+) -> dict[str, UserUpdate | None]:
+    """``plan`` for users with nothing stored (``UserRow.is_new``) and file events, on columns: the same
+    updates, without a Python object per event (the batch backfill's fast path; ``tests/test_planner.py``
+    holds it equal to ``plan``).  Events are grouped by user in ``users`` order, ``counts[i]`` each, and
+    each user's in the order ``plan`` folds them (time, then line).  None: the user's state would not be
+    usable (``plan`` makes it poison; the caller hands that user to ``plan`` for the reasons)."""
+    coarse = ctx.ckpt.model.coarse
+    n = len(ts)
+    owner = np.repeat(np.arange(len(users)), counts)
+    states = np.repeat(coarse.init_state()[None], len(users), axis=0)
+    if n:
+        vecs = ctx.ckpt.codebook.from_bytes(codes.tobytes(), n)
+        states = coarse.update_many(states, vecs, scenario, action, ts, owner)
+    records = pack(codes, scenario, action, ts)
+    size = ctx.record_size
+    ends = np.cumsum(counts)
+    out: dict[str, UserUpdate | None] = {}
+    for i, user in enumerate(users):
+        start, end = int(ends[i] - counts[i]), int(ends[i])
+        if not usable_coarse(states[i]) or end == start:
+            out[user] = None
+            continue
+        top = float(ts[start:end].max())
+        at_top = tuple(sorted({event_ids[k] for k in range(start, end) if ts[k] == top}))
+        out[user] = UserUpdate(
+            expected_version=0,
+            expected_state_id=None,
+            n_events=end - start,
+            coarse=encode_coarse(states[i]),
+            records=records[start * size : end * size],
+            record_size=size,
+            cap=ctx.cap,
+            last_ts=top,
+            kts=0.0,
+            state_id=ctx.ckpt.state_id,
+            codebook=ctx.ckpt.codebook_id,
+            backfill=(top, at_top),
+        )
+    return out

@@ -12,7 +12,7 @@ from state.history import record_dtype
 from state.memory import MemoryUsers
 from state.users import UserUpdate, decode_history, watermark
 from streams.events import Event, Message
-from streams.planner import Accepted, PlanContext, UserPlan, plan
+from streams.planner import Accepted, PlanContext, UserPlan, plan, plan_new
 
 TOPIC = "t.events.feed"
 CAP = 100
@@ -273,3 +273,45 @@ def test_item_records_are_checked_before_decoding(old):
     bad = bytearray(good)
     bad[0] = 255  # a code past the codebook's 64 codewords
     assert old.codebook.cfg.codewords < 256 and not old.codebook.valid_record(bytes(bad))
+
+
+def test_the_columnar_plan_of_new_users_equals_the_planner(old):
+    """``plan_new`` (the batch backfill's fast path) writes what ``plan`` writes for users with nothing
+    stored: same coarse bytes, history records, times and hand-over watermark, users in one fold."""
+    rng = np.random.default_rng(3)
+    items = list(range(40))
+    codes = codes_of(old, items)
+    users = [f"n{u}" for u in range(25)]
+    pending: dict[str, list[Accepted]] = {}
+    line = 0
+    for u in users:
+        n = int(rng.integers(1, 30))
+        ts = 1.7e9 + np.round(rng.uniform(0, 5e5, n), -5)  # rounded: equal times, ordered by line
+        batch = []
+        for t in ts.tolist():
+            line += 1
+            e = Event(f"id{line}", u, str(int(rng.integers(0, 40))), int(rng.integers(0, 3)), 0, t, "")
+            batch.append(Accepted(e, Message("backfill", 0, line, None, b"", 0.0), f"file:0:{line}", False, True))
+        pending[u] = batch
+    c = ctx(old)
+    mem = MemoryUsers()
+    rows = read(mem, pending)
+    assert all(rows[u].is_new for u in users)
+    reference = plan(rows, pending, codes, c)
+    ordered = {u: sorted(b, key=lambda a: (a.event.ts, a.offset)) for u, b in pending.items()}
+    flat = [a for u in users for a in ordered[u]]
+    fast = plan_new(
+        users,
+        np.asarray([len(ordered[u]) for u in users]),
+        np.frombuffer(b"".join(codes[a.event.item_id] for a in flat), np.uint8).reshape(len(flat), -1),
+        np.asarray([a.event.scenario for a in flat], np.int8),
+        np.asarray([a.event.action for a in flat], np.int8),
+        np.asarray([a.event.ts for a in flat]),
+        [a.event.event_id for a in flat],
+        c,
+    )
+    assert set(fast) == set(users)
+    for u in users:
+        assert fast[u] == reference[u].update, u
+    tops = [fast[u].backfill for u in users]
+    assert any(len(ids) > 1 for _, ids in tops)  # equal times at the top were exercised
