@@ -2,13 +2,17 @@
 
 Why: millions of users need vectors before the stream starts, and replaying months of events through
 Kafka runs at stream speed.  The backfill computes the same Redis state in batch, by construction: it
-builds the same ``Accepted`` events the agents build, runs the same pure planner (``streams.planner.plan``:
-dedup, coarse fold of a whole batch of users in one model call, history records) and writes through the
-same atomic, compare-and-set apply script (``StreamStore.apply_many``, pipelined); refinement is the
-refinement tick's code (``Refresher.refine_rows``) in large batches, written with one pipelined round.
+writes through the same atomic, compare-and-set apply script (``StreamStore.apply_many``, pipelined) the
+plans of the same pure planner.  A user with nothing stored yet (the usual case) is planned on columns
+(``streams.planner.plan_new``: one coarse fold for a batch of users, no Python object per event; held
+equal to ``plan`` by a unit test); any other user, or one whose write conflicted, goes through ``plan``
+on the ``Accepted`` events the agents build (dedup, rebuild, poison checks).  Refinement is the refinement
+tick's code (``Refresher.refine_rows``) in large batches, one batch refining (in the refiner's thread)
+while the next one is applied; vectors are written with one pipelined round.
 
-Larger than memory: events are read in chunks and spilled to ``buckets`` files by a hash of the user,
-so each bucket holds whole users and is processed alone (sorted by user and time in memory).
+Larger than memory: events are read in chunks (Parquet checked column-wise, ``models.event_table``) and
+spilled to ``buckets`` Arrow files by a hash of the user, so each bucket holds whole users and is
+processed alone (sorted by user, time and line in memory).
 
 Resumable: a finished bucket is recorded in Redis (``<p>:backfill:<run>``, the run named by the input
 files, the cut and the checkpoint), so a restarted run skips it; a bucket cut short by a crash is done
@@ -27,6 +31,7 @@ in ``mirstream replay`` of the same files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -242,20 +247,27 @@ class Backfill:
         ends = np.concatenate([bounds, [len(ucode)]]).astype(np.int64)
         users = [str(uniq_users[ucode[s]]) for s in starts.tolist()] if len(ucode) else []
         refining: asyncio.Task | None = None  # one batch refines while the next one is applied
-        for i in range(0, len(users), self.users_per_batch):
-            span = slice(i, i + self.users_per_batch)
-            applied = await self._apply_columns(users[span], starts[span], ends[span], col)
-            if refining is not None:
+        try:
+            for i in range(0, len(users), self.users_per_batch):
+                span = slice(i, i + self.users_per_batch)
+                applied = await self._apply_columns(users[span], starts[span], ends[span], col)
+                if refining is not None:
+                    await refining
+                    refining = None
+                if self.refine and applied:
+                    refining = asyncio.create_task(self._refine(applied))
+                self.report.users += len(users[span])
+                bar.update(len(users[span]))
+                wall = bar.format_dict.get("elapsed") or 1e-9
+                bar.set_postfix(events_s=f"{self.report.events_applied / wall:.0f}", refresh=False)
+            if refining is not None:  # the bucket is done (and recorded so) only once its vectors are written
                 await refining
                 refining = None
-            if self.refine and applied:
-                refining = asyncio.create_task(self._refine(applied))
-            self.report.users += len(users[span])
-            bar.update(len(users[span]))
-            wall = bar.format_dict.get("elapsed") or 1e-9
-            bar.set_postfix(events_s=f"{self.report.events_applied / wall:.0f}", refresh=False)
-        if refining is not None:  # the bucket is done (and recorded so) only once its vectors are written
-            await refining
+        finally:
+            if refining is not None:  # an error above: the run stops; this bucket is not recorded as done
+                refining.cancel()
+                with contextlib.suppress(BaseException):
+                    await refining
 
     async def _apply_columns(
         self, users: list[str], starts: np.ndarray, ends: np.ndarray, col: dict[str, np.ndarray]
@@ -321,7 +333,8 @@ class Backfill:
 
     async def _apply(self, pending: dict[str, list[Accepted]]) -> list[str]:
         """Read → plan → compare-and-set apply, as ``streams.ingest`` does; users that conflicted (another
-        writer meanwhile) are re-read and re-planned.  Returns the users whose state changed."""
+        writer meanwhile) are re-read and re-planned.  Returns the users to refine: those whose state
+        changed, and those whose vectors are older than their state."""
         changed: list[str] = []
         attempt = 0
         while pending:
@@ -349,6 +362,8 @@ class Backfill:
                 if r is not None and plans[u].applied:
                     changed.append(u)
                     self.report.events_applied += len(plans[u].applied)
+            # nothing new, but vectors behind the state: an earlier run stopped between apply and refine
+            changed += [u for u, p in plans.items() if p.remark_dirty and u not in conflicts]
             pending = {u: pending[u] for u in conflicts}
             if pending:
                 attempt += 1
