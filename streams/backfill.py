@@ -49,10 +49,12 @@ from tqdm import tqdm
 from models.event_table import SCHEMA, read_event_tables
 from models.files import Rejects, read_items
 from models.user_model import Checkpoint
+from state import trend
 from state.store import StreamStore
+from state.users import UserUpdate
 from streams.events import Event, Item, Message
 from streams.items import ItemHandler
-from streams.planner import Accepted, PlanContext, plan, plan_new
+from streams.planner import Accepted, PlanContext, UserPlan, plan, plan_new
 from streams.refinement import Refresher
 from streams.security import redis_async
 from streams.settings import Settings
@@ -114,13 +116,6 @@ class Backfill:
         refine: bool = True,
         progress: bool = True,
     ) -> None:
-        if ckpt.model.trend:
-            # The stream counts each event once in its item's trend by Kafka offset (state.trend); file rows
-            # processed bucket by bucket have no such order yet, so a backfill would leave the counts short.
-            raise ValueError(
-                "this checkpoint scores an item trend, which backfill does not count yet: "
-                "stream the events instead (mirstream replay --events F)"
-            )
         self.settings = settings
         self.ckpt = ckpt
         self.rejects = rejects
@@ -132,6 +127,9 @@ class Backfill:
         self.actions = tuple(ckpt.model.cfg.actions)
         self.report = BackfillReport()
         self.store: StreamStore | None = None
+        self.trend_tau_s = ckpt.model.trend_tau_s  # 0: the model scores no trend, nothing is counted
+        self._files: list[str] = []
+        self._trend_mark = ""
 
     async def run(
         self, events: list[str], items: list[str] | None = None, until: float | None = None, buckets: int = 16
@@ -142,9 +140,12 @@ class Backfill:
         self.refresher = Refresher(self.settings, self.ckpt, store, self.codebooks, emit=_no_emit)
         try:
             await self.codebooks.publish()
+            if self.trend_tau_s:
+                await store.set_trend_tau(self.trend_tau_s)
             if items:
                 await self._items(items)
             run = run_id(events, until, self.ckpt, buckets)
+            self._files = list(events)
             done = await store.backfill_done(run)
             with tempfile.TemporaryDirectory(prefix="mirstream-backfill-") as tmp:
                 paths = self._spill(events, until, buckets, Path(tmp))
@@ -153,7 +154,8 @@ class Backfill:
                     if b in done:
                         self.report.buckets_skipped += 1
                         continue
-                    await self._bucket(path, events, bar)
+                    self._trend_mark = trend.mark(f"{BACKFILL_TOPIC}:{run}", b)
+                    await self._bucket(path, bar)
                     await store.mark_backfill_done(run, b)
                 bar.close()
         finally:
@@ -173,7 +175,8 @@ class Backfill:
             t = time.perf_counter()
             recs = [it for _, it in chunk]
             vecs = handler._vectors([Item(r.item_id, r.text, r.vector) for r in recs])
-            retrieval = self.ckpt.model.retrieval_vectors(vecs).astype("<f4")
+            table_rows = self.ckpt.item_rows([r.item_id for r in recs])  # as the item agent stores them
+            retrieval = self.ckpt.model.stored_retrieval(vecs, table_rows).astype("<f4")
             ok = np.isfinite(vecs).all(axis=1) & np.isfinite(retrieval).all(axis=1)
             for (line, _), good in zip(chunk, ok, strict=True):
                 if not good:
@@ -216,7 +219,7 @@ class Backfill:
         self.report.seconds["spill"] += time.perf_counter() - t
         return paths
 
-    async def _bucket(self, path: Path, files: list[str], bar: tqdm) -> None:
+    async def _bucket(self, path: Path, bar: tqdm) -> None:
         with pa.OSFile(str(path), "rb") as source:
             table = pa.ipc.open_stream(source).read_all()
         if not table.num_rows:
@@ -238,7 +241,7 @@ class Backfill:
         for k in np.flatnonzero(~known).tolist():
             item = col["item_id"][k]
             reason = f"unknown item: {item!r} is not in Redis (give --items, or let the item agent store it)"
-            self.rejects.add(files[col["file"][k]], int(col["line"][k]), reason)
+            self.rejects.add(self._files[col["file"][k]], int(col["line"][k]), reason)
         if not known.all():
             col = {k: v[known] for k, v in col.items()}
             ucode = ucode[known]
@@ -272,49 +275,63 @@ class Backfill:
     async def _apply_columns(
         self, users: list[str], starts: np.ndarray, ends: np.ndarray, col: dict[str, np.ndarray]
     ) -> list[str]:
-        """One batch of users: new users through ``plan_new`` on the columns, the others (and any new user
-        whose write conflicted) through ``plan`` on ``Accepted`` events, as the stream does."""
+        """One batch of users: new users planned by ``plan_new`` on the columns, the others (and new users
+        ``plan_new`` leaves to it) by ``plan`` on ``Accepted`` events, as the stream does; the applied
+        events counted in their items' trend before any user write (``_count_trend``); users whose write
+        conflicted are re-read and re-planned (``_apply``).  Returns the users to refine."""
         t = time.perf_counter()
         rows = await self.store.read_users({u: ([], []) for u in users})
         books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
         self.report.seconds["redis"] += time.perf_counter() - t
         ctx = PlanContext(self.ckpt, books, self.settings.history_cap)
+        t = time.perf_counter()
         new = [k for k, u in enumerate(users) if rows[u].is_new] if self.ckpt.codebook_id in books else []
-        others = set(range(len(users))) - set(new)
-        changed: list[str] = []
+        fast: dict[str, UserUpdate] = {}
+        counted: list[tuple[str, int, float]] = []  # (item, index in the bucket, time) of applied events
         if new:
-            t = time.perf_counter()
             idx = np.concatenate([np.arange(starts[k], ends[k]) for k in new])
+            items = col["item_id"][idx].tolist()
             code_bytes = self.ckpt.codebook.cfg.bytes_per_item
-            blob = b"".join(self._codes[it] for it in col["item_id"][idx].tolist())  # type: ignore[misc]
             updates = plan_new(
                 [users[k] for k in new],
-                (ends[new] - starts[new]),
-                np.frombuffer(blob, dtype=np.uint8).reshape(len(idx), code_bytes),
+                ends[new] - starts[new],
+                np.frombuffer(b"".join(self._codes[it] for it in items), np.uint8).reshape(len(idx), code_bytes),
                 col["scenario"][idx],
                 col["action"][idx],
                 col["ts"][idx],
                 col["event_id"][idx].tolist(),
                 ctx,
             )
-            self.report.seconds["coarse"] += time.perf_counter() - t
-            ready = {u: up for u, up in updates.items() if up is not None}
-            t = time.perf_counter()
-            results = await self.store.apply_many(ready) if ready else {}
-            self.report.seconds["redis"] += time.perf_counter() - t
-            for u, r in results.items():
-                if r is not None:
-                    changed.append(u)
-                    self.report.events_applied += ready[u].n_events
-            lost = {u for u, r in results.items() if r is None} | {u for u, up in updates.items() if up is None}
-            others |= {k for k in new if users[k] in lost}
-        if others:
-            pending = {users[k]: self._accepted(starts[k], ends[k], col) for k in sorted(others)}
+            fast = {u: up for u, up in updates.items() if up is not None}
+            owners = np.repeat([users[k] for k in new], ends[new] - starts[new])
+            counted += [
+                (it, k, ts)
+                for it, k, ts, u in zip(items, idx.tolist(), col["ts"][idx].tolist(), owners.tolist(), strict=True)
+                if u in fast
+            ]
+        pending = {users[k]: self._accepted(starts[k], ends[k], col) for k in range(len(users)) if users[k] not in fast}
+        plans = plan({u: rows[u] for u in pending}, pending, self.codes_of(pending), ctx) if pending else {}
+        counted += [(a.event.item_id, a.offset, a.event.ts) for p in plans.values() if p.update for a in p.applied]
+        self.report.seconds["coarse"] += time.perf_counter() - t
+        await self._count_trend(counted)
+        changed, conflicts = await self._write(fast, plans, first=True)
+        if conflicts:  # another writer meanwhile: re-read, re-plan (their events are counted already)
+            pending = {
+                u: pending[u] if u in pending else self._accepted_of(u, users, starts, ends, col) for u in conflicts
+            }
             changed += await self._apply(pending)
         return changed
 
+    def _accepted_of(
+        self, user: str, users: list[str], starts: np.ndarray, ends: np.ndarray, col: dict[str, np.ndarray]
+    ) -> list[Accepted]:
+        k = users.index(user)
+        return self._accepted(starts[k], ends[k], col)
+
     def _accepted(self, start: int, end: int, col: dict[str, np.ndarray]) -> list[Accepted]:
-        """A user's events as the stream's agents hand them to the planner."""
+        """A user's events as the stream's agents hand them to the planner; the message offset is the
+        event's index in the bucket (the planner folds by (time, offset), which is (time, line) order,
+        and the trend counts by it)."""
         out = []
         for k in range(start, end):
             line, f = int(col["line"][k]), int(col["file"][k])
@@ -327,47 +344,65 @@ class Backfill:
                 float(col["ts"][k]),
                 col["query"][k],
             )
-            msg = Message(BACKFILL_TOPIC, 0, line, None, b"", 0.0)
+            msg = Message(BACKFILL_TOPIC, 0, k, None, b"", 0.0)
             out.append(Accepted(event, msg, f"file:{f}:{line}", False, backfill=True))
         return out
 
+    async def _count_trend(self, counted: list[tuple[str, int, float]]) -> None:
+        """Counts applied events in their items' trend (``state.trend``), before the users are written, as
+        the scenario agents do: by index in the bucket under a mark of this run and bucket, so a bucket
+        redone after a crash adds nothing twice."""
+        if not self.trend_tau_s or not counted:
+            return
+        events: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+        for item, k, ts in counted:
+            events[(item, self._trend_mark)].append((k, ts))
+        t = time.perf_counter()
+        await self.store.add_trend(events, self.trend_tau_s)
+        self.report.seconds["redis"] += time.perf_counter() - t
+
+    async def _write(
+        self, fast: dict[str, UserUpdate], plans: dict[str, UserPlan], first: bool
+    ) -> tuple[list[str], set[str]]:
+        """Applies the updates; returns the users to refine and those whose write conflicted."""
+        for p in plans.values():
+            if first:
+                self.report.duplicates += p.duplicates
+            if p.poison:
+                for a in p.dead:
+                    f, line = a.origin.split(":")[1:]
+                    self.rejects.add(self._files[int(f)], int(line), str(p.poison))
+        updates = {**fast, **{u: p.update for u, p in plans.items() if p.update is not None}}
+        t = time.perf_counter()
+        results = await self.store.apply_many(updates) if updates else {}
+        self.report.seconds["redis"] += time.perf_counter() - t
+        conflicts = {u for u, r in results.items() if r is None}
+        changed = []
+        for u, r in results.items():
+            n = fast[u].n_events if u in fast else len(plans[u].applied)
+            if r is not None and n:
+                changed.append(u)
+                self.report.events_applied += n
+        # nothing new, but vectors behind the state: an earlier run stopped between apply and refine
+        changed += [u for u, p in plans.items() if p.remark_dirty and u not in conflicts]
+        return changed, conflicts
+
     async def _apply(self, pending: dict[str, list[Accepted]]) -> list[str]:
-        """Read → plan → compare-and-set apply, as ``streams.ingest`` does; users that conflicted (another
-        writer meanwhile) are re-read and re-planned.  Returns the users to refine: those whose state
-        changed, and those whose vectors are older than their state."""
+        """Read → plan → compare-and-set apply until no user conflicts, as ``streams.ingest`` re-plans."""
         changed: list[str] = []
         attempt = 0
         while pending:
+            attempt += 1
+            await asyncio.sleep(min(0.001 * 2**attempt, 0.5))
             t = time.perf_counter()
             rows = await self.store.read_users({u: ([], []) for u in pending})
             books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
             self.report.seconds["redis"] += time.perf_counter() - t
-            t = time.perf_counter()
-            plans = plan(
-                rows, pending, self.codes_of(pending), PlanContext(self.ckpt, books, self.settings.history_cap)
-            )
-            self.report.seconds["coarse"] += time.perf_counter() - t
-            for p in plans.values():
-                if attempt == 0:
-                    self.report.duplicates += p.duplicates
-                if p.poison:
-                    for a in p.dead:
-                        self.rejects.add(BACKFILL_TOPIC, a.offset, str(p.poison))
-            updates = {u: p.update for u, p in plans.items() if p.update is not None}
-            t = time.perf_counter()
-            results = await self.store.apply_many(updates) if updates else {}
-            self.report.seconds["redis"] += time.perf_counter() - t
-            conflicts = {u for u, r in results.items() if r is None}
-            for u, r in results.items():
-                if r is not None and plans[u].applied:
-                    changed.append(u)
-                    self.report.events_applied += len(plans[u].applied)
-            # nothing new, but vectors behind the state: an earlier run stopped between apply and refine
-            changed += [u for u, p in plans.items() if p.remark_dirty and u not in conflicts]
+            ctx = PlanContext(self.ckpt, books, self.settings.history_cap)
+            plans = plan(rows, pending, self.codes_of(pending), ctx)
+            done, conflicts = await self._write({}, plans, first=False)
+            changed += done
             pending = {u: pending[u] for u in conflicts}
-            if pending:
-                attempt += 1
-                await asyncio.sleep(min(0.001 * 2**attempt, 0.5))
         return changed
 
     def codes_of(self, pending: dict[str, list[Accepted]]) -> dict[str, bytes | None]:

@@ -19,11 +19,14 @@ import redis
 
 from models.data import load, load_files
 from models.files import Rejects
+from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
+from state import trend
 from state.history import record_dtype
 from state.keys import Keys
 from streams.backfill import run_backfill
 from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
+from streams.security import interest_reader
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
 
@@ -118,6 +121,48 @@ def test_backfill_then_stream_equals_streaming_everything(pipeline_settings, tmp
             assert set(got[3]) == set(vecs)
             for s in vecs:
                 np.testing.assert_allclose(got[3][s], vecs[s], atol=TOL)
+
+
+def _fold_all(ds, mask: np.ndarray, tau_s: float) -> dict[str, tuple[float, float]]:
+    """Each item's (decayed count, newest time) over the chosen events: the reference ``state.trend.fold``."""
+    out: dict[str, tuple[float, float]] = {}
+    for j in np.unique(ds.item[mask]).tolist():
+        times = np.sort(ds.ts[mask & (ds.item == j)])
+        count, last, _, _ = trend.fold(0.0, None, -1, enumerate(times.tolist()), tau_s)
+        out[str(ds.item_ids[j])] = (count, last)
+    return out
+
+
+def test_backfill_counts_the_item_trend_once(pipeline_settings, tmp_path):
+    """A trend + item-ID model: the backfill counts each backfilled event once in its item's trend (a second
+    run adds nothing), stores each item's retrieval vector as the item agent does, and the stream that
+    takes over counts only the later events: the counts end equal to counting every event once."""
+    items, every, half, cut = _write_files(tmp_path)
+    cfg = TrainConfig(dataset="sim", steps=5, trend=True, id_embeddings=True, sampler="global")
+    ckpt = run_train(cfg, tmp_path / "trend-ckpt", progress=False)
+    settings = replace(pipeline_settings, checkpoint=str(tmp_path / "trend-ckpt"))
+    tau = ckpt.model.trend_tau_s
+    full = load_files(every, items, Rejects())
+    store = interest_reader(settings)
+
+    def counts(want: dict[str, tuple[float, float]]) -> None:
+        c, t = store.item_trend(list(want))
+        for (item, (count, last)), got_c, got_t in zip(want.items(), c, t, strict=True):
+            assert got_t == last and got_c == pytest.approx(count, rel=1e-9), item
+
+    report = run_backfill(settings, [str(half)], [str(items)], progress=False)
+    assert report.events_applied == int((full.ts <= cut).sum())
+    counts(_fold_all(full, full.ts <= cut, tau))
+    again = run_backfill(settings, [str(half)], None, progress=False, buckets=3)
+    assert again.events_applied == 0
+    counts(_fold_all(full, full.ts <= cut, tau))
+    ids, ret = store.item_vectors()
+    vectors = {str(full.item_ids[j]): full.item_vectors[j] for j in range(full.n_items)}
+    want = ckpt.model.stored_retrieval(np.stack([vectors[i] for i in ids]), ckpt.item_rows(ids))
+    np.testing.assert_allclose(ret, want, atol=1e-6)  # content + item-ID embedding, as the item agent stores
+    expected = expected_seq(full, np.arange(len(full.ts)))
+    _stream(settings, every, items, tmp_path / "trend.log", expected)  # replays every event: the half again
+    counts(_fold_all(full, np.ones(len(full.ts), bool), tau))
 
 
 def test_cli_on_the_example_files(pipeline_settings, tmp_path):
