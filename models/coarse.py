@@ -152,17 +152,23 @@ class CoarseInterests(nn.Module):
             torch.as_tensor((ts - new[owner, 1]) / DAY, dtype=torch.float32),
         )
         logits, values = logits.double().numpy(), values.double().numpy()  # (n, M), (n, d)
-        for u in np.unique(owner):
-            rows = owner == u
-            mu, z, s = self._split(new[u])
-            lg = logits[rows]
-            new_mu = np.maximum(mu, lg.max(axis=0))
-            old_scale = np.where(np.isfinite(mu), np.exp(mu - new_mu), 0.0)
-            w = np.exp(lg - new_mu)  # (n_u, M)
-            z[:] = z * old_scale + w.sum(axis=0)
-            s[:] = s * old_scale[:, None] + w.T @ values[rows]
-            mu[:] = new_mu
-            new[u, 0] += int(rows.sum())
+        order = np.argsort(owner, kind="stable")  # each owner's events side by side: segment sums
+        owner, logits, values = owner[order], logits[order], values[order]
+        users, starts, counts = np.unique(owner, return_index=True, return_counts=True)
+        segment = np.repeat(np.arange(len(users)), counts)
+        m, d, h = self.cfg.interests, self.cfg.d_model, self._head
+        mu, z = new[users, h : h + m], new[users, h + m : h + 2 * m]
+        s = new[users, h + 2 * m :].reshape(len(users), m, d)
+        new_mu = np.maximum(mu, np.maximum.reduceat(logits, starts, axis=0))
+        old_scale = np.where(np.isfinite(mu), np.exp(mu - new_mu), 0.0)
+        w = np.exp(logits - new_mu[segment])  # (n, M)
+        z = z * old_scale + np.add.reduceat(w, starts, axis=0)
+        s = s * old_scale[:, :, None]
+        for q in range(m):  # one interest at a time: (n, d) temporaries instead of (n, M, d)
+            s[:, q] += np.add.reduceat(w[:, q, None] * values, starts, axis=0)
+        new[users, h : h + m], new[users, h + m : h + 2 * m] = new_mu, z
+        new[users, h + 2 * m :] = s.reshape(len(users), m * d)
+        new[users, 0] += counts
         return new
 
     def read(self, state: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ import tempfile
 import time
 import zlib
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,11 +52,11 @@ from models.files import Rejects, read_items
 from models.user_model import Checkpoint
 from state import trend
 from state.store import StreamStore
-from state.users import UserUpdate
+from state.users import UserRow, UserUpdate
 from streams.events import Event, Item, Message
 from streams.items import ItemHandler
 from streams.planner import Accepted, PlanContext, UserPlan, plan, plan_new
-from streams.refinement import Refresher
+from streams.refinement import Refresher, event_loop_threads
 from streams.security import redis_async
 from streams.settings import Settings
 from streams.switch import Codebooks
@@ -129,6 +130,10 @@ class Backfill:
         self.store: StreamStore | None = None
         self.trend_tau_s = ckpt.model.trend_tau_s  # 0: the model scores no trend, nothing is counted
         self._files: list[str] = []
+        self.planner = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="backfill-plan", initializer=event_loop_threads
+        )
+        self._refining: asyncio.Task | None = None  # one batch refines while the next one is applied
         self._trend_mark = ""
 
     async def run(
@@ -150,17 +155,26 @@ class Backfill:
             with tempfile.TemporaryDirectory(prefix="mirstream-backfill-") as tmp:
                 paths = self._spill(events, until, buckets, Path(tmp))
                 bar = tqdm(desc="backfill", unit="user", disable=not self.progress)
-                for b, path in enumerate(paths):
-                    if b in done:
-                        self.report.buckets_skipped += 1
-                        continue
-                    self._trend_mark = trend.mark(f"{BACKFILL_TOPIC}:{run}", b)
-                    await self._bucket(path, bar)
-                    await store.mark_backfill_done(run, b)
+                try:
+                    for b, path in enumerate(paths):
+                        if b in done:
+                            self.report.buckets_skipped += 1
+                            continue
+                        self._trend_mark = trend.mark(f"{BACKFILL_TOPIC}:{run}", b)
+                        await self._bucket(path, bar)
+                        # recorded once its last batch is refined, while the next bucket is read and applied
+                        self._refining = asyncio.create_task(self._record_after(self._refining, run, b))
+                    await self._settle()
+                finally:
+                    if self._refining is not None:  # an error: what refines now is not recorded as done
+                        self._refining.cancel()
+                        with contextlib.suppress(BaseException):
+                            await self._refining
                 bar.close()
         finally:
             await store.close()
             self.refresher.executor.shutdown(wait=False)
+            self.planner.shutdown(wait=False)
         self.report.rejected = self.rejects.total
         self.report.seconds["wall"] = time.perf_counter() - t0
         return self.report
@@ -249,45 +263,69 @@ class Backfill:
         starts = np.concatenate([[0], bounds]).astype(np.int64)
         ends = np.concatenate([bounds, [len(ucode)]]).astype(np.int64)
         users = [str(uniq_users[ucode[s]]) for s in starts.tolist()] if len(ucode) else []
-        refining: asyncio.Task | None = None  # one batch refines while the next one is applied
-        try:
-            for i in range(0, len(users), self.users_per_batch):
-                span = slice(i, i + self.users_per_batch)
-                applied = await self._apply_columns(users[span], starts[span], ends[span], col)
-                if refining is not None:
-                    await refining
-                    refining = None
-                if self.refine and applied:
-                    refining = asyncio.create_task(self._refine(applied))
-                self.report.users += len(users[span])
-                bar.update(len(users[span]))
-                wall = bar.format_dict.get("elapsed") or 1e-9
-                bar.set_postfix(events_s=f"{self.report.events_applied / wall:.0f}", refresh=False)
-            if refining is not None:  # the bucket is done (and recorded so) only once its vectors are written
-                await refining
-                refining = None
-        finally:
-            if refining is not None:  # an error above: the run stops; this bucket is not recorded as done
-                refining.cancel()
-                with contextlib.suppress(BaseException):
-                    await refining
+        for i in range(0, len(users), self.users_per_batch):
+            span = slice(i, i + self.users_per_batch)
+            applied = await self._apply_columns(users[span], starts[span], ends[span], col)
+            await self._settle()
+            if self.refine and applied:
+                self._refining = asyncio.create_task(self._refine(applied))
+            self.report.users += len(users[span])
+            bar.update(len(users[span]))
+            wall = bar.format_dict.get("elapsed") or 1e-9
+            bar.set_postfix(events_s=f"{self.report.events_applied / wall:.0f}", refresh=False)
+
+    async def _settle(self) -> None:
+        """Waits for the batch refining now (and the bucket record that may follow it)."""
+        if self._refining is not None:
+            task, self._refining = self._refining, None
+            await task
+
+    async def _record_after(self, before: asyncio.Task | None, run: str, bucket: int) -> None:
+        """A bucket is recorded as done only once its last batch's vectors are written."""
+        if before is not None:
+            await before
+        await self.store.mark_backfill_done(run, bucket)
 
     async def _apply_columns(
         self, users: list[str], starts: np.ndarray, ends: np.ndarray, col: dict[str, np.ndarray]
     ) -> list[str]:
-        """One batch of users: new users planned by ``plan_new`` on the columns, the others (and new users
-        ``plan_new`` leaves to it) by ``plan`` on ``Accepted`` events, as the stream does; the applied
-        events counted in their items' trend before any user write (``_count_trend``); users whose write
-        conflicted are re-read and re-planned (``_apply``).  Returns the users to refine."""
+        """One batch of users: read, plan (in the planner's thread, so the event loop keeps the refining
+        batch going), count the applied events in their items' trend before any user write, apply; users
+        whose write conflicted are re-read and re-planned (``_apply``).  Returns the users to refine."""
         t = time.perf_counter()
         rows = await self.store.read_users({u: ([], []) for u in users})
         books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
         self.report.seconds["redis"] += time.perf_counter() - t
         ctx = PlanContext(self.ckpt, books, self.settings.history_cap)
         t = time.perf_counter()
-        new = [k for k, u in enumerate(users) if rows[u].is_new] if self.ckpt.codebook_id in books else []
+        fast, pending, plans, counted = await asyncio.get_running_loop().run_in_executor(
+            self.planner, self._plan, users, starts, ends, col, rows, ctx
+        )
+        self.report.seconds["coarse"] += time.perf_counter() - t
+        await self._count_trend(counted)
+        changed, conflicts = await self._write(fast, plans, first=True)
+        if conflicts:  # another writer meanwhile: re-read, re-plan (their events are counted already)
+            pending = {
+                u: pending[u] if u in pending else self._accepted_of(u, users, starts, ends, col) for u in conflicts
+            }
+            changed += await self._apply(pending)
+        return changed
+
+    def _plan(
+        self,
+        users: list[str],
+        starts: np.ndarray,
+        ends: np.ndarray,
+        col: dict[str, np.ndarray],
+        rows: dict[str, UserRow],
+        ctx: PlanContext,
+    ) -> tuple[dict[str, UserUpdate], dict[str, list[Accepted]], dict[str, UserPlan], list[tuple[str, int, float]]]:
+        """New users by ``plan_new`` on the columns; the others (and new users ``plan_new`` leaves to it) by
+        ``plan`` on ``Accepted`` events, as the stream does.  Also the (item, index in the bucket, time) of
+        every event the plans apply, for the trend."""
+        new = [k for k, u in enumerate(users) if rows[u].is_new] if self.ckpt.codebook_id in ctx.books else []
         fast: dict[str, UserUpdate] = {}
-        counted: list[tuple[str, int, float]] = []  # (item, index in the bucket, time) of applied events
+        counted: list[tuple[str, int, float]] = []
         if new:
             idx = np.concatenate([np.arange(starts[k], ends[k]) for k in new])
             items = col["item_id"][idx].tolist()
@@ -303,24 +341,15 @@ class Backfill:
                 ctx,
             )
             fast = {u: up for u, up in updates.items() if up is not None}
-            owners = np.repeat([users[k] for k in new], ends[new] - starts[new])
+            owners = np.repeat([users[k] for k in new], ends[new] - starts[new]).tolist()
+            times = col["ts"][idx].tolist()
             counted += [
-                (it, k, ts)
-                for it, k, ts, u in zip(items, idx.tolist(), col["ts"][idx].tolist(), owners.tolist(), strict=True)
-                if u in fast
+                (it, k, ts) for it, k, ts, u in zip(items, idx.tolist(), times, owners, strict=True) if u in fast
             ]
         pending = {users[k]: self._accepted(starts[k], ends[k], col) for k in range(len(users)) if users[k] not in fast}
         plans = plan({u: rows[u] for u in pending}, pending, self.codes_of(pending), ctx) if pending else {}
         counted += [(a.event.item_id, a.offset, a.event.ts) for p in plans.values() if p.update for a in p.applied]
-        self.report.seconds["coarse"] += time.perf_counter() - t
-        await self._count_trend(counted)
-        changed, conflicts = await self._write(fast, plans, first=True)
-        if conflicts:  # another writer meanwhile: re-read, re-plan (their events are counted already)
-            pending = {
-                u: pending[u] if u in pending else self._accepted_of(u, users, starts, ends, col) for u in conflicts
-            }
-            changed += await self._apply(pending)
-        return changed
+        return fast, pending, plans, counted
 
     def _accepted_of(
         self, user: str, users: list[str], starts: np.ndarray, ends: np.ndarray, col: dict[str, np.ndarray]

@@ -76,9 +76,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         app = build_noop_app(settings)
     else:
         from streams.pipeline import build_app
+        from streams.refinement import event_loop_threads
         from streams.topics import ensure_topics
 
         ensure_topics(settings)
+        event_loop_threads()
         app = build_app(settings)
     sys.argv = [f"mirstream-{args.app}", "worker", "--loglevel", args.loglevel]
     app.main()

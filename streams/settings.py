@@ -80,6 +80,9 @@ class Settings:
     refine_batch: int = 64
     refine_wait_ms: int = 100
     refine_debounce_ms: int = 200
+    #: Torch threads of the refiner's thread (0: one per core).  The event loop's own model calls (the
+    #: coarse fold of a batch) run on one thread: see ``streams.refinement.refiner_threads``.
+    refine_threads: int = 0
     #: Turn the LLM refinement off (ingest only: codes, history, coarse state).
     refine: bool = True
     #: Unknown item: how long an event stays parked waiting for its item before it is dead-lettered.
@@ -167,6 +170,8 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
     def validate(self) -> None:
+        if self.refine_threads < 0:
+            raise ValueError("refine_threads must be 0 (one per core) or more")
         if not self.scenarios:
             raise ValueError("at least one scenario is needed")
         for name in self.scenarios:
