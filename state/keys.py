@@ -5,8 +5,8 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 
 | key                              | type   | holds                                                       | size          |
 |----------------------------------|--------|-------------------------------------------------------------|---------------|
-| ``<p>:{u:<id>}:s``               | hash   | fields named in ``state.users``: ``ver`` (bumped by every   | ~3.2 KB       |
-|                                  |        | write), ``coarse`` (float64 bytes), ``seq`` (applied),      |               |
+| ``<p>:{u:<id>}:s``               | hash   | fields named in ``state.users``: ``ver`` (bumped by every   | ~2.2 KB       |
+|                                  |        | write), ``coarse`` (float64 head + float32 sums), ``seq``,  |               |
 |                                  |        | ``last_ts``, ``refined_seq``, ``w:<topic>:<partition>``     |               |
 |                                  |        | (highest applied offset: the idempotency watermark),        |               |
 |                                  |        | ``cb`` (codebook of the history), ``gen`` (state id),       |               |
@@ -14,10 +14,12 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 |                                  |        | most ``MARKS_CAP`` = 256, counted in ``nm``, older half     |               |
 |                                  |        | dropped past it)                                            |               |
 | ``<p>:{u:<id>}:h``               | string | recent history, fixed-size records (codes, α, scenario,     | cap × 16 B    |
-|                                  |        | action, ts), trimmed to the history cap                     |               |
-| ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float32), ``version``, ``seq``,     | S × K × d × 4 |
-|                                  |        | ``updated_at``, ``event_ts``, ``k``, ``d``                  |               |
-| ``<p>:{u:<id>}:v@<version>``     | hash   | the same, as written by one model version (TTL: roll-outs)  | S × K × d × 4 |
+|                                  |        | action, ts), trimmed to the history cap, written whole      |               |
+| ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float16; float32 from before still  | S × K × d × 2 |
+|                                  |        | reads), ``version``, ``seq``, ``updated_at``, ``event_ts``, |               |
+|                                  |        | ``k``, ``d``                                                |               |
+| ``<p>:{u:<id>}:v@<version>``     | hash   | the same, of a version while another one holds ``:v`` (a    | S × K × d × 2 |
+|                                  |        | roll-out; TTL ``version_ttl_s``); absent otherwise          | or none       |
 | ``<p>:{i:<id>}``                 | hash   | ``code:<codebook id>`` (codes + α bytes; two during a       | ~0.3 KB       |
 |                                  |        | codebook switch), ``ret`` (float32 retrieval vector),       |               |
 |                                  |        | ``version``, ``updated_at``, ``title``; with a trend model  |               |
@@ -41,7 +43,8 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 
 No item key has a TTL.  A user's keys (``:s``, ``:h``, ``:v``) expire ``user_ttl_s`` after its last event
 when that setting is on (default off; keep it above the topics' retention so no redelivered event
-outlives the watermarks that skip it); ``:v@<version>`` expires ``version_ttl_s`` after its last write.
+outlives the watermarks that skip it); ``:v@<version>`` expires ``version_ttl_s`` after its last write (its
+vectors were moved there when another version's write took ``:v``).
 """
 
 from __future__ import annotations

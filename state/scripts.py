@@ -72,12 +72,11 @@ if tonumber(ARGV[7]) > 0 then raise('kts', ARGV[7]) end
 if ARGV[11] == '1' then
   if #ARGV[12] > 0 then redis.call('SET', KEYS[2], ARGV[12]) else redis.call('DEL', KEYS[2]) end
 end
-if #ARGV[8] > 0 then
-  local len = redis.call('APPEND', KEYS[2], ARGV[8])
+if #ARGV[8] > 0 then  -- one SET of the whole history: APPEND would grow the string's buffer up to 2x
+  local blob = (redis.call('GET', KEYS[2]) or '') .. ARGV[8]
   local keep = tonumber(ARGV[9]) * tonumber(ARGV[10])
-  if len > keep then
-    redis.call('SET', KEYS[2], redis.call('GETRANGE', KEYS[2], len - keep, -1))
-  end
+  if #blob > keep then blob = string.sub(blob, #blob - keep + 1) end
+  redis.call('SET', KEYS[2], blob, 'KEEPTTL')
 end
 if ARGV[13] ~= '' then
   redis.call('HSET', KEYS[1], 'gen', ARGV[13], 'cb', ARGV[14])
@@ -134,37 +133,58 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-#: Write refined vectors unless newer ones (a higher seq) are already there, to the latest key and to
-#: the key of this model version (kept ``ttl`` seconds, so readers can pin a version during a roll-out);
-#: the latest key takes the state's idle-user TTL when it has one.
+#: Write refined vectors unless newer ones (a higher seq) are already there.  The latest key holds one
+#: model version's vectors; ``:v@<version>`` holds a version's vectors only while they are not the latest
+#: (kept ``ttl`` seconds, so readers can pin a version during a roll-out): when a write of another version
+#: takes the latest key, the vectors it replaces move to their version's key; a version that becomes the
+#: latest drops its own copy.  So one model version costs one copy, two during a roll-out.  The latest key
+#: takes the state's idle-user TTL when it has one.
 #: KEYS: vectors hash, state hash, vectors hash of this version.
 #: ARGV: seq, version, updated_at, event_ts, produced_at, k, d, ttl, [field, bytes]...
 #: Returns 1 when the latest key was written, 0 when it was skipped as stale.
 WRITE_VECTORS = """
+local seq, ttl = tonumber(ARGV[1]), tonumber(ARGV[8])
 local function write(key)
+  redis.call('DEL', key)
   redis.call('HSET', key, 'seq', ARGV[1], 'version', ARGV[2], 'updated_at', ARGV[3], 'event_ts', ARGV[4],
              'produced_at', ARGV[5], 'k', ARGV[6], 'd', ARGV[7])
   for i = 9, #ARGV, 2 do
     redis.call('HSET', key, ARGV[i], ARGV[i + 1])
   end
 end
-if tonumber(redis.call('HGET', KEYS[3], 'seq') or '-1') <= tonumber(ARGV[1]) then
-  write(KEYS[3])
-  if tonumber(ARGV[8]) > 0 then
-    redis.call('EXPIRE', KEYS[3], ARGV[8])
+local cur = redis.call('HMGET', KEYS[1], 'seq', 'version')
+local own = tonumber(redis.call('HGET', KEYS[3], 'seq') or '-1')
+if tonumber(cur[1] or '-1') > seq then
+  if cur[2] ~= ARGV[2] and own <= seq then  -- stale as the latest, the newest of its version
+    write(KEYS[3])
+    if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
   end
-end
-if tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1') > tonumber(ARGV[1]) then
   return 0
 end
+if cur[2] and cur[2] ~= ARGV[2] then  -- the latest was another version's: keep it for its pinned readers
+  local other = KEYS[1] .. '@' .. cur[2]  -- the same hash tag, so the same slot
+  redis.call('COPY', KEYS[1], other, 'REPLACE')
+  if ttl > 0 then redis.call('EXPIRE', other, ttl) else redis.call('PERSIST', other) end
+end
 write(KEYS[1])
+if own <= seq then redis.call('DEL', KEYS[3]) end
 local idle = redis.call('PTTL', KEYS[2])  -- an idle-user TTL on the state (user_ttl_s): the vectors share it
 if idle > 0 then redis.call('PEXPIRE', KEYS[1], idle) end
 local refined = tonumber(redis.call('HGET', KEYS[2], 'refined_seq') or '0')
-if tonumber(ARGV[1]) > refined then
+if seq > refined then
   redis.call('HSET', KEYS[2], 'refined_seq', ARGV[1])
 end
 return 1
+"""
+
+#: One model version's vectors, read atomically: the latest key when it holds that version, else the
+#: version's own key (``WRITE_VECTORS`` keeps a version in one of the two).
+#: KEYS: vectors hash, vectors hash of the version.  ARGV: version.  Returns HGETALL's flat reply.
+READ_VECTORS_OF = """
+if redis.call('HGET', KEYS[1], 'version') == ARGV[1] then
+  return redis.call('HGETALL', KEYS[1])
+end
+return redis.call('HGETALL', KEYS[2])
 """
 
 #: Mark users dirty (awaiting refinement).  The queue is ordered by when a user was first marked, so it is

@@ -288,7 +288,7 @@ class StreamStore:
         args: list = [seq, version, repr(time.time()), repr(float(event_ts)), repr(float(produced_at)), k, d]
         args.append(int(version_ttl_s))
         for scenario, v in vectors.items():
-            args += [f"vec:{scenario}", np.ascontiguousarray(v, dtype="<f4").tobytes()]
+            args += [f"vec:{scenario}", encode_vectors(v)]
         keys = [self.keys.user_vectors(user), self.keys.user_state(user), self.keys.user_vectors_at(user, version)]
         return bool(await self._write(keys=keys, args=args))
 
@@ -313,7 +313,7 @@ class StreamStore:
             args: list = [seq, version, now, repr(float(event_ts)), repr(float(produced_at)), k, d]
             args.append(int(version_ttl_s))
             for scenario, v in vectors.items():
-                args += [f"vec:{scenario}", np.ascontiguousarray(v, dtype="<f4").tobytes()]
+                args += [f"vec:{scenario}", encode_vectors(v)]
             keys = [self.keys.user_vectors(user), self.keys.user_state(user), self.keys.user_vectors_at(user, version)]
             pipe.eval(scripts.WRITE_VECTORS, len(keys), *keys, *args)
         return [bool(x) for x in await pipe.execute()]
@@ -401,13 +401,27 @@ class Interests:
         }
 
 
-def parse_interests(user: str, raw: dict[bytes, bytes]) -> Interests | None:
+def encode_vectors(v: np.ndarray) -> bytes:
+    """(K, d) vectors as stored: float16, half of float32's bytes (README: the retrieval loss measured)."""
+    return np.ascontiguousarray(v, dtype="<f2").tobytes()
+
+
+def decode_vectors(raw: bytes, k: int, d: int) -> np.ndarray:
+    """Stored (K, d) vectors → float32: float16 as written now, or float32 as written before."""
+    if len(raw) == 2 * k * d:
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32).reshape(k, d)
+    if len(raw) == 4 * k * d:
+        return np.frombuffer(raw, dtype="<f4").reshape(k, d)
+    raise ValueError(f"stored vectors of {len(raw)} bytes are neither float16 nor float32 of {k}×{d}")
+
+
+def parse_interests(user: str, raw: dict[bytes, bytes] | list[bytes]) -> Interests | None:
     if not raw:
         return None
+    if isinstance(raw, list):  # a script's HGETALL reply: field, value, field, value...
+        raw = dict(zip(raw[::2], raw[1::2], strict=True))
     k, d = int(raw[b"k"]), int(raw[b"d"])
-    vectors = {
-        f.decode()[4:]: np.frombuffer(v, dtype="<f4").reshape(k, d) for f, v in raw.items() if f.startswith(b"vec:")
-    }
+    vectors = {f.decode()[4:]: decode_vectors(v, k, d) for f, v in raw.items() if f.startswith(b"vec:")}
     return Interests(
         user,
         vectors,
@@ -438,9 +452,12 @@ class InterestReader:
         self.keys = Keys(prefix)
 
     def interests(self, user: str, version: str | None = None) -> Interests | None:
-        """The latest vectors, or those of one model version (kept for ``version_ttl_s`` after its writes)."""
-        key = self.keys.user_vectors(user) if version is None else self.keys.user_vectors_at(user, version)
-        return parse_interests(user, self.r.hgetall(key))
+        """The latest vectors, or those of one model version (kept ``version_ttl_s`` after they stop being
+        the latest)."""
+        if version is None:
+            return parse_interests(user, self.r.hgetall(self.keys.user_vectors(user)))
+        keys = [self.keys.user_vectors(user), self.keys.user_vectors_at(user, version)]
+        return parse_interests(user, self.r.eval(scripts.READ_VECTORS_OF, 2, *keys, version))
 
     def get_user_interests(
         self, user: str, scenario: str | None = None, version: str | None = None
@@ -520,8 +537,10 @@ class AsyncInterestReader:
         self.keys = Keys(prefix)
 
     async def interests(self, user: str, version: str | None = None) -> Interests | None:
-        key = self.keys.user_vectors(user) if version is None else self.keys.user_vectors_at(user, version)
-        return parse_interests(user, await self.r.hgetall(key))
+        if version is None:
+            return parse_interests(user, await self.r.hgetall(self.keys.user_vectors(user)))
+        keys = [self.keys.user_vectors(user), self.keys.user_vectors_at(user, version)]
+        return parse_interests(user, await self.r.eval(scripts.READ_VECTORS_OF, 2, *keys, version))
 
     async def get_user_interests(
         self, user: str, scenario: str | None = None, version: str | None = None

@@ -21,7 +21,7 @@ from state.history import record_dtype
 
 VERSION = "ver"  # bumped by every apply and parking mark: the compare-and-set token
 SEQ = "seq"  # events folded in so far
-COARSE = "coarse"  # the coarse-interest state, float64 bytes
+COARSE = "coarse"  # the coarse-interest state (``encode_coarse``: float64 head, float32 sums)
 CODEBOOK = "cb"  # the codebook of the history's codes
 STATE_ID = "gen"  # the checkpoint state id (codebook + coarse weights) that built ``coarse``
 LAST_TS = "last_ts"  # newest event time folded in
@@ -188,13 +188,25 @@ def _text(raw: bytes | None) -> str | None:
 # --------------------------------------------------------------------------- codecs
 
 
+#: Leading values of the coarse state kept as float64 (``models.coarse``: the event count and the reference
+#: time, ~1.7e9 s, which float32 would round to minutes); the running log-sum-exp values that follow are
+#: stored as float32, half the bytes, and computed in float64 between a read and a write.
+COARSE_HEAD = 2
+
+
 def decode_coarse(raw: bytes | None, size: int) -> np.ndarray | None:
-    """The stored coarse state (None: no state yet); ``CorruptState`` when it is not ``size`` finite float64s."""
+    """The stored coarse state as float64 (None: no state yet): float64 head + float32 rest as written now,
+    or all float64 as written before; ``CorruptState`` when it is neither, or not finite."""
     if raw is None or raw == b"":
         return None
-    if len(raw) != 8 * size:
-        raise CorruptState(f"coarse state of {len(raw)} bytes, expected {8 * size}")
-    state = np.frombuffer(raw, dtype="<f8")
+    compact = 8 * COARSE_HEAD + 4 * (size - COARSE_HEAD)
+    if len(raw) == compact:
+        head = np.frombuffer(raw, dtype="<f8", count=COARSE_HEAD)
+        state = np.concatenate([head, np.frombuffer(raw, dtype="<f4", offset=8 * COARSE_HEAD)]).astype(np.float64)
+    elif len(raw) == 8 * size:
+        state = np.frombuffer(raw, dtype="<f8")
+    else:
+        raise CorruptState(f"coarse state of {len(raw)} bytes, expected {compact} (or {8 * size} as float64)")
     if not usable_coarse(state):
         raise CorruptState("coarse state holds NaN or +infinite values")
     return state
@@ -206,7 +218,8 @@ def usable_coarse(state: np.ndarray) -> bool:
 
 
 def encode_coarse(state: np.ndarray) -> bytes:
-    return np.ascontiguousarray(state, dtype="<f8").tobytes()
+    head = np.ascontiguousarray(state[:COARSE_HEAD], dtype="<f8").tobytes()
+    return head + np.ascontiguousarray(state[COARSE_HEAD:], dtype="<f4").tobytes()
 
 
 def decode_history(raw: bytes, code_bytes: int) -> np.ndarray:

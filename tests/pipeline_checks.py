@@ -15,12 +15,15 @@ from models.refiner import UserInput
 from models.user_model import Checkpoint
 from state.keys import Keys
 from state.store import RedisTLS, connect_sync
+from state.users import decode_coarse
 from streams.replay import expected_seq, plan, send_events, send_items
 from streams.security import interest_reader, kafka_python_config, redis_sync
 from streams.topics import ensure_topics
 
 COARSE_TOL = 1e-5  # float64 running sums: only summation order differs between stream and offline
 VECTOR_TOL = 1e-4  # float32 refiner; the same inputs up to the coarse tolerance
+#: Stored vectors are float16 (``state.store.encode_vectors``): one float16 step, relative, on top.
+STORED_RTOL = 2.0**-10
 
 
 def lagging(settings, timeout: float = 60.0) -> dict[TopicPartition, int]:
@@ -135,8 +138,9 @@ def assert_matches_offline(settings, ds, expected: dict[str, int], scenarios: tu
     for user, n in expected.items():
         _, meta = reader.get_user_interests(user)
         assert meta.seq == n, f"user {user}: seq {meta.seq} != {n} events (one lost or applied twice)"
-        state = np.frombuffer(r.hget(keys.user_state(user), "coarse"), dtype="<f8")
+        state = decode_coarse(r.hget(keys.user_state(user), "coarse"), ckpt.model.coarse.state_size)
         coarse_off, vectors_off = offline(ckpt, ds, user, settings.history_cap)
         np.testing.assert_allclose(ckpt.model.coarse.read(state), coarse_off, atol=COARSE_TOL)
         for s in scenarios:
-            np.testing.assert_allclose(meta.vectors[s], vectors_off[ds.scenarios.index(s)], atol=VECTOR_TOL)
+            want = vectors_off[ds.scenarios.index(s)]
+            np.testing.assert_allclose(meta.vectors[s], want, atol=VECTOR_TOL, rtol=STORED_RTOL)

@@ -15,6 +15,7 @@ from kafka import KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, OffsetSpec
 from pipeline_checks import (
     COARSE_TOL,
+    STORED_RTOL,
     VECTOR_TOL,
     assert_matches_offline,
     lagging,
@@ -28,6 +29,7 @@ from models.data import load
 from models.user_model import Checkpoint
 from state.keys import Keys
 from state.store import InterestReader
+from state.users import decode_coarse
 from streams.replay import expected_seq, plan, send_events, send_items, wait_for_vectors
 from streams.topics import all_topics, ensure_topics
 from streams.workerproc import WorkerProcess
@@ -58,14 +60,14 @@ def test_replay_parity_lookup_and_group_reset(pipeline_settings, ds, tmp_path):
     for user, n in expected.items():
         vecs, meta = reader.get_user_interests(user, "ads")
         assert vecs.shape == (k, d) and meta.seq == n
-        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=STORED_RTOL)
         assert reader.get_user_interests(user)[0].shape == (3 * k, d)
         # Parity with the models run offline over the same history.
-        state = np.frombuffer(r.hget(keys.user_state(user), "coarse"), dtype="<f8")
+        state = decode_coarse(r.hget(keys.user_state(user), "coarse"), ckpt.model.coarse.state_size)
         coarse_off, vectors_off = offline(ckpt, ds, user, settings.history_cap)
         np.testing.assert_allclose(ckpt.model.coarse.read(state), coarse_off, atol=COARSE_TOL)
         for i, s in enumerate(ds.scenarios):
-            np.testing.assert_allclose(meta.vectors[s], vectors_off[i], atol=VECTOR_TOL)
+            np.testing.assert_allclose(meta.vectors[s], vectors_off[i], atol=VECTOR_TOL, rtol=STORED_RTOL)
 
     # Redelivery: reset the consumer group to the earliest offsets and process everything again.
     before = snapshot(settings.redis_url, settings.prefix, list(expected))

@@ -315,3 +315,24 @@ def test_the_columnar_plan_of_new_users_equals_the_planner(old):
         assert fast[u] == reference[u].update, u
     tops = [fast[u].backfill for u in users]
     assert any(len(ids) > 1 for _, ids in tops)  # equal times at the top were exercised
+
+
+def test_compact_coarse_state_folds_like_float64(old):
+    """The stored coarse state (float64 head, float32 sums) read back and folded into one event at a time,
+    300 times, reads within the stream's coarse tolerance of one float64 fold over all of them; a state
+    stored in the former all-float64 layout still decodes."""
+    from state.users import decode_coarse, encode_coarse
+
+    model, rng = old.model.coarse, np.random.default_rng(3)
+    n = 300
+    items = old.item_vectors[rng.integers(0, len(old.item_vectors), n)]
+    scen, act = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    ts = 1.7e9 + np.sort(rng.uniform(0, 90 * 86400, n))
+    stored = encode_coarse(model.init_state())
+    for i in range(n):
+        state = decode_coarse(stored, model.state_size)
+        stored = encode_coarse(model.update(state, items[i : i + 1], scen[i : i + 1], act[i : i + 1], ts[i : i + 1]))
+    whole = model.update(model.init_state(), items, scen, act, ts)
+    assert len(stored) == 8 * 2 + 4 * (model.state_size - 2) and len(stored) < 8 * model.state_size
+    np.testing.assert_allclose(model.read(decode_coarse(stored, model.state_size)), model.read(whole), atol=1e-5)
+    np.testing.assert_array_equal(decode_coarse(whole.astype("<f8").tobytes(), model.state_size), whole)

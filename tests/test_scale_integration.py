@@ -14,6 +14,7 @@ import pytest
 from conftest import free_port
 from pipeline_checks import (
     COARSE_TOL,
+    STORED_RTOL,
     VECTOR_TOL,
     assert_matches_offline,
     item_records,
@@ -27,6 +28,7 @@ from models.user_model import Checkpoint
 from state.history import record_dtype, unpack
 from state.keys import Keys
 from state.store import InterestReader, connect_sync
+from state.users import decode_coarse
 from streams.replay import ReplayPlan, expected_seq, plan, send_events, send_items, wait_for_vectors
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
@@ -189,12 +191,12 @@ def test_codebook_switch_rollout(pipeline_settings, ds, tmp_path):
         assert sorted(x.tobytes() for x in got) == sorted(x.tobytes() for x in want)
         # The coarse state and the vectors: the new models over that history, as if it had always run.
         coarse_off, vectors_off = offline(new, ds, user, settings.history_cap, stored_by=old)
-        coarse = new.model.coarse.read(np.frombuffer(state[b"coarse"], dtype="<f8"))
+        coarse = new.model.coarse.read(decode_coarse(state[b"coarse"], new.model.coarse.state_size))
         np.testing.assert_allclose(coarse, coarse_off, atol=COARSE_TOL)
         latest = reader.interests(user)
         assert latest.version == "cb-2" and latest.seq == n
         for i, scenario in enumerate(ds.scenarios):
-            np.testing.assert_allclose(latest.vectors[scenario], vectors_off[i], atol=VECTOR_TOL)
+            np.testing.assert_allclose(latest.vectors[scenario], vectors_off[i], atol=VECTOR_TOL, rtol=STORED_RTOL)
     assert late & set(early), "some users should be met by both versions (their state is rebuilt)"
     # The background pass gave every item a code of the new codebook, next to the old one.
     for item in r.smembers(keys.items):

@@ -186,3 +186,74 @@ async def test_idle_user_keys_expire_together(redis_url, prefix):
         await store.write_vectors(user, 1, "m1", 1.0, 1.0, {"feed": np.ones((2, 3), np.float32)})
         got = [r.ttl(k) for k in (keys.user_state(user), keys.user_history(user), keys.user_vectors(user))]
         assert all(t == -1 for t in got) if not ttl else all(3500 < t <= 3600 for t in got), (user, got)
+
+
+async def test_version_copies_exist_only_while_another_version_is_the_latest(redis_url, prefix):
+    """One model version's vectors are kept once (the latest key); when another version takes the latest
+    key, the replaced vectors move to their version's key, so a reader pinned to either version reads its
+    newest vectors throughout a roll-out, and a stale write of one version never hides the other's."""
+    import numpy as np
+
+    from state.store import InterestReader
+
+    store, keys = StreamStore(connect_async(redis_url), prefix), Keys(prefix)
+    reader, r = InterestReader(redis_url, prefix), redis.Redis.from_url(redis_url)
+    rng = np.random.default_rng(0)
+
+    def vecs() -> dict[str, np.ndarray]:
+        return {s: rng.normal(size=(3, 8)).astype(np.float32) for s in ("feed", "ads")}
+
+    async def write(seq: int, version: str) -> tuple[bool, dict[str, np.ndarray]]:
+        v = vecs()
+        return await store.write_vectors("u", seq, version, 1.0, 1.0, v, version_ttl_s=600), v
+
+    def pinned(version: str) -> tuple[int, dict[str, np.ndarray]] | None:
+        got = reader.interests("u", version)
+        return None if got is None else (got.seq, got.vectors)
+
+    def exists(version: str) -> bool:
+        return bool(r.exists(keys.user_vectors_at("u", version)))
+
+    ok, _ = await write(1, "A")
+    assert ok and not exists("A") and pinned("A")[0] == 1  # one version: no copy
+    ok, _ = await write(2, "B")
+    assert ok and exists("A") and not exists("B") and reader.interests("u").version == "B"
+    assert pinned("A")[0] == 1 and pinned("B")[0] == 2 and 0 < r.ttl(keys.user_vectors_at("u", "A")) <= 600
+    ok, _ = await write(1, "A")  # older than the latest: only A's own key, still seq 1
+    assert not ok and pinned("A")[0] == 1 and pinned("B")[0] == 2
+    ok, a3 = await write(3, "A")  # A is the latest again: B's vectors move aside, A's copy goes
+    assert ok and exists("B") and not exists("A") and pinned("A")[0] == 3 and pinned("B")[0] == 2
+    ok, b_late = await write(2, "B")  # B refines the same seq again, behind A: B's key only
+    assert not ok and pinned("B")[0] == 2 and pinned("A")[0] == 3
+    for s, want in a3.items():  # float16 as stored: within one float16 step of the float32 written
+        np.testing.assert_allclose(pinned("A")[1][s], want, rtol=2.0**-10, atol=2.0**-24)
+        np.testing.assert_allclose(pinned("B")[1][s], b_late[s], rtol=2.0**-10, atol=2.0**-24)
+    await store.r.aclose()
+
+
+def test_vectors_of_the_float32_format_still_read(redis_url, prefix):
+    """Vectors written before the float16 format (float32 fields) decode as they were."""
+    import numpy as np
+
+    from state.store import InterestReader
+
+    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
+    v = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    fields = {"seq": 4, "version": "old", "updated_at": 1.0, "event_ts": 1.0, "produced_at": 1.0, "k": 2, "d": 3}
+    r.hset(keys.user_vectors("u"), mapping={**fields, "vec:feed": v.tobytes()})
+    got = InterestReader(redis_url, prefix).interests("u")
+    assert got.seq == 4 and np.array_equal(got.vectors["feed"], v)
+
+
+async def test_history_string_holds_no_append_slack(redis_url, prefix):
+    """Appended in many small applies, the stored history takes about its own length in Redis (APPEND's
+    buffer growth would leave up to as much again unused), in Redis as in the reference."""
+    store, mem = StreamStore(connect_async(redis_url), prefix), MemoryUsers()
+    for i in range(100):
+        first = {"state_id": "g"} if i == 0 else {}
+        update = UserUpdate(i, "g" if i else None, 10, b"c" * 16, bytes([i]) * 160, 16, 1000, **first)
+        assert (await store.apply_many({"u": update}))["u"] is not None and mem.apply("u", update) is not None
+    r, key = redis.Redis.from_url(redis_url), Keys(prefix).user_history("u")
+    assert r.get(key) == mem.history["u"] and len(mem.history["u"]) == 16_000
+    assert r.memory_usage(key, samples=0) <= 16_000 + 1024  # one allocator size class above the bytes
+    await store.r.aclose()
