@@ -243,6 +243,9 @@ class Backfill:
         # user, then the order the planner folds a user's events in: time, line (then file)
         order = np.lexsort((col["file"], col["line"], col["ts"], ucode))
         col = {k: v[order] for k, v in col.items()}
+        # each event's place in the bucket (the trend's marks count by it), set before events of unknown
+        # items drop out, so a re-run that has meanwhile learnt those items numbers the others alike
+        col["pos"] = np.arange(len(order))
         ucode = ucode[order]
         t = time.perf_counter()
         unique_items = np.unique(col["item_id"]).tolist()
@@ -343,9 +346,8 @@ class Backfill:
             fast = {u: up for u, up in updates.items() if up is not None}
             owners = np.repeat([users[k] for k in new], ends[new] - starts[new]).tolist()
             times = col["ts"][idx].tolist()
-            counted += [
-                (it, k, ts) for it, k, ts, u in zip(items, idx.tolist(), times, owners, strict=True) if u in fast
-            ]
+            places = col["pos"][idx].tolist()
+            counted += [(it, k, ts) for it, k, ts, u in zip(items, places, times, owners, strict=True) if u in fast]
         pending = {users[k]: self._accepted(starts[k], ends[k], col) for k in range(len(users)) if users[k] not in fast}
         plans = plan({u: rows[u] for u in pending}, pending, self.codes_of(pending), ctx) if pending else {}
         counted += [(a.event.item_id, a.offset, a.event.ts) for p in plans.values() if p.update for a in p.applied]
@@ -359,7 +361,7 @@ class Backfill:
 
     def _accepted(self, start: int, end: int, col: dict[str, np.ndarray]) -> list[Accepted]:
         """A user's events as the stream's agents hand them to the planner; the message offset is the
-        event's index in the bucket (the planner folds by (time, offset), which is (time, line) order,
+        event's place in the bucket (the planner folds by (time, offset), which is (time, line) order,
         and the trend counts by it)."""
         out = []
         for k in range(start, end):
@@ -373,7 +375,7 @@ class Backfill:
                 float(col["ts"][k]),
                 col["query"][k],
             )
-            msg = Message(BACKFILL_TOPIC, 0, k, None, b"", 0.0)
+            msg = Message(BACKFILL_TOPIC, 0, int(col["pos"][k]), None, b"", 0.0)
             out.append(Accepted(event, msg, f"file:{f}:{line}", False, backfill=True))
         return out
 
