@@ -55,6 +55,10 @@ class ItemTower(nn.Module):
         return items, self.retrieval_head(items)
 
 
+#: The item-text LLM's run types by name (what configs and checkpoints record).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class TextEncoder:
     """Runs the (frozen) LLM over item texts; the item's state is the hidden state at the appended EOS.
 
@@ -72,13 +76,24 @@ class TextEncoder:
     nor the batch a text lands in changes its state beyond float rounding: padding is on the left and
     masked, and RoPE scores depend on relative positions only.  ``max_tokens`` caps the tokens per text
     (EOS included): text beyond it never reaches the LLM, on both paths.
+
+    ``layers`` keeps the LLM's first N decoder layers (the final norm still applies) and ``dtype`` is the
+    weights' and activations' type ("bfloat16" runs on the CPU's bf16 dot products where it has them);
+    both change the states, so an item tower is trained on the states of the configuration it serves
+    with (``models.train.item_states``; a checkpoint records both).  States are returned as float32 whatever the dtype.
     """
 
     def __init__(
-        self, spec: str = "smollm2", max_tokens: int = 48, cache_size: int = 10_000, layers: int | None = None
+        self,
+        spec: str = "smollm2",
+        max_tokens: int = 48,
+        cache_size: int = 10_000,
+        layers: int | None = None,
+        dtype: str = "float32",
     ) -> None:
         self.tokenizer = load_tokenizer(spec)
-        self.model = load_backbone(spec, keep_layers=layers).eval()
+        self.model = load_backbone(spec, keep_layers=layers).to(DTYPES[dtype]).eval()
+        self.dtype = dtype
         self.max_tokens = max_tokens
         self.hidden = self.model.config.hidden_size
         if self.tokenizer.pad_token is None:
