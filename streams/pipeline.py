@@ -20,6 +20,7 @@ import time
 
 import faust
 import orjson
+import torch
 from aiohttp import web as aioweb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -106,6 +107,8 @@ def guard_commits(consumer, progress: Progress) -> None:
 
 def build_app(settings: Settings) -> faust.App:
     """The worker's Faust app, its agents, timers and pages, from one settings object."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     app = make_faust_app(settings)
     ckpt = Checkpoint.load(settings.checkpoint)
     check_scenarios(settings, ckpt)

@@ -95,6 +95,10 @@ class Settings:
     max_age_s: float = 0.0
     #: A user's keys expire this long after its last event (0: never).  Keep it above the topics' retention.
     user_ttl_s: float = 0.0
+    #: torch threads of the worker (item tower LLM, refiner); 0: torch's default, one per core.  On cores
+    #: that other processes keep busy, 1 spares OpenMP's threads spinning while they wait for each other
+    #: (README, bench items: the item tower ran ~10x faster on one thread than on two there).
+    torch_threads: int = 0
 
     @property
     def limits(self) -> Limits:
@@ -172,6 +176,8 @@ class Settings:
         for name in self.scenarios:
             if not name.isidentifier():
                 raise ValueError(f"scenario name {name!r} must be a simple identifier")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
         for name in ("partitions", "replication", "history_cap", "batch_size", "refine_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
