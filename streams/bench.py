@@ -369,8 +369,8 @@ def bench_items(
     with every layer in float32 (the previous default tower) and in bfloat16, with the default tower's
     layers (``TrainConfig.item_layers``) in float32 and in its run type (the default), and the default on
     one torch thread.  Then the default over the whole catalogue cold, and again warm (every text cached:
-    a re-sent catalogue), ``repeats`` times.  Each bfloat16 / cut state is compared with the float32 state of the same
-    depth (cosine), since that is what the parity test bounds."""
+    a re-sent catalogue), ``repeats`` times, on torch's thread count and on one thread.  Each bfloat16
+    state is compared with the float32 state of the same depth (cosine), which the parity test bounds."""
     from models.item_tower import TextEncoder
 
     cfg = TrainConfig()
@@ -431,29 +431,33 @@ def bench_items(
                 else cosine(states[r], states[same_depth_fp32]),
             }
         )
-    cold, warm = [], []
-    for _ in range(repeats):
-        default.cache.clear()
-        t0 = time.perf_counter()
-        default.encode(texts)
-        cold.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        default.encode(texts)
-        warm.append(time.perf_counter() - t0)
-    for label, took in (
-        (f"fast path (the default), the whole catalogue, cold cache ({len(texts):,} texts)", cold),
-        ("fast path (the default), the same catalogue again (every text cached)", warm),
-    ):
-        rows.append(
-            {
-                "run": label,
-                "layers": cut,
-                "dtype": default.dtype,
-                "texts": len(texts),
-                "items_per_s": len(texts) / float(np.median(took)),
-                "seconds": took,
-            }
-        )
+    for n_threads in (threads, 1):  # the catalogue on torch's thread count, then on one thread
+        torch.set_num_threads(n_threads)
+        cold, warm = [], []
+        for _ in range(repeats):
+            default.cache.clear()
+            t0 = time.perf_counter()
+            default.encode(texts)
+            cold.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            default.encode(texts)
+            warm.append(time.perf_counter() - t0)
+        on = f"{n_threads} torch thread{'s' if n_threads > 1 else ''}"
+        for label, took in (
+            (f"fast path (the default), the whole catalogue ({len(texts):,} texts), cold cache, {on}", cold),
+            (f"fast path (the default), the same catalogue again (every text cached), {on}", warm),
+        ):
+            rows.append(
+                {
+                    "run": label,
+                    "layers": cut,
+                    "dtype": default.dtype,
+                    "texts": len(texts),
+                    "items_per_s": len(texts) / float(np.median(took)),
+                    "seconds": took,
+                }
+            )
+    torch.set_num_threads(threads)
     write_rows(out, "items", rows)
     print(
         f"items: {spec} item tower ({depth} layers; the default tower: the first {cut}, {cfg.item_dtype}), "
