@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,12 +60,19 @@ def smollm2_dir() -> Path:
     config = base.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # de-quantised above; the copy is plain bf16
-    tmp = target.with_name(target.name + ".partial")
+    # A folder of this process's own: two processes converting at once must not write into one folder
+    # that the first to finish renames away from under the other.
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_model(base, str(tmp / "model.safetensors"))
     config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        if not (target / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp)
     return target
 
 

@@ -55,6 +55,10 @@ class ItemTower(nn.Module):
         return items, self.retrieval_head(items)
 
 
+#: The item-text LLM's run types by name (what configs and checkpoints record).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class TextEncoder:
     """Runs the (frozen) LLM over item texts; the item's state is the hidden state at the appended EOS.
 
@@ -67,18 +71,30 @@ class TextEncoder:
       recode); repeated texts in one call run once; the rest are tokenized in one call and sorted by
       length, so each batch pads to its neighbours' length rather than to the longest text of 32
       arbitrary ones.  On short catalogue titles padding was about half of the tokens the LLM ran.
+      The last layer runs for the last position only (``last_token_states``).
 
     A causal LLM's state at the last token depends only on the tokens before it, so neither the order
     nor the batch a text lands in changes its state beyond float rounding: padding is on the left and
     masked, and RoPE scores depend on relative positions only.  ``max_tokens`` caps the tokens per text
     (EOS included): text beyond it never reaches the LLM, on both paths.
+
+    ``layers`` keeps the LLM's first N decoder layers (the final norm still applies) and ``dtype`` is the
+    weights' and activations' type ("bfloat16" runs on the CPU's bf16 dot products where it has them);
+    both change the states, so an item tower is trained on the states of the configuration it serves
+    with (``models.train.item_states``; a checkpoint records both).  States are returned as float32 whatever the dtype.
     """
 
     def __init__(
-        self, spec: str = "smollm2", max_tokens: int = 48, cache_size: int = 10_000, layers: int | None = None
+        self,
+        spec: str = "smollm2",
+        max_tokens: int = 48,
+        cache_size: int = 10_000,
+        layers: int | None = None,
+        dtype: str = "float32",
     ) -> None:
         self.tokenizer = load_tokenizer(spec)
-        self.model = load_backbone(spec, keep_layers=layers).eval()
+        self.model = load_backbone(spec, keep_layers=layers).to(DTYPES[dtype]).eval()
+        self.dtype = dtype
         self.max_tokens = max_tokens
         self.hidden = self.model.config.hidden_size
         if self.tokenizer.pad_token is None:
@@ -150,8 +166,43 @@ class TextEncoder:
         for r, x in enumerate(seqs):
             input_ids[r, width - len(x) :] = torch.as_tensor(x)
             mask[r, width - len(x) :] = 1
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        return hidden[:, -1].float().numpy().copy()
+        if getattr(self.model.config, "model_type", "") == "llama" and len(self.model.layers) > 1:
+            last = last_token_states(self.model, input_ids, mask)
+        else:
+            last = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, -1]
+        return last.float().numpy().copy()
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def last_token_states(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A Llama decoder's final-norm state at the last position, with the last layer run for that position
+    only: its keys and values need every position, but its query, attention output and MLP only the
+    last one (on a 4-layer tower about a fifth of the work).  Every other layer is the model's own.
+    Same masking as the model's forward (causal, left padding masked; a padding position attends to
+    itself so no row is empty), so the states match ``model(...).last_hidden_state[:, -1]``."""
+    b, w = input_ids.shape
+    h = model.embed_tokens(input_ids)
+    pos = torch.arange(w)[None]
+    cos, sin = model.rotary_emb(h, position_ids=pos)
+    keys = mask.bool()
+    allowed = (torch.ones(w, w, dtype=torch.bool).tril()[None] & keys[:, None, :]) | torch.eye(w, dtype=torch.bool)
+    for layer in model.layers[:-1]:
+        h = layer(h, attention_mask=allowed[:, None], position_embeddings=(cos, sin), position_ids=pos)
+    last = model.layers[-1]
+    attn = last.self_attn
+    x = last.input_layernorm(h)
+    d = attn.head_dim
+    q = _rope(attn.q_proj(x[:, -1:]).view(b, 1, -1, d).transpose(1, 2), cos[:, None, -1:], sin[:, None, -1:])
+    k = _rope(attn.k_proj(x).view(b, w, -1, d).transpose(1, 2), cos[:, None], sin[:, None])
+    v = attn.v_proj(x).view(b, w, -1, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=attn.scaling, enable_gqa=True)
+    h = h[:, -1:] + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+    h = h + last.mlp(last.post_attention_layernorm(h))
+    return model.norm(h)[:, 0]
 
 
 def text_key(text: str) -> bytes:

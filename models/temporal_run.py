@@ -150,6 +150,7 @@ def run_temporal(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"dataset": ds.name, "test_quantile": test_q, "valid_quantile": valid_q, "seeds": list(seeds)}
+    report["item_text"] = {"backbone": base.item_backbone, "layers": base.item_layers, "dtype": base.item_dtype}
     report["splits"] = {
         sp.name: {
             "cut": sp.cut,

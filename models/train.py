@@ -41,8 +41,12 @@ class TrainConfig:
     #: Refiner backbone: "tiny" (config-built), "smollm2", or a local folder.
     backbone: str = "tiny"
     backbone_layers: int | None = None
-    #: Item-tower LLM for text datasets.
+    #: Item-tower LLM for text datasets: the backbone, its first N layers (None: all) and its run type.
+    #: SmolLM2's first 8 of 30 layers in bfloat16, the adapter fitted to those states: the items/s the
+    #: worker needs for unseen catalogue text, at the full tower's validation quality (README, items).
     item_backbone: str = "smollm2"
+    item_layers: int | None = 8
+    item_dtype: str = "bfloat16"
     #: Optimiser steps of the user model (each step: batch_size users, one random cut each).
     steps: int = 300
     batch_size: int = 64
@@ -145,12 +149,16 @@ def split(ds: Dataset, window: int) -> tuple[list, np.ndarray]:
 # --------------------------------------------------------------------------- stage 1: item tower
 
 
-def item_states(ds: Dataset, spec: str, progress: bool) -> np.ndarray:
-    """Frozen-LLM hidden states of every item text, cached per dataset and backbone."""
-    cache = models_home() / "features" / f"{ds.name}-{Path(spec).name}-{ds.n_items}.npy"
+def item_states(
+    ds: Dataset, spec: str, progress: bool, layers: int | None = None, dtype: str = "float32"
+) -> np.ndarray:
+    """Frozen-LLM hidden states of every item text, cached per dataset and LLM configuration (the same
+    ``TextEncoder`` configuration the worker serves with, so the adapter is fitted to those states)."""
+    tag = "" if layers is None and dtype == "float32" else f"-{layers or 'all'}l-{dtype}"
+    cache = models_home() / "features" / f"{ds.name}-{Path(spec).name}-{ds.n_items}{tag}.npy"
     if cache.exists():
         return np.load(cache)
-    states = TextEncoder(spec).encode(ds.item_text, progress=progress)
+    states = TextEncoder(spec, layers=layers, dtype=dtype).encode(ds.item_text, progress=progress)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, states)
     return states
@@ -186,7 +194,7 @@ def train_item_tower(ds: Dataset, states: np.ndarray, limit: np.ndarray, cfg: Tr
 def item_vectors(ds: Dataset, limit: np.ndarray, cfg: TrainConfig, progress: bool) -> tuple[np.ndarray, ItemTower]:
     if ds.item_vectors is not None:
         return ds.item_vectors, ItemTower(ds.item_vectors.shape[1], cfg.retrieval_dim)
-    states = item_states(ds, cfg.item_backbone, progress)
+    states = item_states(ds, cfg.item_backbone, progress, cfg.item_layers, cfg.item_dtype)
     tower = train_item_tower(ds, states, limit, cfg, progress)
     with torch.inference_mode():
         vecs = tower.item_vectors(torch.as_tensor(states)).numpy()
@@ -232,6 +240,9 @@ def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> Mod
         retrieval_dim=cfg.retrieval_dim,
         id_items=id_items,
         trend_tau_days=cfg.trend_tau_days,
+        item_backbone=cfg.item_backbone,
+        item_layers=cfg.item_layers,
+        item_dtype=cfg.item_dtype,
         **variant,
     )
 

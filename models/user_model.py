@@ -44,6 +44,11 @@ class ModelConfig:
     id_items: int = 0
     #: Time constant (days) of the item trend coordinate when ``refiner.trend`` is on.
     trend_tau_days: float = 30.0
+    #: The LLM configuration whose states the item tower was trained on; a worker encodes item texts
+    #: with the same one.  The defaults are what checkpoints saved before these fields had.
+    item_backbone: str = "smollm2"
+    item_layers: int | None = None
+    item_dtype: str = "float32"
     notes: dict = field(default_factory=dict)
 
     @property

@@ -362,90 +362,130 @@ def item_texts(n: int, seed: int = 0) -> list[str]:
 def bench_items(
     items: int = 1682, sample: int = 128, repeats: int = 3, spec: str = "smollm2", out: str = "bench"
 ) -> list[dict]:
-    """Items/s through the item tower's LLM: the reference path (``TextEncoder.encode_reference``: batches
-    of 32 in arrival order) against the fast path (``encode``: length-sorted batches, dedup, text-hash
-    cache), alternated on the same ``sample`` texts ``repeats`` times (medians), then the fast path over
-    the whole catalogue cold, and again warm (every text cached: a re-sent catalogue)."""
+    """Items/s through the item tower's LLM, every configuration alternated on the same ``sample`` texts
+    ``repeats`` times (medians; the machine's load moves between repeats, not between the rows of one):
+    the reference path (``TextEncoder.encode_reference``: batches of 32 in arrival order, every layer,
+    float32: the path before), the fast path (``encode``: length-sorted batches, dedup, text-hash cache)
+    with every layer in float32 (the previous default tower) and in bfloat16, with the default tower's
+    layers (``TrainConfig.item_layers``) in float32 and in its run type (the default), and the default on
+    one torch thread.  Then the default over the whole catalogue cold, and again warm (every text cached:
+    a re-sent catalogue), ``repeats`` times, on torch's thread count and on one thread.  Each bfloat16
+    state is compared with the float32 state of the same depth (cosine), which the parity test bounds."""
     from models.item_tower import TextEncoder
 
+    cfg = TrainConfig()
     texts = item_texts(items)
-    enc = TextEncoder(spec)
+    full = TextEncoder(spec)
+    depth = full.model.config.num_hidden_layers
+    cut = cfg.item_layers or depth
+    default = TextEncoder(spec, layers=cfg.item_layers, dtype=cfg.item_dtype)
+    runs = [
+        ("before: reference path (batches of 32 in arrival order)", full, full.encode_reference, None),
+        ("fast path (the previous default)", full, full.encode, None),
+        ("fast path", (b := TextEncoder(spec, dtype="bfloat16")), b.encode, 1),
+        ("fast path", (c := TextEncoder(spec, layers=cut)), c.encode, None),
+        ("fast path (the default)", default, default.encode, 3),
+        ("fast path (the default), 1 torch thread", default, default.encode, 3),
+    ]
+    threads = torch.get_num_threads()
     rng = np.random.default_rng(1)
     picked = [texts[i] for i in rng.choice(len(texts), size=min(sample, len(texts)), replace=False)]
-    enc.encode_reference(picked[:8])  # warm-up (allocator, kernels)
-    ref_t, fast_t, worst = [], [], 0.0
+    for _, enc, _, _ in runs:
+        enc.encode(picked[:8], use_cache=False)  # warm-up (allocator, kernels)
+    seconds: list[list[float]] = [[] for _ in runs]
+    states: list[np.ndarray] = [np.empty(0)] * len(runs)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        a = enc.encode_reference(picked)
-        t1 = time.perf_counter()
-        b = enc.encode(picked, use_cache=False)
-        t2 = time.perf_counter()
-        ref_t.append(t1 - t0)
-        fast_t.append(t2 - t1)
-        worst = max(worst, float((np.abs(a - b) / np.abs(a).max(axis=1, keepdims=True)).max()))
-    ids = enc.token_ids(texts)
+        for r, (label, _, fn, _) in enumerate(runs):
+            torch.set_num_threads(1 if "1 torch thread" in label else threads)
+            kwargs = {} if fn.__name__ == "encode_reference" else {"use_cache": False}
+            t0 = time.perf_counter()
+            states[r] = fn(picked, **kwargs)
+            seconds[r].append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    worst = float((np.abs(states[0] - states[1]) / np.abs(states[0]).max(axis=1, keepdims=True)).max())
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        """The smallest per-text cosine between two configurations' states."""
+        a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b))
+        return float((a * b).sum(1).min())
+
+    ids = full.token_ids(texts)
     real = sum(len(x) for x in ids)
-    ref_run = sum(len(x[i : i + 32]) * max(map(len, x[i : i + 32])) for x in [ids] for i in range(0, len(ids), 32))
+    ref_run = sum(len(ids[i : i + 32]) * max(map(len, ids[i : i + 32])) for i in range(0, len(ids), 32))
     by_len = sorted(ids, key=len)
     fast_run = sum(len(by_len[i : i + 64]) * len(by_len[min(i + 63, len(by_len) - 1)]) for i in range(0, len(ids), 64))
-    enc.cache.clear()
-    t0 = time.perf_counter()
-    enc.encode(texts)
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    enc.encode(texts)
-    warm = time.perf_counter() - t0
     n = len(picked)
-    rows = [
-        {
-            "run": "reference: batches of 32 in arrival order (the path before)",
-            "texts": n,
-            "items_per_s": n / float(np.median(ref_t)),
-            "seconds": ref_t,
-            "tokens_run_per_token": ref_run / real,
-        },
-        {
-            "run": "fast: length-sorted batches of 64, dedup, text-hash cache (cold)",
-            "texts": n,
-            "items_per_s": n / float(np.median(fast_t)),
-            "seconds": fast_t,
-            "tokens_run_per_token": fast_run / real,
-            "max_rel_diff_vs_reference": worst,
-        },
-        {
-            "run": f"fast, the whole catalogue once, cold cache ({len(texts):,} texts)",
-            "texts": len(texts),
-            "items_per_s": len(texts) / cold,
-            "seconds": [cold],
-        },
-        {
-            "run": "fast, the same catalogue again (every text cached)",
-            "texts": len(texts),
-            "items_per_s": len(texts) / warm,
-            "seconds": [warm],
-        },
-    ]
+    rows = []
+    for r, (label, enc, _fn, same_depth_fp32) in enumerate(runs):
+        rows.append(
+            {
+                "run": label,
+                "layers": enc.model.config.num_hidden_layers,
+                "dtype": enc.dtype,
+                "texts": n,
+                "items_per_s": n / float(np.median(seconds[r])),
+                "seconds": seconds[r],
+                "tokens_run_per_token": (ref_run if r == 0 else fast_run) / real,
+                "min_state_cosine_vs_float32": None
+                if same_depth_fp32 is None
+                else cosine(states[r], states[same_depth_fp32]),
+            }
+        )
+    for n_threads in (threads, 1):  # the catalogue on torch's thread count, then on one thread
+        torch.set_num_threads(n_threads)
+        cold, warm = [], []
+        for _ in range(repeats):
+            default.cache.clear()
+            t0 = time.perf_counter()
+            default.encode(texts)
+            cold.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            default.encode(texts)
+            warm.append(time.perf_counter() - t0)
+        on = f"{n_threads} torch thread{'s' if n_threads > 1 else ''}"
+        for label, took in (
+            (f"fast path (the default), the whole catalogue ({len(texts):,} texts), cold cache, {on}", cold),
+            (f"fast path (the default), the same catalogue again (every text cached), {on}", warm),
+        ):
+            rows.append(
+                {
+                    "run": label,
+                    "layers": cut,
+                    "dtype": default.dtype,
+                    "texts": len(texts),
+                    "items_per_s": len(texts) / float(np.median(took)),
+                    "seconds": took,
+                }
+            )
+    torch.set_num_threads(threads)
     write_rows(out, "items", rows)
     print(
-        f"items: {spec} item tower, MovieLens-100K titles (+ synthetic past 1,682), {len(texts):,} texts, "
-        f"median {int(np.median([len(x) for x in ids]))} tokens (EOS included, max {enc.max_tokens}); "
-        f"reference vs fast alternated {repeats}x on the same {n} texts, torch threads {torch.get_num_threads()}\n"
+        f"items: {spec} item tower ({depth} layers; the default tower: the first {cut}, {cfg.item_dtype}), "
+        f"MovieLens-100K titles (+ synthetic past 1,682), {len(texts):,} texts, median "
+        f"{int(np.median([len(x) for x in ids]))} tokens (EOS included, max {full.max_tokens}); the first six "
+        f"rows alternated {repeats}x on the same {n} texts, the catalogue rows {repeats}x (medians), torch "
+        f"threads {threads}\n"
     )
+    base = rows[0]["items_per_s"]
     print_table(
-        ["run", "items/s", "LLM tokens per real token"],
-        "lrr",
+        ["run", "layers", "dtype", "items/s", "× before", "LLM tokens per real token", "min state cosine vs float32"],
+        "lrlrrrr",
         [
             [
                 r["run"],
+                str(r["layers"]),
+                r["dtype"],
                 f"{r['items_per_s']:,.1f}",
+                f"{r['items_per_s'] / base:,.1f}",
                 f"{r['tokens_run_per_token']:.2f}" if "tokens_run_per_token" in r else "—",
+                f"{r['min_state_cosine_vs_float32']:.5f}" if r.get("min_state_cosine_vs_float32") else "—",
             ]
             for r in rows
         ],
     )
     print(
-        f"\nfast / reference: {rows[1]['items_per_s'] / rows[0]['items_per_s']:.2f}x (median of {repeats}); "
-        f"cached / reference: {rows[3]['items_per_s'] / rows[0]['items_per_s']:,.0f}x; largest difference of a "
-        f"state from the reference's, relative to its largest entry: {worst:.1e}"
+        f"\nlargest difference of a fast-path state from the reference's (every layer, float32), relative to "
+        f"its largest entry: {worst:.1e}; seconds per repeat: "
+        + "; ".join(f"{r['layers']} layers {r['dtype']}: {[round(x, 1) for x in r['seconds']]}" for r in rows)
     )
     return rows

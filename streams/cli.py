@@ -353,6 +353,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "max_users",
             "seed",
             "item_backbone",
+            "item_layers",
+            "item_dtype",
             "served_weight",
             "dmil_weight",
             "log_q",
@@ -421,8 +423,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if unknown:
             print(f"unknown model(s) {unknown}: choose from {sorted(MODELS)}", file=sys.stderr)
             return 2
+        from models.train import TrainConfig
+
+        item_text = {k: getattr(args, k) for k in ("item_layers", "item_dtype") if getattr(args, k) is not None}
         run_temporal(
             dataset=args.dataset or "ml-100k",
+            base=TrainConfig(item_tower_epochs=1, **item_text),
             seeds=tuple(args.seeds),
             models=models,
             steps_grid=tuple(args.steps),
@@ -564,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="refiner backbone: tiny (default), smollm2, or a local folder")
     p.add_argument("--backbone-layers", type=int, help="keep only the first N layers of the refiner backbone")
     p.add_argument("--item-backbone", help="item tower LLM for text datasets (default smollm2)")
+    p.add_argument("--item-layers", type=int, help="item tower LLM: its first N layers (default: TrainConfig's)")
+    p.add_argument("--item-dtype", choices=["float32", "bfloat16"], help="item tower LLM run type")
     p.add_argument("--interests", type=int, help="K interest vectors per scenario")
     p.add_argument("--max-users", type=int, help="train on the first N users only")
     p.add_argument(
@@ -616,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="temporal: torch threads")
     p.add_argument("--validation-only", action="store_true", help="temporal: the validation cut only (ablations)")
     p.add_argument("--no-sasrec", action="store_true", help="temporal: leave the SASRec-style baseline out")
+    p.add_argument("--item-layers", type=int, help="temporal: the item tower LLM's first N layers")
+    p.add_argument("--item-dtype", choices=["float32", "bfloat16"], help="temporal: the item tower LLM's run type")
     p.add_argument(
         "--choices-from", help="temporal: an earlier run's temporal.json: reuse its validation choices, test only"
     )

@@ -29,7 +29,7 @@ class ItemHandler:
         codebooks: Codebooks,
         deadletter: DeadLetter,
         republish: Republish,
-        text_backbone: str = "smollm2",
+        text_backbone: str | None = None,
     ) -> None:
         self.settings = settings
         self.ckpt = ckpt
@@ -92,7 +92,9 @@ class ItemHandler:
         if self._encoder is None:
             from models.item_tower import TextEncoder
 
-            self._encoder = TextEncoder(self.text_backbone)
+            cfg = self.ckpt.model.cfg  # the LLM configuration the checkpoint's item tower was trained on
+            backbone = self.text_backbone or cfg.item_backbone
+            self._encoder = TextEncoder(backbone, layers=cfg.item_layers, dtype=cfg.item_dtype)
         return self._encoder
 
     def _vectors(self, items: list[Item]) -> np.ndarray:

