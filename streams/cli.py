@@ -417,6 +417,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             validation_only=args.validation_only,
             sasrec=not args.no_sasrec,
             reuse=args.choices_from,
+            trend_gains=tuple(args.trend_gains),
+            serve_taus=tuple(args.serve_taus),
         )
         return 0
     from models.evaluate import run_evaluate
@@ -591,6 +593,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="*", help="temporal: user models (default: full hybrid hybrid_k1)")
     p.add_argument("--steps", type=int, nargs="*", default=[300], help="temporal: steps grid chosen on validation")
     p.add_argument("--threads", type=int, default=2, help="temporal: torch threads")
+    p.add_argument(
+        "--trend-gains",
+        type=float,
+        nargs="*",
+        default=[1.0],
+        help="temporal: factors on the learned trend weight tried at serving on validation (default 1)",
+    )
+    p.add_argument(
+        "--serve-taus",
+        type=float,
+        nargs="*",
+        default=[],
+        help="temporal: trend time constants (days) tried at serving on validation besides the training one",
+    )
     p.add_argument("--validation-only", action="store_true", help="temporal: the validation cut only (ablations)")
     p.add_argument("--no-sasrec", action="store_true", help="temporal: leave the SASRec-style baseline out")
     p.add_argument(

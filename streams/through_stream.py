@@ -32,7 +32,7 @@ from tqdm import tqdm
 from models.batches import make_batch
 from models.data import load
 from models.temporal import evaluate_ranked, protocol_splits, score_served, trend_feature
-from models.temporal_run import MODELS, Stage12, _cfg, fit_user_model, rank_user_model
+from models.temporal_run import MODELS, Stage12, _cfg, fit_user_model, rank_user_model, served_choices
 from models.train import TrainConfig
 from models.user_model import Checkpoint
 from streams.replay import expected_seq, plan, producer, send_events, wait_for_items, wait_for_vectors
@@ -110,7 +110,7 @@ def run_through_stream(
     )
     if checkpoint is None:
         stage = Stage12(test, replace(base, seed=0), progress)
-        cfg, variant = _cfg(replace(base, seed=seed), model, steps=steps)
+        cfg, variant = _cfg(replace(base, seed=seed), model, steps=steps, **served_choices(choices, model))
         um = fit_user_model(test, stage, cfg, variant, progress, f"{model} seed {seed}")
         version = f"{ds.name}-temporal-{model}-s{seed}-{int(time.time())}"
         ckpt_dir = out / "checkpoint"
