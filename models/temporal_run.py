@@ -3,7 +3,9 @@
 ``run_temporal`` (``mirstream evaluate --protocol temporal``):
 
 1. validation cut (train on ``ts < Tv``, score ``[Tv, T)``): the recent-popularity window, the item-kNN
-   neighbourhood, SASRec's epochs and the user models' steps (a validation curve each; seed 0);
+   neighbourhood, SASRec's epochs and the user models' steps (a validation curve each; seed 0), and for a
+   model with the trend coordinate how much of it to serve and with which τ (``serving_grid``: a factor on
+   the learned weight and the served τ, scored on the same trained model);
 2. test cut (train on ``ts < T``, score ``[T, end]``): every method refitted with those choices, for each
    seed; the test figures are computed once, after every choice is fixed, and written with the
    validation figures and the choices next to them.
@@ -274,8 +276,14 @@ def run_temporal(
     for seed in seeds:
         cfg_seed = replace(base, seed=seed)
         for name in reversed(tested):
-            cfg, variant = _cfg(cfg_seed, name, steps=choices[f"{name}_steps"], **served_choices(choices, name))
+            cfg, variant = _cfg(cfg_seed, name, steps=choices[f"{name}_steps"])
             model = fit_user_model(test, stage, cfg, variant, progress, f"test {name} seed {seed}")
+            served = served_choices(choices, name)
+            if model.trend and served != {"trend_gain": 1.0, "serve_tau_days": None}:
+                # the same weights served as trained too: what the validated serving choice changes
+                as_trained = evaluate_ranked(test, rank_user_model(test, model, stage))
+                per_seed.setdefault(f"{name} (trend as trained)", []).append(as_trained)
+                model = model.with_served_trend(served["trend_gain"], served["serve_tau_days"])
             per_seed.setdefault(name, []).append(evaluate_ranked(test, rank_user_model(test, model, stage)))
             (out / "temporal.json").write_text(json.dumps({**report, "test_per_seed": per_seed}, default=str))
         if sasrec:
