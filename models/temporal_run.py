@@ -170,8 +170,8 @@ def run_temporal(
     out: str | Path = "runs/temporal",
     progress: bool = True,
     threads: int = 2,
-    trend_gains: tuple[float, ...] = (1.0,),
-    serve_taus: tuple[float, ...] = (),
+    trend_gains: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
+    serve_taus: tuple[float, ...] = (7.0, 14.0, 30.0),
 ) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()

@@ -597,15 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--trend-gains",
         type=float,
         nargs="*",
-        default=[1.0],
-        help="temporal: factors on the learned trend weight tried at serving on validation (default 1)",
+        default=[0.5, 1.0, 2.0, 4.0],
+        help="temporal: factors on the learned trend weight tried at serving on validation (default 0.5 1 2 4)",
     )
     p.add_argument(
         "--serve-taus",
         type=float,
         nargs="*",
-        default=[],
-        help="temporal: trend time constants (days) tried at serving on validation besides the training one",
+        default=[7.0, 14.0, 30.0],
+        help="temporal: trend time constants (days) tried at serving on validation besides the training one "
+        "(default 7 14 30)",
     )
     p.add_argument("--validation-only", action="store_true", help="temporal: the validation cut only (ablations)")
     p.add_argument("--no-sasrec", action="store_true", help="temporal: leave the SASRec-style baseline out")

@@ -44,7 +44,14 @@ from streams.workerproc import WorkerProcess
 
 #: Choices used when no validation report is given (those ``mirstream evaluate --protocol temporal``
 #: made on the ML-100K validation cut; pass ``--choices-from`` to use a run's own).
-DEFAULT_CHOICES = {"recent_window_days": 3, "hybrid_steps": 300, "full_steps": 300, "hybrid_variant": "hybrid"}
+DEFAULT_CHOICES = {
+    "recent_window_days": 3,
+    "hybrid_steps": 300,
+    "full_steps": 300,
+    "hybrid_variant": "hybrid",
+    "hybrid_trend_gain": 2.0,
+    "hybrid_serve_tau_days": 7.0,
+}
 
 
 def _send_catalogue(settings: Settings, item_ids: np.ndarray, vectors: np.ndarray) -> None:
