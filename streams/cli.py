@@ -345,6 +345,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "id_embeddings",
             "trend",
             "trend_tau_days",
+            "trend_gain",
+            "serve_tau_days",
             "sampler",
             "horizon_days",
             "cut_quantile",
@@ -565,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more served dimension: a learned weight on the item's log(1 + decayed count) (default off)",
     )
     p.add_argument("--trend-tau-days", type=float, help="time constant of the decayed item counts (default 30)")
+    p.add_argument("--trend-gain", type=float, help="serve this factor × the learned trend weight (default 1)")
+    p.add_argument("--serve-tau-days", type=float, help="serve the trend read with this τ (default: the training τ)")
     p.add_argument("--sampler", choices=["random", "global"], help="training samples: random cuts or global times")
     p.add_argument("--horizon-days", type=float, help="global sampler: how far ahead targets are taken (default 21)")
     p.add_argument(
