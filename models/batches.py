@@ -81,18 +81,27 @@ def global_train_samples(
     cuts: int = 20,
     horizon_days: float = 21.0,
     min_history: int = 3,
+    recency_days: float | None = None,
 ) -> list[Sample]:
     """Samples that predict across a gap, the way the temporal protocol scores: ``cuts`` random global times
     t* among the training events; for each, every user with ``min_history`` events before t* and unseen
     items in ``[t*, t* + horizon)`` (and before the user's ``limit``) gives one sample: history = events
-    before t*, targets = up to ``window`` of those items drawn at random, ``at`` = t*."""
+    before t*, targets = up to ``window`` of those items drawn at random, ``at`` = t*.
+
+    ``recency_days``: draw t* with an extra weight exp((t* - newest) / recency_days), so more of the samples
+    look like the last weeks before the cut, the period the scored one follows (None: every event alike)."""
     out: list[Sample] = []
     train_ts = np.concatenate([ds.ts[ds.offsets[u] : limit[u]] for u in range(ds.n_users)])
     if len(train_ts) == 0:
         return out
     lo = np.quantile(train_ts, 0.05)
     horizon = horizon_days * 86400.0
-    for t in rng.choice(train_ts[train_ts > lo], cuts):
+    pool = train_ts[train_ts > lo]
+    p = None
+    if recency_days is not None:
+        w = np.exp((pool - pool.max()) / (recency_days * 86400.0))
+        p = w / w.sum()
+    for t in rng.choice(pool, cuts, p=p):
         for u in range(ds.n_users):
             start, stop = int(ds.offsets[u]), int(limit[u])
             ts = ds.ts[start:stop]

@@ -3,7 +3,9 @@
 ``run_temporal`` (``mirstream evaluate --protocol temporal``):
 
 1. validation cut (train on ``ts < Tv``, score ``[Tv, T)``): the recent-popularity window, the item-kNN
-   neighbourhood, SASRec's epochs and the user models' steps (a validation curve each; seed 0);
+   neighbourhood, SASRec's epochs and the user models' steps (a validation curve each; seed 0), and for a
+   model with the trend coordinate how much of it to serve and with which τ (``serving_grid``: a factor on
+   the learned weight and the served τ, scored on the same trained model);
 2. test cut (train on ``ts < T``, score ``[T, end]``): every method refitted with those choices, for each
    seed; the test figures are computed once, after every choice is fixed, and written with the
    validation figures and the choices next to them.
@@ -53,6 +55,8 @@ MODELS: dict[str, dict] = {
     "hybrid_random_cuts": {"id_embeddings": True, "trend": True},
     "hybrid_k1": {"id_embeddings": True, "trend": True, "sampler": "global", "interests": 1},
     "hybrid_no_coarse": {"id_embeddings": True, "trend": True, "sampler": "global", "variant": {"use_coarse": False}},
+    # sample times weighted toward the last weeks before the cut (exp(-age / 30 days))
+    "hybrid_recent_cuts": {"id_embeddings": True, "trend": True, "sampler": "global", "cut_recency_days": 30.0},
 }
 BASELINES = ("popularity", "recent_popularity", "item_knn", "transition", "sasrec")
 
@@ -99,6 +103,34 @@ def rank_user_model(split: TemporalSplit, model: UserModel, stage: Stage12, batc
     return rank_vectors(np.concatenate(users), items, [split.seen(s) for s in split.samples])
 
 
+def _serving_key(gain: float, tau: float | None) -> str:
+    return f"gain {gain:g}, tau {'train' if tau is None else f'{tau:g}'}"
+
+
+def serving_grid(
+    split: TemporalSplit, model: UserModel, stage: Stage12, gains: tuple[float, ...], taus: tuple[float, ...]
+) -> tuple[dict[str, dict], tuple[float, float | None]]:
+    """How much trend to serve and with which τ: every (gain, τ) scored on ``split`` with one trained model;
+    returns the figures and the (gain, τ) of the best Recall@50 (ties: the earlier, gain 1 at the training τ
+    first)."""
+    grid: dict[str, dict] = {}
+    options = [(1.0, None)] + [(g, t) for g in gains for t in (None, *taus) if (g, t) != (1.0, None)]
+    for gain, tau in options:
+        grid[_serving_key(gain, tau)] = evaluate_ranked(
+            split, rank_user_model(split, model.with_served_trend(gain, tau), stage)
+        )
+    best = max(options, key=lambda o: grid[_serving_key(*o)]["recall@50"])
+    return grid, best
+
+
+def served_choices(choices: dict, name: str) -> dict:
+    """The serving options validation chose for ``name`` (none recorded: gain 1 at the training τ)."""
+    return {
+        "trend_gain": choices.get(f"{name}_trend_gain", 1.0),
+        "serve_tau_days": choices.get(f"{name}_serve_tau_days"),
+    }
+
+
 def fit_user_model(split: TemporalSplit, stage: Stage12, cfg: TrainConfig, variant: dict, progress: bool, name: str):
     model, _ = fit_variant(
         split.train, cfg, stage.tower, stage.vectors, stage.decoded, stage.limit, progress, name=name, **variant
@@ -138,6 +170,8 @@ def run_temporal(
     out: str | Path = "runs/temporal",
     progress: bool = True,
     threads: int = 2,
+    trend_gains: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
+    serve_taus: tuple[float, ...] = (7.0, 14.0, 30.0),
 ) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -189,13 +223,22 @@ def run_temporal(
             if name == "full" and not validate_fixed:  # nothing of it is chosen: scored on the test cut only
                 choices["full_steps"] = steps_grid[-1]
                 continue
+            serving: dict[int, tuple[float, float | None]] = {}
             for steps in steps_grid:
                 cfg, variant = _cfg(base0, name, steps=steps)
                 model = fit_user_model(valid, stage, cfg, variant, progress, f"validation {name} {steps} steps")
                 model_grid[name][steps] = evaluate_ranked(valid, rank_user_model(valid, model, stage))
                 say(f"validation: {name} {steps} steps R@50 {model_grid[name][steps]['recall@50']:.4f}")
+                serving[steps] = (1.0, None)
+                if model.trend and (trend_gains != (1.0,) or serve_taus):
+                    grid_s, serving[steps] = serving_grid(valid, model, stage, trend_gains, serve_taus)
+                    model_grid[name][f"{steps} serving"] = grid_s
+                    model_grid[name][steps] = grid_s[_serving_key(*serving[steps])]
+                    say(f"validation: {name} {steps} steps, served trend (gain, τ) {serving[steps]} R@50 "
+                        f"{model_grid[name][steps]['recall@50']:.4f}")  # fmt: skip
             best = max(steps_grid, key=lambda s: model_grid[name][s]["recall@50"])
             choices[f"{name}_steps"] = best
+            choices[f"{name}_trend_gain"], choices[f"{name}_serve_tau_days"] = serving[best]
             validation[name] = model_grid[name][best]
             (out / "temporal.json").write_text(json.dumps({**report, "partial_validation": model_grid}, default=str))
         # K (and any other hybrid option): the hybrid variant that did best on validation goes to the test cut
@@ -236,6 +279,12 @@ def run_temporal(
         for name in reversed(tested):
             cfg, variant = _cfg(cfg_seed, name, steps=choices[f"{name}_steps"])
             model = fit_user_model(test, stage, cfg, variant, progress, f"test {name} seed {seed}")
+            served = served_choices(choices, name)
+            if model.trend and served != {"trend_gain": 1.0, "serve_tau_days": None}:
+                # the same weights served as trained too: what the validated serving choice changes
+                as_trained = evaluate_ranked(test, rank_user_model(test, model, stage))
+                per_seed.setdefault(f"{name} (trend as trained)", []).append(as_trained)
+                model = model.with_served_trend(served["trend_gain"], served["serve_tau_days"])
             per_seed.setdefault(name, []).append(evaluate_ranked(test, rank_user_model(test, model, stage)))
             (out / "temporal.json").write_text(json.dumps({**report, "test_per_seed": per_seed}, default=str))
         if sasrec:

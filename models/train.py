@@ -78,6 +78,13 @@ class TrainConfig:
     #: t* within ``horizon_days``, as the temporal protocol scores).
     sampler: str = "random"
     horizon_days: float = 21.0
+    #: Global sampler: weight the sample times toward the end of the training data, exp((t - newest) / this)
+    #: (None: every training event's time alike).
+    cut_recency_days: float | None = None
+    #: Serving only (applied once trained; ``UserModel.with_served_trend``): a factor on the learned trend
+    #: weight and the τ the trend is read with (None: the training τ), both chosen on a validation cut.
+    trend_gain: float = 1.0
+    serve_tau_days: float | None = None
     #: Train on the events before this time quantile only (the temporal protocol's cut; the checkpoint
     #: a stream replaying the pre-cut events serves).  None: the leave-last-W-out split.
     cut_quantile: float | None = None
@@ -304,7 +311,9 @@ def train_user_model(
     bar = tqdm(total=total, desc=desc, disable=not progress)
     while len(losses) < total:
         if cfg.sampler == "global":
-            samples = global_train_samples(ds, limit, rng, cfg.window, horizon_days=cfg.horizon_days)
+            samples = global_train_samples(
+                ds, limit, rng, cfg.window, horizon_days=cfg.horizon_days, recency_days=cfg.cut_recency_days
+            )
         else:
             samples = train_samples(ds, limit, rng, cfg.window)
         order = rng.permutation(len(samples))
@@ -352,6 +361,8 @@ def fit_variant(
     model.item_tower.load_state_dict(copy.deepcopy(tower.state_dict()))
     inputs = decoded if mcfg.use_codebook else vectors
     losses = train_user_model(ds, model, inputs, vectors, limit, cfg, progress, desc=f"stage 3: {name}")
+    if model.trend and (cfg.trend_gain != 1.0 or cfg.serve_tau_days is not None):
+        model = model.with_served_trend(cfg.trend_gain, cfg.serve_tau_days)
     return model.eval(), losses
 
 

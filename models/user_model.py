@@ -7,9 +7,10 @@ options (``use_coarse``, K) in ``RefinerConfig``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -112,6 +113,22 @@ class UserModel(nn.Module):
             use = (ids >= 0) & self.id_known[row]
             z = z + self.item_ids(row) * use.unsqueeze(-1).to(z.dtype)
         return torch.nn.functional.normalize(z, dim=-1)
+
+    def with_served_trend(self, gain: float = 1.0, tau_days: float | None = None) -> UserModel:
+        """A copy that serves ``gain`` × the learned trend weight, with the trend read at ``tau_days``.
+
+        Training fits the weight for its sampled softmax over a 21-day horizon, not for the ranking that is
+        scored, so how much of the trend to serve is a serving choice (made on a validation cut).  The gain is
+        folded into the weight's output layer and τ into the config, so the stream serves the copy as is."""
+        if not self.trend:
+            raise ValueError("this model scores no trend coordinate")
+        out = copy.deepcopy(self)
+        with torch.no_grad():
+            out.refiner.trend_out.weight.mul_(gain)
+            out.refiner.trend_out.bias.mul_(gain)
+        if tau_days is not None:
+            out.cfg = replace(out.cfg, trend_tau_days=float(tau_days))
+        return out.eval()
 
     def _served(self, vectors: torch.Tensor) -> torch.Tensor:
         """With the trend on, the last column is the refiner's raw weight: divided by the logit scale it is

@@ -361,6 +361,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "id_embeddings",
             "trend",
             "trend_tau_days",
+            "trend_gain",
+            "serve_tau_days",
             "sampler",
             "horizon_days",
             "cut_quantile",
@@ -437,6 +439,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             validation_only=args.validation_only,
             sasrec=not args.no_sasrec,
             reuse=args.choices_from,
+            trend_gains=tuple(args.trend_gains),
+            serve_taus=tuple(args.serve_taus),
         )
         return 0
     from models.evaluate import run_evaluate
@@ -594,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more served dimension: a learned weight on the item's log(1 + decayed count) (default off)",
     )
     p.add_argument("--trend-tau-days", type=float, help="time constant of the decayed item counts (default 30)")
+    p.add_argument("--trend-gain", type=float, help="serve this factor × the learned trend weight (default 1)")
+    p.add_argument("--serve-tau-days", type=float, help="serve the trend read with this τ (default: the training τ)")
     p.add_argument("--sampler", choices=["random", "global"], help="training samples: random cuts or global times")
     p.add_argument("--horizon-days", type=float, help="global sampler: how far ahead targets are taken (default 21)")
     p.add_argument(
@@ -622,6 +628,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="*", help="temporal: user models (default: full hybrid hybrid_k1)")
     p.add_argument("--steps", type=int, nargs="*", default=[300], help="temporal: steps grid chosen on validation")
     p.add_argument("--threads", type=int, default=2, help="temporal: torch threads")
+    p.add_argument(
+        "--trend-gains",
+        type=float,
+        nargs="*",
+        default=[0.5, 1.0, 2.0, 4.0],
+        help="temporal: factors on the learned trend weight tried at serving on validation (default 0.5 1 2 4)",
+    )
+    p.add_argument(
+        "--serve-taus",
+        type=float,
+        nargs="*",
+        default=[7.0, 14.0, 30.0],
+        help="temporal: trend time constants (days) tried at serving on validation besides the training one "
+        "(default 7 14 30)",
+    )
     p.add_argument("--validation-only", action="store_true", help="temporal: the validation cut only (ablations)")
     p.add_argument("--no-sasrec", action="store_true", help="temporal: leave the SASRec-style baseline out")
     p.add_argument("--item-layers", type=int, help="temporal: the item tower LLM's first N layers")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from models.batches import make_batch
 from models.data import load
 from models.temporal import evaluate_ranked, protocol_splits, score_served, trend_feature
-from models.temporal_run import MODELS, Stage12, _cfg, fit_user_model, rank_user_model
+from models.temporal_run import MODELS, Stage12, _cfg, fit_user_model, rank_user_model, served_choices
 from models.train import TrainConfig
 from models.user_model import Checkpoint
 from streams.replay import expected_seq, plan, producer, send_events, wait_for_items, wait_for_vectors
@@ -44,7 +44,14 @@ from streams.workerproc import WorkerProcess
 
 #: Choices used when no validation report is given (those ``mirstream evaluate --protocol temporal``
 #: made on the ML-100K validation cut; pass ``--choices-from`` to use a run's own).
-DEFAULT_CHOICES = {"recent_window_days": 3, "hybrid_steps": 300, "full_steps": 300, "hybrid_variant": "hybrid"}
+DEFAULT_CHOICES = {
+    "recent_window_days": 3,
+    "hybrid_steps": 300,
+    "full_steps": 300,
+    "hybrid_variant": "hybrid",
+    "hybrid_trend_gain": 2.0,
+    "hybrid_serve_tau_days": 7.0,
+}
 
 
 def _send_catalogue(settings: Settings, item_ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -110,7 +117,7 @@ def run_through_stream(
     )
     if checkpoint is None:
         stage = Stage12(test, replace(base, seed=0), progress)
-        cfg, variant = _cfg(replace(base, seed=seed), model, steps=steps)
+        cfg, variant = _cfg(replace(base, seed=seed), model, steps=steps, **served_choices(choices, model))
         um = fit_user_model(test, stage, cfg, variant, progress, f"{model} seed {seed}")
         version = f"{ds.name}-temporal-{model}-s{seed}-{int(time.time())}"
         ckpt_dir = out / "checkpoint"

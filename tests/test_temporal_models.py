@@ -178,3 +178,55 @@ def test_training_on_the_cut_dataset_never_sees_later_events():
     # the ID table knows exactly the items with events before the cut
     before_cut = np.bincount(ds.item, minlength=ds.n_items) > 0
     assert model.id_known.numpy().tolist() == before_cut.tolist()
+
+
+def test_served_trend_gain_scales_only_the_trend_weight_and_tau_is_the_served_one():
+    ds = tp.before(log(), 20 * DAY)
+    model = _tiny_model(ds, trend=True).eval()
+    with torch.no_grad():
+        model.refiner.trend_out.bias.fill_(0.5)
+    s = Sample(1, int(ds.offsets[1]), int(ds.offsets[2]), np.array([0]), 0)
+    served = model.with_served_trend(2.5, tau_days=14.0)
+    with torch.inference_mode():
+        a = model.interests(make_batch(ds, [s], ds.item_vectors, model.cfg, 1)).numpy()[0]
+        b = served.interests(make_batch(ds, [s], ds.item_vectors, served.cfg, 1)).numpy()[0]
+    np.testing.assert_allclose(b[:, :-1], a[:, :-1], atol=1e-6)  # the interests' directions are untouched
+    np.testing.assert_allclose(b[:, -1], 2.5 * a[:, -1], rtol=1e-5)
+    assert served.cfg.trend_tau_days == 14.0 and served.trend_tau_s == 14.0 * DAY  # what the stream reads
+    assert model.cfg.trend_tau_days == 30.0  # the trained model is left as it was
+    with pytest.raises(ValueError):
+        _tiny_model(ds).with_served_trend(2.0)
+
+
+def test_recency_weighted_sample_times_lean_toward_the_end_of_the_training_data():
+    ds = tp.before(log(items=40), 20 * DAY)  # no item comes back: every time has unseen items ahead
+    limit = ds.offsets[1:].copy()
+    times = {}
+    for recency in (None, 2.0):
+        rng = np.random.default_rng(0)
+        got = global_train_samples(ds, limit, rng, window=4, cuts=200, horizon_days=5, recency_days=recency)
+        times[recency] = np.array([s.at for s in got]) / DAY
+        assert (times[recency] < 20).all()
+    assert np.median(times[2.0]) > 15 > np.median(times[None])  # uniform over days 1..20 has its median near 10
+
+
+def test_serving_grid_scores_each_gain_and_tau_and_records_the_choice_for_the_test_cut():
+    from models.temporal_run import Stage12, rank_user_model, served_choices, serving_grid
+
+    split = tp.temporal_split(log(items=40), 20 * DAY, 25 * DAY)
+    stage = Stage12(split, TrainConfig(codewords=8, codebook_layers=1, retrieval_dim=8), progress=False)
+    model = _tiny_model(split.train, trend=True).eval()
+    with torch.no_grad():
+        model.refiner.trend_out.bias.fill_(0.5)
+    grid, best = serving_grid(split, model, stage, (1.0, 3.0), (7.0,))
+    assert set(grid) == {"gain 1, tau train", "gain 1, tau 7", "gain 3, tau train", "gain 3, tau 7"}
+    assert grid["gain 1, tau train"] == tp.evaluate_ranked(split, rank_user_model(split, model, stage))
+    assert grid["gain 3, tau 7"] == tp.evaluate_ranked(
+        split, rank_user_model(split, model.with_served_trend(3.0, 7.0), stage)
+    )
+    assert grid[f"gain {best[0]:g}, tau {'train' if best[1] is None else f'{best[1]:g}'}"]["recall@50"] == max(
+        g["recall@50"] for g in grid.values()
+    )
+    choices = {"hybrid_trend_gain": 3.0, "hybrid_serve_tau_days": 7.0}
+    assert served_choices(choices, "hybrid") == {"trend_gain": 3.0, "serve_tau_days": 7.0}
+    assert served_choices(choices, "full") == {"trend_gain": 1.0, "serve_tau_days": None}  # none chosen: as trained
