@@ -249,8 +249,9 @@ def bench_freshness(
 ) -> list[dict]:
     """Freshness (produce → vectors written) at fixed offered rates, refinement on."""
     ensure_checkpoint(settings)
-    ds = load("sim")
+    ds = load("sim") if users <= 300 else simulate(users=users)  # the same catalogue, more users
     p = plan(ds, max_users=users)
+    users = len(np.unique(ds.user[p.events]))
     rows = []
     for rate in rates:
         row, _ = run_worker(settings, ds, p, rate, True, f"r{rate:.0f}")
