@@ -308,10 +308,9 @@ class Backfill:
         await self._count_trend(counted)
         changed, conflicts = await self._write(fast, plans, first=True)
         if conflicts:  # another writer meanwhile: re-read, re-plan (their events are counted already)
-            pending = {
-                u: pending[u] if u in pending else self._accepted_of(u, users, starts, ends, col) for u in conflicts
-            }
-            changed += await self._apply(pending)
+            place = {u: k for k, u in enumerate(users)}
+            retry = {u: pending.get(u) or self._accepted(starts[place[u]], ends[place[u]], col) for u in conflicts}
+            changed += await self._apply(retry)
         return changed
 
     def _plan(
@@ -352,12 +351,6 @@ class Backfill:
         plans = plan({u: rows[u] for u in pending}, pending, self.codes_of(pending), ctx) if pending else {}
         counted += [(a.event.item_id, a.offset, a.event.ts) for p in plans.values() if p.update for a in p.applied]
         return fast, pending, plans, counted
-
-    def _accepted_of(
-        self, user: str, users: list[str], starts: np.ndarray, ends: np.ndarray, col: dict[str, np.ndarray]
-    ) -> list[Accepted]:
-        k = users.index(user)
-        return self._accepted(starts[k], ends[k], col)
 
     def _accepted(self, start: int, end: int, col: dict[str, np.ndarray]) -> list[Accepted]:
         """A user's events as the stream's agents hand them to the planner; the message offset is the
