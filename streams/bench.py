@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.bench import print_table, write_rows
-from models.data import Dataset, load, simulate
+from models.data import Dataset, load, simulate, zipf_counts
 from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
 from state.baseline import BaselineStore
@@ -245,11 +245,20 @@ def bench_ingest(settings: Settings, users: int = 100, repeats: int = 1, out: st
 
 
 def bench_freshness(
-    settings: Settings, users: int = 100, rates: tuple[float, ...] = (200, 1000, 5000), out: str = "bench"
+    settings: Settings,
+    users: int = 100,
+    rates: tuple[float, ...] = (200, 1000, 5000),
+    zipf: float = 0.0,
+    out: str = "bench",
 ) -> list[dict]:
-    """Freshness (produce → vectors written) at fixed offered rates, refinement on."""
+    """Freshness (produce → vectors written) at fixed offered rates, refinement on.  The simulator's users
+    are evenly active; with ``zipf`` > 0 the same number of events (about 110 a user) is spread over the
+    users by Zipf's law with that exponent, as real traffic is (a few very active users, a long tail)."""
     ensure_checkpoint(settings)
-    ds = load("sim") if users <= 300 else simulate(users=users)  # the same catalogue, more users
+    if zipf > 0:
+        ds = simulate(users=users, counts=zipf_counts(users, 110, zipf))
+    else:
+        ds = load("sim") if users <= 300 else simulate(users=users)  # the same catalogue, more users
     p = plan(ds, max_users=users)
     users = len(np.unique(ds.user[p.events]))
     rows = []
@@ -257,7 +266,8 @@ def bench_freshness(
         row, _ = run_worker(settings, ds, p, rate, True, f"r{rate:.0f}")
         rows.append({"run": f"{rate:.0f} ev/s offered", **row})
     write_rows(out, "freshness", rows)
-    print(f"freshness: simulator, {len(p.events):,} events of {users} users, refinement on, one worker\n")
+    spread = f"Zipf activity, exponent {zipf:g}" if zipf > 0 else "evenly active"
+    print(f"freshness: simulator, {len(p.events):,} events of {users} users ({spread}), refinement on, one worker\n")
     print_table(
         ["offered ev/s", "achieved offer", "absorbed ev/s", "p50 (s)", "p95 (s)", "p99 (s)", "complete"],
         "rrrrrrl",

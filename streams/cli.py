@@ -312,7 +312,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         elif part == "ingest":
             online.bench_ingest(settings, users=users, repeats=args.repeat, out=args.out)
         elif part == "freshness":
-            online.bench_freshness(settings, users=users, rates=tuple(args.rates), out=args.out)
+            online.bench_freshness(settings, users=users, rates=tuple(args.rates), zipf=args.zipf, out=args.out)
         elif part == "memory":
             online.bench_memory(settings, soak_events=args.soak_events, out=args.out)
         elif part == "soak":
@@ -550,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-users", type=int, default=2_000, help="backfill: users whose events the stream side runs (0: all)"
     )
     p.add_argument("--rates", type=float, nargs="*", default=[200, 1000, 5000], help="offered rates for freshness")
+    p.add_argument(
+        "--zipf", type=float, default=0.0, help="freshness: user activity by Zipf's law with this exponent (0: even)"
+    )
     p.add_argument(
         "--items", type=int, default=1682, help="items: catalogue texts (ML-100K titles, synthetic past 1,682)"
     )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models.codebook import ResidualCodebook
-from models.refiner import UserInput
+from models.refiner import UserInput, select_recent
 from models.user_model import Checkpoint
 from state.store import StreamStore
 from state.users import CorruptState, UserRow, decode_coarse, decode_history
@@ -43,6 +43,8 @@ def user_inputs(
     ckpt: Checkpoint, rows: list[UserRow], books: dict[str, ResidualCodebook] | None = None
 ) -> list[UserInput]:
     """Redis rows → refiner inputs: coarse interests read from the state, history decoded, time-ordered.
+    Only the events the refiner reads (``select_recent``: at most ``recent`` of a history of up to
+    ``history_cap``) are decoded, so a long history costs no more to refine than a short one.
     ``books`` holds the codebooks of rows written by another checkpoint (see ``streams.switch``).
     Raises ``CorruptState`` / ``KeyError`` for a row that cannot be decoded."""
     model = ckpt.model.coarse
@@ -61,11 +63,14 @@ def user_inputs(
             histories.append(r.history)
     coarse = model.read_many(np.stack(states)).numpy()
     code_bytes = ckpt.codebook.cfg.bytes_per_item
+    refiner = ckpt.model.refiner.cfg if ckpt.model.refiner is not None else None
     out = []
     for history, c in zip(histories, coarse, strict=True):
         rec = decode_history(history, code_bytes)
         order = np.lexsort((rec["scenario"], rec["ts"]))  # time order; scenario breaks ties
         rec = rec[order]
+        if refiner is not None:  # select_recent of what it picks picks it all: the refiner sees the same events
+            rec = rec[select_recent(rec["scenario"], rec["ts"], refiner.recent, refiner.quotas)]
         items = (
             ckpt.codebook.from_bytes(rec["code"].tobytes(), len(rec))
             if len(rec)
@@ -170,7 +175,8 @@ class Refresher:
             self.executor, self._refine, [rows[u] for u in users], books
         )
         metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
-        refined = []
+        writes: list[tuple[int, UserRow, dict[str, np.ndarray]]] = []
+        cleared: list[tuple[int, str, int]] = []
         for (p, user), vecs in zip(picked, vectors, strict=True):
             row = rows[user]
             if vecs is not None and not np.isfinite(vecs).all():
@@ -180,24 +186,31 @@ class Refresher:
                 continue
             if user in failed:
                 await self.store.quarantine(user, p, row.seq, failed[user])
-                await self.store.clear_dirty(p, user, row.seq)
+                cleared.append((p, user, row.seq))
                 log.error("quarantined user %s at seq %d: %s", user, row.seq, failed[user])
                 continue
-            per_scenario = {s: vecs[i] for i, s in enumerate(self.scenarios)}
-            written = await self.store.write_vectors(
-                user, row.seq, self.ckpt.version, row.last_ts, row.kts, per_scenario, self.settings.version_ttl_s
-            )
-            await self.store.clear_dirty(p, user, row.seq)
-            self.last_refined[user] = time.monotonic()
-            refined.append(user)
-            if written:
+            writes.append((p, row, {s: vecs[i] for i, s in enumerate(self.scenarios)}))
+        # One round trip writes every user's vectors, the next takes the users off their dirty sets: a crash
+        # in between leaves them dirty, to be refined again (a write never goes back in seq).
+        written = await self.store.write_vectors_many(
+            [(row.user, row.seq, row.last_ts, row.kts, per_scenario) for _, row, per_scenario in writes],
+            self.ckpt.version,
+            self.settings.version_ttl_s,
+        )
+        await self.store.clear_dirty_many(cleared + [(p, row.user, row.seq) for p, row, _ in writes])
+        now = time.monotonic()
+        refined = []
+        for (_, row, per_scenario), was_written in zip(writes, written, strict=True):
+            self.last_refined[row.user] = now
+            refined.append(row.user)
+            if was_written:
                 metrics.REFINEMENTS.inc()
                 if row.kts > 0:
                     metrics.FRESHNESS.observe(max(0.0, time.time() - row.kts))
                 await self.emit(
-                    user,
+                    row.user,
                     {
-                        "user_id": user,
+                        "user_id": row.user,
                         "seq": row.seq,
                         "version": self.ckpt.version,
                         "event_ts": row.last_ts,
