@@ -57,6 +57,13 @@ MODELS: dict[str, dict] = {
     "hybrid_no_coarse": {"id_embeddings": True, "trend": True, "sampler": "global", "variant": {"use_coarse": False}},
     # sample times weighted toward the last weeks before the cut (exp(-age / 30 days))
     "hybrid_recent_cuts": {"id_embeddings": True, "trend": True, "sampler": "global", "cut_recency_days": 30.0},
+    # the global sampler's horizon (targets in [t*, t* + horizon)): 21 days in "hybrid"
+    "hybrid_h7": {"id_embeddings": True, "trend": True, "sampler": "global", "horizon_days": 7.0},
+    "hybrid_h42": {"id_embeddings": True, "trend": True, "sampler": "global", "horizon_days": 42.0},
+    # two trend coordinates: the validated short τ and 30 days, each with its learned weight
+    "hybrid_2trend": {"id_embeddings": True, "trend": True, "sampler": "global", "trend_long_tau_days": 30.0},
+    # half of the logQ correction in training (popular candidates' logits lowered less)
+    "hybrid_logq_half": {"id_embeddings": True, "trend": True, "sampler": "global", "log_q_strength": 0.5},
 }
 BASELINES = ("popularity", "recent_popularity", "item_knn", "transition", "sasrec")
 
@@ -92,7 +99,9 @@ def rank_user_model(split: TemporalSplit, model: UserModel, stage: Stage12, batc
     """Rankings through the served API: item ``retrieval_vectors`` (ids, trend at the cut) + faiss max-merge."""
     ds = split.train
     inputs = stage.decoded if model.cfg.use_codebook else stage.vectors
-    trend = trend_feature(ds, split.cut, model.cfg.trend_tau_days) if model.trend else None
+    trend = None
+    if model.trend:  # (n_items, c): each coordinate read at the cut with its τ
+        trend = np.stack([trend_feature(ds, split.cut, tau) for tau in model.trend_taus_days], 1)
     items = model.retrieval_vectors(stage.vectors, ids=np.arange(ds.n_items), trend=trend)
     users = []
     for i in range(0, len(split.samples), batch_size):
@@ -172,6 +181,7 @@ def run_temporal(
     threads: int = 2,
     trend_gains: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
     serve_taus: tuple[float, ...] = (7.0, 14.0, 30.0),
+    validation_seed: int = 0,
 ) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -184,6 +194,7 @@ def run_temporal(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"dataset": ds.name, "test_quantile": test_q, "valid_quantile": valid_q, "seeds": list(seeds)}
+    report["validation_seed"] = validation_seed
     report["item_text"] = {"backbone": base.item_backbone, "layers": base.item_layers, "dtype": base.item_dtype}
     report["splits"] = {
         sp.name: {
@@ -216,8 +227,9 @@ def run_temporal(
         model_grid: dict[str, dict] = {}
         # the trend's time constant: the recent-popularity window that won on validation
         base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
-        base0 = replace(base, seed=0)
-        stage = Stage12(valid, base0, progress)
+        base0 = replace(base, seed=0)  # the test cut's shared item tower + codebook
+        base_v = replace(base, seed=validation_seed)
+        stage = Stage12(valid, base_v, progress)
         for name in models:
             model_grid[name] = {}
             if name == "full" and not validate_fixed:  # nothing of it is chosen: scored on the test cut only
@@ -225,7 +237,7 @@ def run_temporal(
                 continue
             serving: dict[int, tuple[float, float | None]] = {}
             for steps in steps_grid:
-                cfg, variant = _cfg(base0, name, steps=steps)
+                cfg, variant = _cfg(base_v, name, steps=steps)
                 model = fit_user_model(valid, stage, cfg, variant, progress, f"validation {name} {steps} steps")
                 model_grid[name][steps] = evaluate_ranked(valid, rank_user_model(valid, model, stage))
                 say(f"validation: {name} {steps} steps R@50 {model_grid[name][steps]['recall@50']:.4f}")

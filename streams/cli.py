@@ -441,6 +441,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             reuse=args.choices_from,
             trend_gains=tuple(args.trend_gains),
             serve_taus=tuple(args.serve_taus),
+            validation_seed=args.validation_seed,
         )
         return 0
     from models.evaluate import run_evaluate
@@ -644,6 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 7 14 30)",
     )
     p.add_argument("--validation-only", action="store_true", help="temporal: the validation cut only (ablations)")
+    p.add_argument(
+        "--validation-seed",
+        type=int,
+        default=0,
+        help="temporal: seed of the validation phase's item tower and user models (default 0; a second one "
+        "repeats the validation choices' runs to average them)",
+    )
     p.add_argument("--no-sasrec", action="store_true", help="temporal: leave the SASRec-style baseline out")
     p.add_argument("--item-layers", type=int, help="temporal: the item tower LLM's first N layers")
     p.add_argument("--item-dtype", choices=["float32", "bfloat16"], help="temporal: the item tower LLM's run type")
