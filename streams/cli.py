@@ -358,6 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "served_weight",
             "dmil_weight",
             "log_q",
+            "log_q_strength",
             "id_embeddings",
             "trend",
             "trend_tau_days",
@@ -418,6 +419,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 0
         if args.merge:
             print(merge_reports(args.merge, args.out or "runs/temporal")["test"].keys())
+            return 0
+        if args.merge_validation:
+            from models.temporal_run import markdown_validation, merge_validation
+
+            merged = merge_validation(args.merge_validation, args.out or "runs/temporal-valid")
+            print(markdown_validation(merged))
+            print(f"choices: {merged['choices']}")
             return 0
 
         models = tuple(args.models) if args.models else ("full", "hybrid", "hybrid_k1")
@@ -598,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="one more served dimension: a learned weight on the item's log(1 + decayed count) (default off)",
     )
+    p.add_argument(
+        "--log-q-strength", type=float, help="factor on the logQ correction in training (default 1: all of it)"
+    )
     p.add_argument("--trend-tau-days", type=float, help="time constant of the decayed item counts (default 30)")
     p.add_argument("--trend-gain", type=float, help="serve this factor × the learned trend weight (default 1)")
     p.add_argument("--serve-tau-days", type=float, help="serve the trend read with this τ (default: the training τ)")
@@ -666,6 +677,13 @@ def build_parser() -> argparse.ArgumentParser:
         "offline figure (needs Kafka and Redis: see the connection flags)",
     )
     p.add_argument("--merge", nargs="*", help="temporal: merge the per-seed results of runs with the same choices")
+    p.add_argument(
+        "--merge-validation",
+        nargs="*",
+        help="temporal: --validation-only runs' temporal.json (several --validation-seed values, and runs of "
+        "one seed holding different models): average each model over the seeds and make the choices on the "
+        "averages; the result is a --choices-from file",
+    )
     p.add_argument("--out", help="temporal: folder for temporal.json / temporal.md (default runs/temporal)")
     p.add_argument(
         "--variants",
