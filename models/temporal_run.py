@@ -331,17 +331,22 @@ def merge_validation(paths: list[str | Path], out: str | Path) -> dict:
     """One validation phase from ``--validation-only`` runs on several validation seeds (and runs of one seed
     that hold different models): each model's figures, steps grid and serving grid averaged over the seeds,
     then every choice made as ``run_temporal`` makes it, on the averages.  A model (or a steps value) is
-    eligible only if every seed scored it; the others are kept in the report, unaveraged, for reference."""
+    eligible only if every seed scored it; the others are kept in the report, unaveraged, for reference.
+    A run stopped after some of its models contributes the models it finished (its partial grid)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     seeds = sorted({r.get("validation_seed", 0) for r in reports})
-    first = reports[0]
-    for r in reports:
+    complete = [r for r in reports if "choices" in r]  # the others were stopped after some of their models
+    if not complete:
+        raise ValueError("no finished validation run among the reports (the baselines' choices are in those)")
+    first = complete[0]
+    for r in complete:
         if r["choices"]["recent_window_days"] != first["choices"]["recent_window_days"]:
             raise ValueError("validation runs with different baseline choices cannot be merged")
     # per model: per seed, its grid (the first run of that seed holding the model)
     grids: dict[str, dict[int, dict]] = {}
     for r in reports:
-        for name, g in r["validation_grid"]["models"].items():
+        models = r["validation_grid"]["models"] if "validation_grid" in r else r.get("partial_validation", {})
+        for name, g in models.items():
             if g:
                 grids.setdefault(name, {}).setdefault(r.get("validation_seed", 0), g)
 

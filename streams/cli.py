@@ -409,7 +409,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run_through_stream(
                 _settings(args),
                 dataset=args.dataset or "ml-100k",
-                model=(args.models or ["hybrid"])[0],
+                model=(args.models or [None])[0],
                 seed=args.seeds[0],
                 choices_from=args.choices_from,
                 out=args.out or "runs/through-stream",
@@ -672,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--through-stream",
         action="store_true",
-        help="temporal: train one model (first of --models, default hybrid; first seed) before the cut, replay "
+        help="temporal: train one model (first of --models, default the chosen hybrid variant; first seed) before "
+        "the cut, replay "
         "the pre-cut events through a real worker and score the vectors read back from Redis against the "
         "offline figure (needs Kafka and Redis: see the connection flags)",
     )

@@ -34,7 +34,9 @@ def test_merge_validation_averages_over_seeds_and_chooses_on_the_means(tmp_path)
     runs = {
         "s0a": _report(0, {"hybrid": _grid(0.30, 0.34), "hybrid_b": _grid(0.20, 0.40)}),
         "s0b": _report(0, {"hybrid_c": _grid(0.50, 0.50)}),  # one seed only: not eligible
-        "s1": _report(1, {"hybrid": _grid(0.34, 0.30), "hybrid_b": _grid(0.20, 0.30)}),
+        "s1": _report(1, {"hybrid": _grid(0.34, 0.30)}),
+        # a seed-1 run stopped after its first model: its partial grid counts
+        "s1_partial": {"validation_seed": 1, "partial_validation": {"hybrid_b": _grid(0.20, 0.30), "hybrid_d": {}}},
     }
     paths = []
     for name, r in runs.items():
