@@ -275,8 +275,10 @@ def run_temporal(
         choices = earlier["choices"]
         report.update(choices=choices, validation=earlier["validation"], validation_grid=earlier["validation_grid"])
         report["choices_from"] = str(reuse)
-        # the chosen hybrid variant, and any other model named (a reference row, e.g. the previous choice)
-        tested = [m for m in models if m != choices["hybrid_variant"]] + [choices["hybrid_variant"]]
+        # the models named; of the hybrids, those named (e.g. a reference row for an earlier choice, in a run
+        # of its own), or else the variant validation chose
+        named = [m for m in models if m.startswith("hybrid")]
+        tested = [m for m in models if not m.startswith("hybrid")] + (named or [choices["hybrid_variant"]])
         sas_cfg = SASRecConfig(epochs=sasrec_epochs, lr=3e-3)
         base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
         base0 = replace(base, seed=0)
