@@ -78,6 +78,7 @@ class DMILLoss(nn.Module):
         false_negative_cos: float = 0.98,
         served_weight: float = 0.0,
         dmil_weight: float = 1.0,
+        log_q_strength: float = 1.0,
     ):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
@@ -85,6 +86,7 @@ class DMILLoss(nn.Module):
         self.false_negative_cos = false_negative_cos
         self.served_weight = served_weight
         self.dmil_weight = dmil_weight
+        self.log_q_strength = log_q_strength
 
     def scale(self) -> torch.Tensor:
         """The (capped) learned logit scale: training logits are ``scale`` × the served inner product."""
@@ -103,12 +105,15 @@ class DMILLoss(nn.Module):
     ) -> torch.Tensor:
         """interests (B, K, d), targets (B, W, d), target_ids/valid (B, W), negatives (S, d) → scalar loss.
         ``item_log_prior`` (n_items,): log popularity of each item among training targets (logQ).
-        ``trend`` (B, n_items): each row's item trend coordinate at that row's time; the interests then
-        carry one more column, the weight of that coordinate, and a candidate's score is
-        ``u · c + w · trend[c]`` (the inner product of the served (d+1)-vectors)."""
+        ``trend`` (B, n_items) or (B, n_items, c): each row's item trend coordinate(s) at that row's time;
+        the interests then carry c more columns, the weights of those coordinates, and a candidate's score
+        is ``u · c + w · trend[c]`` (the inner product of the served (d+c)-vectors)."""
         weight = None
         if trend is not None:
-            interests, weight = interests[..., :-1], interests[..., -1]
+            if trend.dim() == 2:  # one trend coordinate
+                trend = trend.unsqueeze(-1)
+            c = trend.shape[-1]
+            interests, weight = interests[..., :-c], interests[..., -c:]
         _b, _w, _d = targets.shape
         match = match_targets(interests.detach().float().numpy(), targets.detach().float().numpy(), valid.numpy())
         rows, cols = np.nonzero(match >= 0)
@@ -122,9 +127,9 @@ class DMILLoss(nn.Module):
         cand_user = torch.cat([torch.as_tensor(rows), torch.full((len(negatives),), -1)])
         scale = self.scale()
         inner = user_vec @ cand.T  # (P, P + S)
-        cand_trend = trend[rows][:, cand_ids] if trend is not None else None  # (P, P + S)
+        cand_trend = trend[rows][:, cand_ids] if trend is not None else None  # (P, P + S, c)
         if weight is not None:
-            inner = inner + weight[rows, match[rows, cols]][:, None] * cand_trend
+            inner = inner + (weight[rows, match[rows, cols]][:, None, :] * cand_trend).sum(-1)
         logits = scale * inner
         p = len(rows)
         with torch.no_grad():
@@ -135,12 +140,12 @@ class DMILLoss(nn.Module):
             offset = torch.zeros(len(cand_ids))
             if item_log_prior is not None:  # expected count: P draws by popularity + S uniform draws
                 prior = item_log_prior.exp()
-                offset = torch.log(p * prior[cand_ids] + len(negatives) / len(prior))
+                offset = self.log_q_strength * torch.log(p * prior[cand_ids] + len(negatives) / len(prior))
         loss = self.dmil_weight * F.cross_entropy((logits - offset).masked_fill(mask, float("-inf")), torch.arange(p))
         if self.served_weight > 0:
             each = torch.einsum("pkd,cd->pkc", interests[rows], cand)
             if weight is not None:
-                each = each + weight[rows][:, :, None] * cand_trend[:, None, :]
+                each = each + torch.einsum("pkc,pnc->pkn", weight[rows], cand_trend)
             served = scale * each.amax(dim=1)
             served = (served - offset).masked_fill(mask, float("-inf"))
             loss = loss + self.served_weight * F.cross_entropy(served, torch.arange(p))

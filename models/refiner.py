@@ -57,6 +57,8 @@ class RefinerConfig:
     intermediate: int = 256
     #: One more output per interest: the weight of the item-side trend coordinate (``models.temporal``).
     trend: bool = False
+    #: How many trend coordinates (one weight output each) when ``trend`` is on: 1, or 2 with a long τ.
+    trend_coords: int = 1
 
 
 @dataclass
@@ -155,7 +157,7 @@ class Refiner(nn.Module):
         self.queries = nn.Parameter(torch.randn(query_sets, cfg.interests, h) * 0.02)
         self.out = nn.Linear(h, cfg.item_dim)
         self.head = head  # shared with the item tower's retrieval head
-        self.trend_out = nn.Linear(h, 1) if cfg.trend else None
+        self.trend_out = nn.Linear(h, cfg.trend_coords) if cfg.trend else None
 
     # ---------------------------------------------------------------- tensors in, vectors out
     def forward(
@@ -178,7 +180,7 @@ class Refiner(nn.Module):
         return self._outputs(hidden.last_hidden_state[:, -k:])
 
     def _outputs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., K, h) query states → (..., K, d) unit vectors, with the raw trend weight appended when on."""
+        """(..., K, h) query states → (..., K, d) unit vectors, with the raw trend weight(s) appended when on."""
         vectors = self.head(self.out(hidden))
         if self.trend_out is None:
             return vectors
@@ -219,7 +221,7 @@ class Refiner(nn.Module):
         """
         n_s, k = len(scenarios), self.cfg.interests
         if not users:
-            width = self.head.norm.normalized_shape[0] + (self.trend_out is not None)
+            width = self.head.norm.normalized_shape[0] + (self.cfg.trend_coords if self.trend_out is not None else 0)
             return np.zeros((0, n_s, k, width), np.float32)
         t = collate(self.cfg, users, [(i, scenarios[0]) for i in range(len(users))])
         embeds, attn = self._prefix(t["coarse"], t["items"], t["scenario"], t["action"], t["gap"], t["mask"])

@@ -10,6 +10,10 @@
    seed; the test figures are computed once, after every choice is fixed, and written with the
    validation figures and the choices next to them.
 
+The validation phase can be repeated with other seeds (``validation_seed``) and the runs merged by
+``merge_validation`` (``mirstream evaluate --merge-validation``): every choice is then made on the figures
+averaged over the seeds, and the merged report is what ``reuse`` (``--choices-from``) reads.
+
 The user models are trained by ``models.train`` on ``split.train`` (the events before the cut, nothing
 else) and scored through the served path: ``UserModel.retrieval_vectors`` for the items (with the trend
 coordinate read at the cut) and the faiss max-merge over the K interests (``models.temporal.rank_vectors``).
@@ -57,6 +61,14 @@ MODELS: dict[str, dict] = {
     "hybrid_no_coarse": {"id_embeddings": True, "trend": True, "sampler": "global", "variant": {"use_coarse": False}},
     # sample times weighted toward the last weeks before the cut (exp(-age / 30 days))
     "hybrid_recent_cuts": {"id_embeddings": True, "trend": True, "sampler": "global", "cut_recency_days": 30.0},
+    # the global sampler's horizon (targets in [t*, t* + horizon)): 21 days in "hybrid"
+    "hybrid_h7": {"id_embeddings": True, "trend": True, "sampler": "global", "horizon_days": 7.0},
+    "hybrid_h42": {"id_embeddings": True, "trend": True, "sampler": "global", "horizon_days": 42.0},
+    # two trend coordinates: the validated short τ and 30 days, each with its learned weight
+    "hybrid_2trend": {"id_embeddings": True, "trend": True, "sampler": "global", "trend_long_tau_days": 30.0},
+    # half of the logQ correction in training (popular candidates' logits lowered less)
+    "hybrid_logq_half": {"id_embeddings": True, "trend": True, "sampler": "global", "log_q_strength": 0.5},
+    "hybrid_logq_quarter": {"id_embeddings": True, "trend": True, "sampler": "global", "log_q_strength": 0.25},
 }
 BASELINES = ("popularity", "recent_popularity", "item_knn", "transition", "sasrec")
 
@@ -92,7 +104,9 @@ def rank_user_model(split: TemporalSplit, model: UserModel, stage: Stage12, batc
     """Rankings through the served API: item ``retrieval_vectors`` (ids, trend at the cut) + faiss max-merge."""
     ds = split.train
     inputs = stage.decoded if model.cfg.use_codebook else stage.vectors
-    trend = trend_feature(ds, split.cut, model.cfg.trend_tau_days) if model.trend else None
+    trend = None
+    if model.trend:  # (n_items, c): each coordinate read at the cut with its τ
+        trend = np.stack([trend_feature(ds, split.cut, tau) for tau in model.trend_taus_days], 1)
     items = model.retrieval_vectors(stage.vectors, ids=np.arange(ds.n_items), trend=trend)
     users = []
     for i in range(0, len(split.samples), batch_size):
@@ -172,6 +186,7 @@ def run_temporal(
     threads: int = 2,
     trend_gains: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
     serve_taus: tuple[float, ...] = (7.0, 14.0, 30.0),
+    validation_seed: int = 0,
 ) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -184,6 +199,7 @@ def run_temporal(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"dataset": ds.name, "test_quantile": test_q, "valid_quantile": valid_q, "seeds": list(seeds)}
+    report["validation_seed"] = validation_seed
     report["item_text"] = {"backbone": base.item_backbone, "layers": base.item_layers, "dtype": base.item_dtype}
     report["splits"] = {
         sp.name: {
@@ -216,8 +232,9 @@ def run_temporal(
         model_grid: dict[str, dict] = {}
         # the trend's time constant: the recent-popularity window that won on validation
         base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
-        base0 = replace(base, seed=0)
-        stage = Stage12(valid, base0, progress)
+        base0 = replace(base, seed=0)  # the test cut's shared item tower + codebook
+        base_v = replace(base, seed=validation_seed)
+        stage = Stage12(valid, base_v, progress)
         for name in models:
             model_grid[name] = {}
             if name == "full" and not validate_fixed:  # nothing of it is chosen: scored on the test cut only
@@ -225,7 +242,7 @@ def run_temporal(
                 continue
             serving: dict[int, tuple[float, float | None]] = {}
             for steps in steps_grid:
-                cfg, variant = _cfg(base0, name, steps=steps)
+                cfg, variant = _cfg(base_v, name, steps=steps)
                 model = fit_user_model(valid, stage, cfg, variant, progress, f"validation {name} {steps} steps")
                 model_grid[name][steps] = evaluate_ranked(valid, rank_user_model(valid, model, stage))
                 say(f"validation: {name} {steps} steps R@50 {model_grid[name][steps]['recall@50']:.4f}")
@@ -258,7 +275,10 @@ def run_temporal(
         choices = earlier["choices"]
         report.update(choices=choices, validation=earlier["validation"], validation_grid=earlier["validation_grid"])
         report["choices_from"] = str(reuse)
-        tested = [m for m in models if not m.startswith("hybrid")] + [choices["hybrid_variant"]]
+        # the models named; of the hybrids, those named (e.g. a reference row for an earlier choice, in a run
+        # of its own), or else the variant validation chose
+        named = [m for m in models if m.startswith("hybrid")]
+        tested = [m for m in models if not m.startswith("hybrid")] + (named or [choices["hybrid_variant"]])
         sas_cfg = SASRecConfig(epochs=sasrec_epochs, lr=3e-3)
         base = replace(base, trend_tau_days=float(choices["recent_window_days"]))
         base0 = replace(base, seed=0)
@@ -277,7 +297,7 @@ def run_temporal(
     for seed in seeds:
         cfg_seed = replace(base, seed=seed)
         for name in reversed(tested):
-            cfg, variant = _cfg(cfg_seed, name, steps=choices[f"{name}_steps"])
+            cfg, variant = _cfg(cfg_seed, name, steps=choices.get(f"{name}_steps", steps_grid[-1]))
             model = fit_user_model(test, stage, cfg, variant, progress, f"test {name} seed {seed}")
             served = served_choices(choices, name)
             if model.trend and served != {"trend_gain": 1.0, "serve_tau_days": None}:
@@ -302,6 +322,93 @@ def run_temporal(
     if progress:
         tqdm.write(md)
     return report
+
+
+def _serving_option(key: str) -> tuple[float, float | None]:
+    gain, tau = (part.split()[1] for part in key.split(", "))
+    return float(gain), None if tau == "train" else float(tau)
+
+
+def merge_validation(paths: list[str | Path], out: str | Path) -> dict:
+    """One validation phase from ``--validation-only`` runs on several validation seeds (and runs of one seed
+    that hold different models): each model's figures, steps grid and serving grid averaged over the seeds,
+    then every choice made as ``run_temporal`` makes it, on the averages.  A model (or a steps value) is
+    eligible only if every seed scored it; the others are kept in the report, unaveraged, for reference.
+    A run stopped after some of its models contributes the models it finished (its partial grid)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    seeds = sorted({r.get("validation_seed", 0) for r in reports})
+    complete = [r for r in reports if "choices" in r]  # the others were stopped after some of their models
+    if not complete:
+        raise ValueError("no finished validation run among the reports (the baselines' choices are in those)")
+    first = complete[0]
+    for r in complete:
+        if r["choices"]["recent_window_days"] != first["choices"]["recent_window_days"]:
+            raise ValueError("validation runs with different baseline choices cannot be merged")
+    # per model: per seed, its grid (the first run of that seed holding the model)
+    grids: dict[str, dict[int, dict]] = {}
+    for r in reports:
+        models = r["validation_grid"]["models"] if "validation_grid" in r else r.get("partial_validation", {})
+        for name, g in models.items():
+            if g:
+                grids.setdefault(name, {}).setdefault(r.get("validation_seed", 0), g)
+
+    def mean(ms: list[dict]) -> dict:
+        return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+
+    choices = {k: v for k, v in first["choices"].items() if k in ("recent_window_days", "knn_neighbours")}
+    if "sasrec_epochs" in first["choices"]:
+        choices["sasrec_epochs"] = first["choices"]["sasrec_epochs"]
+    validation = {k: v for k, v in first["validation"].items() if k in BASELINES}
+    model_grid: dict[str, dict] = {}
+    single: dict[str, dict] = {}
+    for name, by_seed in grids.items():
+        if set(by_seed) != set(seeds):
+            single[name] = {str(sd): g for sd, g in by_seed.items()}
+            continue
+        runs = list(by_seed.values())
+        steps_all = [k for k in runs[0] if not str(k).endswith("serving")]
+        steps_common = [s for s in steps_all if all(s in g for g in runs)]
+        model_grid[name] = {}
+        serving: dict[str, tuple[float, float | None]] = {}
+        for steps in steps_common:
+            key = f"{steps} serving"
+            if all(key in g for g in runs):
+                opts = [k for k in runs[0][key] if all(k in g[key] for g in runs)]
+                grid_s = {k: mean([g[key][k] for g in runs]) for k in opts}
+                best = max(opts, key=lambda k: grid_s[k]["recall@50"])  # ties: the earlier (gain 1, training τ)
+                model_grid[name][key] = grid_s
+                model_grid[name][steps] = grid_s[best]
+                serving[steps] = _serving_option(best)
+            else:
+                model_grid[name][steps] = mean([g[steps] for g in runs])
+                serving[steps] = (1.0, None)
+        best_steps = max(steps_common, key=lambda s: model_grid[name][s]["recall@50"])
+        choices[f"{name}_steps"] = int(best_steps)
+        choices[f"{name}_trend_gain"], choices[f"{name}_serve_tau_days"] = serving[best_steps]
+        validation[name] = model_grid[name][best_steps]
+    hybrids = [m for m in model_grid if m.startswith("hybrid")]
+    if hybrids:
+        choices["hybrid_variant"] = max(hybrids, key=lambda m: validation[m]["recall@50"])
+    merged = {k: v for k, v in first.items() if k not in ("choices", "validation", "validation_grid")}
+    merged.pop("partial_validation", None)
+    merged.update(
+        validation_seeds=seeds,
+        choices=choices,
+        validation=validation,
+        validation_grid={
+            "baselines": first["validation_grid"]["baselines"],
+            "sasrec": first["validation_grid"].get("sasrec", {}),
+            "models": model_grid,
+            "single_seed_models": single,
+        },
+        merged_from=[str(p) for p in paths],
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "temporal.json").write_text(json.dumps(merged, indent=2, default=str))
+    md = markdown_validation(merged)
+    (out / "temporal.md").write_text(md)
+    return merged
 
 
 def merge_reports(paths: list[str | Path], out: str | Path) -> dict:
@@ -333,8 +440,10 @@ COLUMNS = [f"recall@{k}" for k in KS] + ["ndcg@50", "next_recall@50", "coverage@
 
 def markdown_validation(report: dict) -> str:
     sp = report["splits"]["validation"]
+    seeds = report.get("validation_seeds", [report.get("validation_seed", 0)])
+    shown = f"seed {seeds[0]}" if len(seeds) == 1 else f"models: mean of seeds {', '.join(map(str, seeds))}"
     lines = [
-        f"validation cut ({sp['users']} users, {sp['targets']} targets, seed 0):",
+        f"validation cut ({sp['users']} users, {sp['targets']} targets, {shown}):",
         "",
         "| method | " + " | ".join(COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),

@@ -69,11 +69,15 @@ class TrainConfig:
     dmil_weight: float = 1.0
     #: Sampled-softmax popularity correction of the candidates' logits (``models.losses``).
     log_q: bool = True
+    #: Strength of that correction: the logged expected counts are multiplied by this (1: the full logQ).
+    log_q_strength: float = 1.0
     #: Learned item-ID embeddings next to the content vector (items seen in training; cold items: content).
     id_embeddings: bool = False
     #: A learned per-interest weight on the item trend coordinate log(1 + decayed count), with this τ.
     trend: bool = False
     trend_tau_days: float = 30.0
+    #: A second trend coordinate with this longer τ, its own learned weight (None: one coordinate).
+    trend_long_tau_days: float | None = None
     #: Training samples: "random" (a random cut per user) or "global" (global times t*, targets ahead of
     #: t* within ``horizon_days``, as the temporal protocol scores).
     sampler: str = "random"
@@ -237,6 +241,7 @@ def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> Mod
         backbone=cfg.backbone,
         backbone_layers=cfg.backbone_layers,
         trend=trend,
+        trend_coords=1 if cfg.trend_long_tau_days is None else 2,
     )
     return ModelConfig(
         scenarios=ds.scenarios,
@@ -247,6 +252,7 @@ def model_config(ds: Dataset, cfg: TrainConfig, item_dim: int, **variant) -> Mod
         retrieval_dim=cfg.retrieval_dim,
         id_items=id_items,
         trend_tau_days=cfg.trend_tau_days,
+        trend_long_tau_days=cfg.trend_long_tau_days,
         item_backbone=cfg.item_backbone,
         item_layers=cfg.item_layers,
         item_dtype=cfg.item_dtype,
@@ -258,20 +264,25 @@ class TrendCache:
     """Item trend rows at sample times, from the training events only (read at the hour boundary at or
     before the time, so nothing at or after it is counted)."""
 
-    def __init__(self, ds: Dataset, limit: np.ndarray, tau_days: float) -> None:
+    def __init__(self, ds: Dataset, limit: np.ndarray, tau_days: float | tuple[float, ...]) -> None:
         keep = np.zeros(len(ds.ts), bool)
         for u in range(ds.n_users):
             keep[ds.offsets[u] : limit[u]] = True
         self.ts, self.item, self.n = ds.ts[keep], ds.item[keep], ds.n_items
-        self.tau = tau_days * 86400.0
+        self.taus = [tau * 86400.0 for tau in np.atleast_1d(tau_days).tolist()]
         self.rows: dict[float, np.ndarray] = {}
 
     def at(self, t: float) -> np.ndarray:
+        """(n_items,) with one τ, (n_items, c) with c of them."""
         t = math.floor(t / 3600.0) * 3600.0
         row = self.rows.get(t)
         if row is None:
             m = self.ts < t
-            row = np.log1p(np.bincount(self.item[m], weights=np.exp(-(t - self.ts[m]) / self.tau), minlength=self.n))
+            cols = [
+                np.log1p(np.bincount(self.item[m], weights=np.exp(-(t - self.ts[m]) / tau), minlength=self.n))
+                for tau in self.taus
+            ]
+            row = cols[0] if len(cols) == 1 else np.stack(cols, 1)
             self.rows[t] = row = row.astype(np.float32)
         return row
 
@@ -298,10 +309,11 @@ def train_user_model(
     all_ids = torch.arange(ds.n_items)
     model.loss.served_weight = cfg.served_weight
     model.loss.dmil_weight = cfg.dmil_weight
+    model.loss.log_q_strength = cfg.log_q_strength
     seen = np.concatenate([ds.item[ds.offsets[u] : limit[u]] for u in range(ds.n_users)])
     if model.cfg.id_items:
         model.id_known.copy_(torch.as_tensor(np.bincount(seen, minlength=ds.n_items) > 0))
-    trends = TrendCache(ds, limit, model.cfg.trend_tau_days) if model.trend else None
+    trends = TrendCache(ds, limit, model.trend_taus_days) if model.trend else None
     prior = None
     if cfg.log_q:
         counts = np.bincount(seen, minlength=ds.n_items) + 1.0

@@ -45,6 +45,9 @@ class ModelConfig:
     id_items: int = 0
     #: Time constant (days) of the item trend coordinate when ``refiner.trend`` is on.
     trend_tau_days: float = 30.0
+    #: A second, long trend coordinate with this τ (days) next to the first (None: one coordinate).  Not
+    #: served by the stream yet: the offline protocol scores it (``models.temporal_run``).
+    trend_long_tau_days: float | None = None
     #: The LLM configuration whose states the item tower was trained on; a worker encodes item texts
     #: with the same one.  The defaults are what checkpoints saved before these fields had.
     item_backbone: str = "smollm2"
@@ -98,8 +101,19 @@ class UserModel(nn.Module):
 
     @property
     def trend_tau_s(self) -> float:
-        """τ of the item trend coordinate in seconds (0: the model scores no trend)."""
+        """τ of the item trend coordinate in seconds (0: the model scores no trend).  The stream keeps one
+        decayed count per item: a model with a second (long) coordinate cannot be served by it yet."""
+        if self.trend and self.cfg.trend_long_tau_days is not None:
+            raise ValueError("the stream keeps one item trend count: a two-coordinate trend model is offline only")
         return self.cfg.trend_tau_days * 86400.0 if self.trend else 0.0
+
+    @property
+    def trend_taus_days(self) -> tuple[float, ...]:
+        """τ (days) of each item trend coordinate, in the order of the served columns (() without the trend)."""
+        if not self.trend:
+            return ()
+        long = self.cfg.trend_long_tau_days
+        return (self.cfg.trend_tau_days,) if long is None else (self.cfg.trend_tau_days, long)
 
     def item_retrieval(self, item_vectors: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """(n, d) unit retrieval vectors: content through the shared head, plus the item-ID embedding of
@@ -115,7 +129,7 @@ class UserModel(nn.Module):
         return torch.nn.functional.normalize(z, dim=-1)
 
     def with_served_trend(self, gain: float = 1.0, tau_days: float | None = None) -> UserModel:
-        """A copy that serves ``gain`` × the learned trend weight, with the trend read at ``tau_days``.
+        """A copy that serves ``gain`` × the learned trend weight(s), with the (first) trend read at ``tau_days``.
 
         Training fits the weight for its sampled softmax over a 21-day horizon, not for the ranking that is
         scored, so how much of the trend to serve is a serving choice (made on a validation cut).  The gain is
@@ -135,7 +149,8 @@ class UserModel(nn.Module):
         the user-side coordinate whose inner product with the item's trend coordinate is the served score."""
         if not self.trend:
             return vectors
-        return torch.cat([vectors[..., :-1], vectors[..., -1:] / self.loss.scale()], -1)
+        c = len(self.trend_taus_days)
+        return torch.cat([vectors[..., :-c], vectors[..., -c:] / self.loss.scale()], -1)
 
     # ---------------------------------------------------------------- training / batch path
     def interests(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -184,7 +199,8 @@ class UserModel(nn.Module):
             return ret
         if trend is None:
             raise ValueError("this model scores a trend coordinate: pass each item's trend (models.temporal)")
-        return np.concatenate([ret, np.asarray(trend, np.float32).reshape(-1, 1)], 1)
+        c = len(self.trend_taus_days)
+        return np.concatenate([ret, np.asarray(trend, np.float32).reshape(len(ret), c)], 1)
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:

@@ -360,6 +360,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "served_weight",
             "dmil_weight",
             "log_q",
+            "log_q_strength",
             "id_embeddings",
             "trend",
             "trend_tau_days",
@@ -410,7 +411,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run_through_stream(
                 _settings(args),
                 dataset=args.dataset or "ml-100k",
-                model=(args.models or ["hybrid"])[0],
+                model=(args.models or [None])[0],
                 seed=args.seeds[0],
                 choices_from=args.choices_from,
                 out=args.out or "runs/through-stream",
@@ -420,6 +421,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 0
         if args.merge:
             print(merge_reports(args.merge, args.out or "runs/temporal")["test"].keys())
+            return 0
+        if args.merge_validation:
+            from models.temporal_run import markdown_validation, merge_validation
+
+            merged = merge_validation(args.merge_validation, args.out or "runs/temporal-valid")
+            print(markdown_validation(merged))
+            print(f"choices: {merged['choices']}")
             return 0
 
         models = tuple(args.models) if args.models else ("full", "hybrid", "hybrid_k1")
@@ -443,6 +451,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             reuse=args.choices_from,
             trend_gains=tuple(args.trend_gains),
             serve_taus=tuple(args.serve_taus),
+            validation_seed=args.validation_seed,
         )
         return 0
     from models.evaluate import run_evaluate
@@ -603,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="one more served dimension: a learned weight on the item's log(1 + decayed count) (default off)",
     )
+    p.add_argument(
+        "--log-q-strength", type=float, help="factor on the logQ correction in training (default 1: all of it)"
+    )
     p.add_argument("--trend-tau-days", type=float, help="time constant of the decayed item counts (default 30)")
     p.add_argument("--trend-gain", type=float, help="serve this factor × the learned trend weight (default 1)")
     p.add_argument("--serve-tau-days", type=float, help="serve the trend read with this τ (default: the training τ)")
@@ -650,6 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 7 14 30)",
     )
     p.add_argument("--validation-only", action="store_true", help="temporal: the validation cut only (ablations)")
+    p.add_argument(
+        "--validation-seed",
+        type=int,
+        default=0,
+        help="temporal: seed of the validation phase's item tower and user models (default 0; a second one "
+        "repeats the validation choices' runs to average them)",
+    )
     p.add_argument("--no-sasrec", action="store_true", help="temporal: leave the SASRec-style baseline out")
     p.add_argument("--item-layers", type=int, help="temporal: the item tower LLM's first N layers")
     p.add_argument("--item-dtype", choices=["float32", "bfloat16"], help="temporal: the item tower LLM's run type")
@@ -659,11 +678,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--through-stream",
         action="store_true",
-        help="temporal: train one model (first of --models, default hybrid; first seed) before the cut, replay "
+        help="temporal: train one model (first of --models, default the chosen hybrid variant; first seed) before "
+        "the cut, replay "
         "the pre-cut events through a real worker and score the vectors read back from Redis against the "
         "offline figure (needs Kafka and Redis: see the connection flags)",
     )
     p.add_argument("--merge", nargs="*", help="temporal: merge the per-seed results of runs with the same choices")
+    p.add_argument(
+        "--merge-validation",
+        nargs="*",
+        help="temporal: --validation-only runs' temporal.json (several --validation-seed values, and runs of "
+        "one seed holding different models): average each model over the seeds and make the choices on the "
+        "averages; the result is a --choices-from file",
+    )
     p.add_argument("--out", help="temporal: folder for temporal.json / temporal.md (default runs/temporal)")
     p.add_argument(
         "--variants",

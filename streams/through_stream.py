@@ -48,9 +48,12 @@ DEFAULT_CHOICES = {
     "recent_window_days": 3,
     "hybrid_steps": 300,
     "full_steps": 300,
-    "hybrid_variant": "hybrid",
-    "hybrid_trend_gain": 2.0,
-    "hybrid_serve_tau_days": 7.0,
+    "hybrid_trend_gain": 4.0,
+    "hybrid_serve_tau_days": 14.0,
+    "hybrid_variant": "hybrid_logq_half",
+    "hybrid_logq_half_steps": 300,
+    "hybrid_logq_half_trend_gain": 4.0,
+    "hybrid_logq_half_serve_tau_days": None,
 }
 
 
@@ -88,7 +91,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def run_through_stream(
     settings: Settings,
     dataset: str = "ml-100k",
-    model: str = "hybrid",
+    model: str | None = None,
     seed: int = 0,
     choices_from: str | Path | None = None,
     out: str | Path = "runs/through-stream",
@@ -105,6 +108,7 @@ def run_through_stream(
     out.mkdir(parents=True, exist_ok=True)
     say = tqdm.write if progress else (lambda *_: None)
     choices = json.loads(Path(choices_from).read_text())["choices"] if choices_from else dict(DEFAULT_CHOICES)
+    model = model or choices.get("hybrid_variant", "hybrid")  # default: the variant validation chose
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose from {sorted(MODELS)}")
     steps = steps or choices.get(f"{model}_steps", choices.get("hybrid_steps", 300))

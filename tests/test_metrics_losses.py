@@ -81,9 +81,10 @@ def _one_user_case():
     return interests, eye[target_ids], target_ids, torch.ones(1, 2, dtype=torch.bool), eye[negative_ids], negative_ids
 
 
-def test_log_q_correction_by_hand():
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_log_q_correction_by_hand(strength):
     interests, targets, target_ids, valid, negatives, negative_ids = _one_user_case()
-    loss_fn = DMILLoss()
+    loss_fn = DMILLoss(log_q_strength=strength)
     plain = loss_fn(interests, targets, target_ids, valid, negatives, negative_ids)
     uniform = torch.full((6,), math.log(1 / 6))
     # A uniform prior shifts every candidate by the same amount: no change.
@@ -94,10 +95,10 @@ def test_log_q_correction_by_hand():
     got = loss_fn(interests, targets, target_ids, valid, negatives, negative_ids, prior)
     # By hand: target 0 → interest 0, target 2 → interest 1 (the Hungarian match); candidates are
     # [item 0, item 2, items 3..5]; the other target of the same user is masked; each logit minus
-    # log(2 · prior + 3 / 6).
+    # strength × log(2 · prior + 3 / 6).
     scale = loss_fn.logit_scale.exp()
     cand = torch.eye(6)[[0, 2, 3, 4, 5]]
-    offset = torch.log(2 * prior.exp()[[0, 2, 3, 4, 5]] + 3 / 6)
+    offset = strength * torch.log(2 * prior.exp()[[0, 2, 3, 4, 5]] + 3 / 6)
     rows = []
     for p, k in ((0, 0), (1, 1)):
         logits = scale * interests[0, k] @ cand.T - offset

@@ -230,3 +230,56 @@ def test_serving_grid_scores_each_gain_and_tau_and_records_the_choice_for_the_te
     choices = {"hybrid_trend_gain": 3.0, "hybrid_serve_tau_days": 7.0}
     assert served_choices(choices, "hybrid") == {"trend_gain": 3.0, "serve_tau_days": 7.0}
     assert served_choices(choices, "full") == {"trend_gain": 1.0, "serve_tau_days": None}  # none chosen: as trained
+
+
+def test_two_trend_coordinates_read_only_the_past_and_score_the_served_inner_product():
+    """A short and a long trend coordinate: each column of the training rows is its own τ's decayed count of
+    training events before the time; served vectors are K × (d + 2) and score u · ret + w · (trend_s, trend_l)."""
+    full = log()
+    cut = 20 * DAY
+    ds = tp.before(full, cut)
+    limit = ds.offsets[1:].copy()
+    cache = TrendCache(ds, limit, (2.0, 30.0))
+    t = 15.3 * DAY
+    row = cache.at(t)
+    assert row.shape == (ds.n_items, 2)
+    np.testing.assert_allclose(row[:, 0], TrendCache(ds, limit, 2.0).at(t), rtol=1e-6)
+    np.testing.assert_allclose(row[:, 1], TrendCache(ds, limit, 30.0).at(t), rtol=1e-6)
+    # read at the cut, from the cut dataset: the same as from the whole log (no later event counted)
+    for tau in (3.0, 30.0):
+        np.testing.assert_allclose(tp.trend_feature(ds, cut, tau), tp.trend_feature(full, cut, tau), rtol=1e-6)
+
+    model = _tiny_model(ds, trend=True, trend_long_tau_days=30.0, trend_tau_days=3.0).eval()
+    assert model.trend_taus_days == (3.0, 30.0) and model.refiner.trend_out.out_features == 2
+    with pytest.raises(ValueError):
+        _ = model.trend_tau_s  # the stream keeps one count per item: not servable there yet
+    with torch.no_grad():
+        model.refiner.trend_out.bias.copy_(torch.tensor([0.5, -0.25]))
+    s = Sample(1, int(ds.offsets[1]), int(ds.offsets[2]), np.array([0]), 0)
+    with torch.inference_mode():
+        user = model.interests(make_batch(ds, [s], ds.item_vectors, model.cfg, 1)).numpy()[0]
+    trend = np.stack([tp.trend_feature(ds, cut, tau) for tau in model.trend_taus_days], 1)
+    items = model.retrieval_vectors(ds.item_vectors, trend=trend)
+    assert user.shape == (2, 10) and items.shape == (ds.n_items, 10)
+    w = user[:, -2:]
+    np.testing.assert_allclose(user @ items.T, user[:, :-2] @ items[:, :-2].T + w @ trend.T, rtol=1e-5, atol=1e-6)
+
+    # the loss with two coordinates == the one-coordinate loss on their weighted sum when one weight is 0
+    torch.manual_seed(0)
+    loss = DMILLoss(served_weight=1.0, dmil_weight=0.0)
+    d, n = 4, 6
+    vecs = torch.nn.functional.normalize(torch.randn(n, d), dim=-1)
+    tr = torch.rand(1, n, 2) * 3
+    u = torch.nn.functional.normalize(torch.randn(1, 1, d), dim=-1)
+    target, valid, neg_ids = torch.tensor([[2]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([0, 1, 3, 4, 5])
+    two = loss(torch.cat([u, torch.tensor([[[0.7, 0.0]]])], -1), vecs[target], target, valid, vecs[neg_ids], neg_ids,
+               None, tr)  # fmt: skip
+    one = loss(torch.cat([u, torch.tensor([[[0.7]]])], -1), vecs[target], target, valid, vecs[neg_ids], neg_ids,
+               None, tr[..., 0])  # fmt: skip
+    assert two.item() == pytest.approx(one.item(), rel=1e-6)
+    served = torch.cat([u[0, 0], torch.tensor([0.3, 0.9])]) @ torch.cat([vecs, tr[0]], 1).T
+    got = loss(torch.cat([u, torch.tensor([[[0.3, 0.9]]])], -1), vecs[target], target, valid, vecs[neg_ids], neg_ids,
+               None, tr)  # fmt: skip
+    cand = torch.tensor([2, 0, 1, 3, 4, 5])
+    expect = torch.nn.functional.cross_entropy((loss.scale() * served[cand])[None], torch.tensor([0]))
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)
