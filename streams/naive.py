@@ -28,7 +28,20 @@ def record_dtype(dim: int) -> np.dtype:
 def run_naive(
     settings: Settings, ckpt: Checkpoint, item_vectors: dict[str, np.ndarray], events: int, timeout: float = 900.0
 ) -> dict:
-    """Consumes ``events`` events from the scenario topics of ``settings.prefix``; returns events/s."""
+    """Consumes ``events`` events from the scenario topics of ``settings.prefix``; returns events/s.  Its
+    model calls run on one torch thread, as the worker's agents do (``streams.refinement``): on a busy
+    2-core machine two OpenMP threads made each call ~50x slower, which flattered every ratio against it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _consume(settings, ckpt, item_vectors, events, timeout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _consume(
+    settings: Settings, ckpt: Checkpoint, item_vectors: dict[str, np.ndarray], events: int, timeout: float
+) -> dict:
     consumer = KafkaConsumer(
         *[settings.events_topic(s) for s in settings.scenarios],
         **kafka_python_config(settings),
