@@ -45,6 +45,7 @@ MINUTE = 60.0
 DELTA_MAX = 4095  # the largest delta (minutes) a tag holds
 _ESCAPE_PAYLOAD = 7  # scenario, action, 5-byte signed delta
 _TIME_LIMIT = 2**39  # |minutes| and |delta| an escape holds
+TIME_LIMIT_S = _TIME_LIMIT * MINUTE / 2  # event times (seconds) whose records always fit, deltas included
 
 
 def record_dtype(code_bytes: int) -> np.dtype:
@@ -95,14 +96,34 @@ def last_minute(rec: np.ndarray) -> int | None:
 def encode(rec: np.ndarray, after: int | None = None) -> bytes:
     """Records → bytes: a whole history (with the format byte) when ``after`` is None, else the units to
     append to a history whose last record is at minute ``after``."""
+    if len(rec) == 0:
+        return b"" if after is not None else bytes([FORMAT])
+    m = minutes(rec["ts"])
+    units, _ = _units(rec, m, np.diff(m, prepend=np.int64(0 if after is None else after)))
+    return (b"" if after is not None else bytes([FORMAT])) + units.tobytes()
+
+
+def encode_many(rec: np.ndarray, counts: np.ndarray) -> list[bytes]:
+    """Several whole histories at once: ``rec`` holds them one after another, ``counts[i]`` records each
+    (``encode`` of each slice, in one vectorised pass)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if len(rec) == 0:
+        return [bytes([FORMAT])] * len(counts)
+    m = minutes(rec["ts"])
+    delta = np.diff(m, prepend=np.int64(0))
+    starts = (np.cumsum(counts) - counts)[counts > 0]
+    delta[starts] = m[starts]  # each history's first record: from minute 0
+    units, size = _units(rec, m, delta)
+    bounds = np.concatenate([[0], np.cumsum(size)])[np.concatenate([[0], np.cumsum(counts)])] * units.shape[1]
+    flat = units.tobytes()
+    return [bytes([FORMAT]) + flat[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+
+
+def _units(rec: np.ndarray, m: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(units (count, unit) uint8, units per record) of records at minutes ``m`` with these deltas."""
     n = len(rec)
     code_bytes = rec.dtype["code"].shape[0]
     unit, k = unit_size(code_bytes), escape_units(code_bytes)
-    head = b"" if after is not None else bytes([FORMAT])
-    if n == 0:
-        return head
-    m = minutes(rec["ts"])
-    delta = np.diff(m, prepend=np.int64(0 if after is None else after))
     if np.abs(delta).max() >= _TIME_LIMIT:
         raise ValueError("a history record's time is more than 2**39 minutes from the record before it")
     s, a = rec["scenario"].astype(np.int64), rec["action"].astype(np.int64)
@@ -123,7 +144,7 @@ def encode(rec: np.ndarray, after: int | None = None) -> bytes:
         rows = pos[e][:, None] - np.arange(k, 0, -1)[None, :]  # (escapes, k) unit indices
         units[rows, 0] = ESCAPE
         units[rows, 1:] = payload.reshape(len(e), k, unit - 1)
-    return head + units.tobytes()
+    return units, 1 + k * esc
 
 
 def decode(blob: bytes, code_bytes: int) -> np.ndarray:

@@ -13,8 +13,9 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 |                                  |        | ``o:``/``p:<origin>`` (parked events applied / parked; at   |               |
 |                                  |        | most ``MARKS_CAP`` = 256, counted in ``nm``, older half     |               |
 |                                  |        | dropped past it)                                            |               |
-| ``<p>:{u:<id>}:h``               | string | recent history, fixed-size records (codes, α, scenario,     | cap × 16 B    |
-|                                  |        | action, ts), trimmed to the history cap, written whole      |               |
+| ``<p>:{u:<id>}:h``               | string | recent history, compact records (``state.history``: codes,  | ~cap × 8 B    |
+|                                  |        | α, one tag byte, a minute delta); appended, rewritten whole |               |
+|                                  |        | trimmed to the cap once past cap + cap/16 records           |               |
 | ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float16; float32 from before still  | S × K × d × 2 |
 |                                  |        | reads), ``version``, ``seq``, ``updated_at``, ``event_ts``, |               |
 |                                  |        | ``k``, ``d``                                                |               |

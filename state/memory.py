@@ -71,10 +71,8 @@ class MemoryUsers:
             raise_("kts", u.kts, repr(float(u.kts)))
         if u.history is not None:
             self.history[user] = u.history
-        if u.records:
-            blob = self.history.get(user, b"") + u.records
-            keep = u.record_size * u.cap
-            self.history[user] = blob[-keep:] if len(blob) > keep else blob
+        if u.records:  # appended as given: the planner trims
+            self.history[user] = self.history.get(user, b"") + u.records
         if self.history.get(user) == b"":
             del self.history[user]
         if u.state_id is not None:

@@ -43,8 +43,9 @@ return vals
 #: what the plan read; bumps ``ver``; watermarks, ``last_ts`` and ``kts`` only ever move up.
 #: KEYS: state hash, history string.
 #: ARGV: expected ver, expected gen ('' none), n_events, has_coarse ('1'), coarse, last_ts, kts,
-#: records, record_size, cap, has_history ('1'), history, new gen ('' keeps), new cb, backfill time
-#: ('' keeps), backfill ids ('\n'-joined), n_watermarks,
+#: records (appended as given: the planner trims, by rewriting the whole history, see ``streams.planner``),
+#: has_history ('1'), history, new gen ('' keeps), new cb, backfill time ('' keeps), backfill ids
+#: ('\n'-joined), n_watermarks,
 #: [watermark field, offset]..., then [applied-mark field, parked-mark field]... of applied parked events.
 #: Returns {new seq, refined seq, new ver}, or {-1, current ver} on conflict.
 APPLY_USER = (
@@ -69,26 +70,23 @@ if ARGV[4] == '1' then
 end
 if tonumber(ARGV[6]) > 0 then raise('last_ts', ARGV[6]) end
 if tonumber(ARGV[7]) > 0 then raise('kts', ARGV[7]) end
-if ARGV[11] == '1' then
-  if #ARGV[12] > 0 then redis.call('SET', KEYS[2], ARGV[12]) else redis.call('DEL', KEYS[2]) end
+if ARGV[9] == '1' then
+  if #ARGV[10] > 0 then redis.call('SET', KEYS[2], ARGV[10]) else redis.call('DEL', KEYS[2]) end
 end
-if #ARGV[8] > 0 then  -- one SET of the whole history: APPEND would grow the string's buffer up to 2x
-  local blob = (redis.call('GET', KEYS[2]) or '') .. ARGV[8]
-  local keep = tonumber(ARGV[9]) * tonumber(ARGV[10])
-  if #blob > keep then blob = string.sub(blob, #blob - keep + 1) end
-  redis.call('SET', KEYS[2], blob, 'KEEPTTL')
+if #ARGV[8] > 0 then  -- one SET of the concatenation: APPEND would grow the string's buffer up to 2x
+  redis.call('SET', KEYS[2], (redis.call('GET', KEYS[2]) or '') .. ARGV[8], 'KEEPTTL')
+end
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'gen', ARGV[11], 'cb', ARGV[12])
 end
 if ARGV[13] ~= '' then
-  redis.call('HSET', KEYS[1], 'gen', ARGV[13], 'cb', ARGV[14])
+  redis.call('HSET', KEYS[1], 'bts', ARGV[13], 'bids', ARGV[14])
 end
-if ARGV[15] ~= '' then
-  redis.call('HSET', KEYS[1], 'bts', ARGV[15], 'bids', ARGV[16])
-end
-local n = tonumber(ARGV[17])
-for i = 18, 17 + 2 * n, 2 do
+local n = tonumber(ARGV[15])
+for i = 16, 15 + 2 * n, 2 do
   raise(ARGV[i], ARGV[i + 1])
 end
-for i = 18 + 2 * n, #ARGV, 2 do
+for i = 16 + 2 * n, #ARGV, 2 do
   mark(ARGV[i], ver)
   unmark(ARGV[i + 1])
 end

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from state.history import record_dtype
+from state.history import decode
 
 VERSION = "ver"  # bumped by every apply and parking mark: the compare-and-set token
 SEQ = "seq"  # events folded in so far
@@ -99,10 +99,8 @@ class UserUpdate:
     expected_state_id: str | None
     n_events: int
     coarse: bytes | None  # None keeps the stored state
-    records: bytes  # history records to append
-    record_size: int
-    cap: int  # history records kept
-    history: bytes | None = None  # replaces the stored history before the append (a rebuild)
+    records: bytes  # history records to append (``state.history``: units only, or a whole history when none is stored)
+    history: bytes | None = None  # replaces the stored history before the append (a rebuild or a trim)
     last_ts: float = 0.0  # max-merged in Redis
     kts: float = 0.0  # max-merged in Redis
     watermarks: dict[str, int] = field(default_factory=dict)  # max-merged in Redis
@@ -123,8 +121,6 @@ class UserUpdate:
             repr(float(self.last_ts)),
             repr(float(self.kts)),
             self.records,
-            self.record_size,
-            self.cap,
             "" if self.history is None else "1",
             self.history or b"",
             self.state_id or "",
@@ -223,8 +219,9 @@ def encode_coarse(state: np.ndarray) -> bytes:
 
 
 def decode_history(raw: bytes, code_bytes: int) -> np.ndarray:
-    """History records (fields code, scenario, action, ts); ``CorruptState`` when the blob is not whole."""
-    size = record_dtype(code_bytes).itemsize
-    if len(raw) % size:
-        raise CorruptState(f"history of {len(raw)} bytes is not a whole number of {size}-byte records")
-    return np.frombuffer(raw, dtype=record_dtype(code_bytes))
+    """History records (fields code, scenario, action, ts; ``state.history``) in the order applied;
+    ``CorruptState`` when the bytes are not a history of this format."""
+    try:
+        return decode(raw, code_bytes)
+    except ValueError as exc:
+        raise CorruptState(str(exc)) from None

@@ -13,6 +13,7 @@ from kafka.admin import KafkaAdminClient, OffsetSpec
 from models.codebook import CodebookConfig, ResidualCodebook, transcode
 from models.refiner import UserInput
 from models.user_model import Checkpoint
+from state.history import MINUTE, minutes
 from state.keys import Keys
 from state.store import RedisTLS, connect_sync
 from state.users import decode_coarse
@@ -77,7 +78,12 @@ def offline(
     state = model.coarse.update(model.coarse.init_state(), decoded, ds.scenario[sl], ds.action[sl], ds.ts[sl])
     coarse = model.coarse.read(state)
     keep = slice(max(0, len(decoded) - cap), None)
-    recent = UserInput(coarse, decoded[keep], ds.scenario[sl][keep], ds.action[sl][keep], ds.ts[sl][keep])
+    # The refiner reads the history's records: times floored to the minute (``state.history``), in
+    # (time, scenario) order, the order applied breaking ties (``streams.refinement.user_inputs``).
+    ts = minutes(ds.ts[sl][keep]) * MINUTE
+    scenario, action = ds.scenario[sl][keep], ds.action[sl][keep]
+    order = np.lexsort((scenario, ts))
+    recent = UserInput(coarse, decoded[keep][order], scenario[order], action[order], ts[order])
     return coarse, model.refine_users([recent], list(range(len(ds.scenarios))))[0]
 
 

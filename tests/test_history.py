@@ -11,6 +11,7 @@ from state.history import (
     decode,
     decode_reference,
     encode,
+    encode_many,
     encode_reference,
     escape_units,
     last_minute,
@@ -100,3 +101,13 @@ def test_malformed_and_previous_format_blobs_fail_loudly() -> None:
             with pytest.raises(ValueError):
                 dec(bad, 6)
     assert escape_units(6) == 1 and escape_units(2) == 3
+
+
+def test_many_histories_encode_at_once_as_each_alone() -> None:
+    rng = np.random.default_rng(7)
+    counts = np.array([3, 0, 1, 40, 0, 12])
+    rec = _random(rng, int(counts.sum()), 6, True)
+    ends = np.cumsum(counts)
+    want = [encode(rec[e - c : e]) for c, e in zip(counts, ends, strict=True)]
+    assert encode_many(rec, counts) == want
+    assert encode_many(rec[:0], np.array([0, 0])) == [encode(rec[:0])] * 2

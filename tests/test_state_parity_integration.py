@@ -16,7 +16,7 @@ W = "w:t:0"
 
 
 def _update(ver: int, gen: str | None, n: int, records: bytes, **kw) -> UserUpdate:
-    return UserUpdate(ver, gen, n, kw.pop("coarse", b"c" * 16), records, 4, 3, **kw)
+    return UserUpdate(ver, gen, n, kw.pop("coarse", b"c" * 16), records, **kw)
 
 
 STEPS = [
@@ -251,7 +251,7 @@ async def test_history_string_holds_no_append_slack(redis_url, prefix):
     store, mem = StreamStore(connect_async(redis_url), prefix), MemoryUsers()
     for i in range(100):
         first = {"state_id": "g"} if i == 0 else {}
-        update = UserUpdate(i, "g" if i else None, 10, b"c" * 16, bytes([i]) * 160, 16, 1000, **first)
+        update = UserUpdate(i, "g" if i else None, 10, b"c" * 16, bytes([i]) * 160, **first)
         assert (await store.apply_many({"u": update}))["u"] is not None and mem.apply("u", update) is not None
     r, key = redis.Redis.from_url(redis_url), Keys(prefix).user_history("u")
     assert r.get(key) == mem.history["u"] and len(mem.history["u"]) == 16_000
