@@ -4,15 +4,15 @@ Layout of the ``:h`` string: one format byte (``FORMAT``), then *units* of ``cod
 (8 with 3 layers of 256 codewords: 3 codes + 3 α).  An event is one unit::
 
     byte 0   tag: scenario (bits 0-1) | action (bits 2-3) | high 4 bits of the time delta (bits 4-7)
-    byte 1   low 8 bits of the time delta
+    byte 1   low 8 bits of the time delta (12 bits in all, two's complement: -2,048..2,047 minutes)
     byte 2.. the item's codes and α (``code_bytes``)
 
 The time is kept at a 1-minute resolution, as the delta in whole minutes (``floor(ts / 60)``) from the
 record before it in the string (from minute 0 for the first record, so the first one always carries
 the absolute time and trimming the front of a history re-encodes nothing but its new first record).
 A decoded time is ``minutes × 60`` seconds.  A record whose values do not fit the tag (scenario or
-action ≥ 4, a delta outside 0..4,095 minutes, which covers every out-of-order event and the absolute
-time, or the one tag value 0xFF that is reserved) is written as an *escape*: ``ceil(7 / (unit - 1))``
+action ≥ 4, a delta outside ±34 hours, as the absolute time of a history's first record, or the one tag
+value 0xFF that is reserved) is written as an *escape*: ``ceil(7 / (unit - 1))``
 units that start with 0xFF and carry, in their remaining bytes, scenario (u8), action (u8) and the delta
 as a signed 40-bit integer of minutes; then the event's unit with tag and delta bytes 0.  Nothing is
 dropped: a value that does not fit even the escape (scenario or action > 255, a time that is not finite
@@ -21,7 +21,9 @@ or beyond ±2**39 minutes) raises ``ValueError``.
 Why: Redis allocates a string in size classes (a value of 8,186 B costs 8,264 B, one of 8,187 B costs
 10,312 B), so a 1,000-event history stays in the 8 KB class only at ≤ 8.1 B an event.  The previous
 16-byte records (float64 seconds, a byte each for scenario and action) cost 16,456 B.  Seconds would need
-about 9 B an event on the simulator's log; minutes keep almost every delta in the tag's 12 bits.
+about 9 B an event on the simulator's log; minutes keep almost every delta in the tag's 12 bits.  The
+delta is signed because events are applied out of time order (the scenario topics interleave, parked
+events come late): with unsigned deltas 1,000 streamed events took 8.3-8.6 KB (an escape per step back).
 Readers see ``ts`` floored to the minute (ties in time are broken by the readers as before: scenario,
 then the order applied); the live event's own time (watermarks, ``last_ts``, the coarse fold, trend
 counts) is untouched.
@@ -42,7 +44,7 @@ import numpy as np
 FORMAT = 2  # the string's first byte
 ESCAPE = 0xFF  # first byte of an escape unit
 MINUTE = 60.0
-DELTA_MAX = 4095  # the largest delta (minutes) a tag holds
+DELTA_MIN, DELTA_MAX = -2048, 2047  # the deltas (minutes) a tag holds
 _ESCAPE_PAYLOAD = 7  # scenario, action, 5-byte signed delta
 _TIME_LIMIT = 2**39  # |minutes| and |delta| an escape holds
 TIME_LIMIT_S = _TIME_LIMIT * MINUTE / 2  # event times (seconds) whose records always fit, deltas included
@@ -127,8 +129,8 @@ def _units(rec: np.ndarray, m: np.ndarray, delta: np.ndarray) -> tuple[np.ndarra
     if np.abs(delta).max() >= _TIME_LIMIT:
         raise ValueError("a history record's time is more than 2**39 minutes from the record before it")
     s, a = rec["scenario"].astype(np.int64), rec["action"].astype(np.int64)
-    tag = s | (a << 2) | ((delta >> 8) << 4)
-    direct = (s < 4) & (a < 4) & (delta >= 0) & (delta <= DELTA_MAX) & (tag != ESCAPE)
+    tag = s | (a << 2) | (((delta >> 8) & 0xF) << 4)
+    direct = (s < 4) & (a < 4) & (delta >= DELTA_MIN) & (delta <= DELTA_MAX) & (tag != ESCAPE)
     esc = ~direct
     # Unit index of each event: its own escape units come right before it.
     pos = np.arange(n) + k * np.cumsum(esc)
@@ -171,6 +173,7 @@ def decode(blob: bytes, code_bytes: int) -> np.ndarray:
     out["code"] = ev[:, 2:]
     out["scenario"], out["action"] = tag & 3, (tag >> 2) & 3
     delta = ((tag >> 4) << 8) | ev[:, 1]
+    delta = np.where(delta > DELTA_MAX, delta - 4096, delta)
     e = np.flatnonzero(gaps == k)
     if len(e):
         if (ev[e, :2] != 0).any():
@@ -204,7 +207,7 @@ def encode_reference(rec: np.ndarray, after: int | None = None) -> bytes:
             raise ValueError("a history record's time is beyond ±2**39 minutes")
         s, a, d = int(r["scenario"]), int(r["action"]), m - prev
         prev = m
-        tag = s | (a << 2) | ((d >> 8) << 4) if 0 <= d <= DELTA_MAX else None
+        tag = s | (a << 2) | (((d >> 8) & 0xF) << 4) if DELTA_MIN <= d <= DELTA_MAX else None
         if s < 4 and a < 4 and tag is not None and tag != ESCAPE:
             out += bytes([tag, d & 0xFF])
         else:
@@ -239,6 +242,7 @@ def decode_reference(blob: bytes, code_bytes: int) -> np.ndarray:
                 pending = b""
             else:
                 s, a, d = u[0] & 3, (u[0] >> 2) & 3, ((u[0] >> 4) << 8) | u[1]
+                d = d - 4096 if d > DELTA_MAX else d
             prev += d
             rows.append((np.frombuffer(u[2:], np.uint8), s, a, prev * MINUTE))
         if pending:
