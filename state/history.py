@@ -8,8 +8,11 @@ Layout of the ``:h`` string: one format byte (``FORMAT``), then *units* of ``cod
     byte 2.. the item's codes and α (``code_bytes``)
 
 The time is kept at a 1-minute resolution, as the delta in whole minutes (``floor(ts / 60)``) from the
-record before it in the string (from minute 0 for the first record, so the first one always carries
-the absolute time and trimming the front of a history re-encodes nothing but its new first record).
+record of the same scenario before it in the string (from minute 0 for a scenario's first record, so that
+one carries the absolute time, and a history trimmed at the front is re-encoded whole).  Per scenario,
+because each scenario's events come from a topic of their own, in time order, while the topics interleave
+freely: a replayed log applies one scenario's events days ahead of another's, and deltas across
+scenarios (±30 days on ``bench memory``) would escape every few records.
 A decoded time is ``minutes × 60`` seconds.  A record whose values do not fit the tag (scenario or
 action ≥ 4, a delta outside ±34 hours, as the absolute time of a history's first record, or the one tag
 value 0xFF that is reserved) is written as an *escape*: ``ceil(7 / (unit - 1))``
@@ -22,8 +25,8 @@ Why: Redis allocates a string in size classes (a value of 8,186 B costs 8,264 B,
 10,312 B), so a 1,000-event history stays in the 8 KB class only at ≤ 8.1 B an event.  The previous
 16-byte records (float64 seconds, a byte each for scenario and action) cost 16,456 B.  Seconds would need
 about 9 B an event on the simulator's log; minutes keep almost every delta in the tag's 12 bits.  The
-delta is signed because events are applied out of time order (the scenario topics interleave, parked
-events come late): with unsigned deltas 1,000 streamed events took 8.3-8.6 KB (an escape per step back).
+delta is signed because events can still come back in time (parked events are applied late).  With a
+delta from the previous record of any scenario, 1,000 streamed events took 8.3-8.6 KB.
 Readers see ``ts`` floored to the minute (ties in time are broken by the readers as before: scenario,
 then the order applied); the live event's own time (watermarks, ``last_ts``, the coarse fold, trend
 counts) is untouched.
@@ -90,18 +93,36 @@ def records(code_rows: np.ndarray, scenario: np.ndarray, action: np.ndarray, ts:
     return out
 
 
-def last_minute(rec: np.ndarray) -> int | None:
-    """The minute the next appended record's delta starts from (None: an empty history)."""
-    return int(minutes(rec["ts"][-1:])[0]) if len(rec) else None
+def last_minutes(rec: np.ndarray) -> dict[int, int]:
+    """Per scenario, the minute of its last record: where appended records' deltas start from."""
+    m = minutes(rec["ts"])
+    return {int(sc): int(m[np.flatnonzero(rec["scenario"] == sc)[-1]]) for sc in np.unique(rec["scenario"])}
 
 
-def encode(rec: np.ndarray, after: int | None = None) -> bytes:
+def _deltas(m: np.ndarray, key: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Each record's minutes ``m`` minus those of the record before it with the same ``key``; a key's
+    first record minus ``start`` (its base)."""
+    order = np.argsort(key, kind="stable")
+    km, kk = m[order], key[order]
+    d = np.diff(km, prepend=np.int64(0))
+    first = np.ones(len(kk), dtype=bool)
+    first[1:] = kk[1:] != kk[:-1]
+    d[first] = km[first] - start[order][first]
+    out = np.empty_like(d)
+    out[order] = d
+    return out
+
+
+def encode(rec: np.ndarray, after: dict[int, int] | None = None) -> bytes:
     """Records → bytes: a whole history (with the format byte) when ``after`` is None, else the units to
-    append to a history whose last record is at minute ``after``."""
+    append to a history whose last record of each scenario is at ``after[scenario]`` (``last_minutes``)."""
     if len(rec) == 0:
         return b"" if after is not None else bytes([FORMAT])
-    m = minutes(rec["ts"])
-    units, _ = _units(rec, m, np.diff(m, prepend=np.int64(0 if after is None else after)))
+    m, scen = minutes(rec["ts"]), rec["scenario"].astype(np.int64)
+    base = np.zeros(len(m), np.int64)
+    for sc, minute in (after or {}).items():
+        base[scen == sc] = minute
+    units, _ = _units(rec, m, _deltas(m, scen, base))
     return (b"" if after is not None else bytes([FORMAT])) + units.tobytes()
 
 
@@ -112,9 +133,8 @@ def encode_many(rec: np.ndarray, counts: np.ndarray) -> list[bytes]:
     if len(rec) == 0:
         return [bytes([FORMAT])] * len(counts)
     m = minutes(rec["ts"])
-    delta = np.diff(m, prepend=np.int64(0))
-    starts = (np.cumsum(counts) - counts)[counts > 0]
-    delta[starts] = m[starts]  # each history's first record: from minute 0
+    group = np.repeat(np.arange(len(counts)), counts)
+    delta = _deltas(m, group * 256 + rec["scenario"].astype(np.int64), np.zeros(len(m), np.int64))
     units, size = _units(rec, m, delta)
     bounds = np.concatenate([[0], np.cumsum(size)])[np.concatenate([[0], np.cumsum(counts)])] * units.shape[1]
     flat = units.tobytes()
@@ -185,7 +205,16 @@ def decode(blob: bytes, code_bytes: int) -> np.ndarray:
         wide[:, :5] = payload[:, 2:7]
         wide[:, 5:] = np.where(payload[:, 6:7] >= 0x80, 0xFF, 0)  # sign extension
         delta[e] = wide.view("<i8")[:, 0]
-    out["ts"] = np.cumsum(delta) * MINUTE
+    # Per scenario, a running sum of its deltas.
+    order = np.argsort(out["scenario"], kind="stable")
+    total = np.cumsum(delta[order])
+    sc = out["scenario"][order]
+    first = np.ones(len(sc), dtype=bool)
+    first[1:] = sc[1:] != sc[:-1]
+    before = np.maximum.accumulate(np.where(first, np.arange(len(sc)), 0))  # each one's first of its scenario
+    m = np.empty_like(total)
+    m[order] = total - total[before] + delta[order][before]
+    out["ts"] = m * MINUTE
     return out
 
 
@@ -197,16 +226,17 @@ def encode_reference(rec: np.ndarray, after: int | None = None) -> bytes:
     code_bytes = rec.dtype["code"].shape[0]
     unit, k = unit_size(code_bytes), escape_units(code_bytes)
     out = bytearray() if after is not None else bytearray([FORMAT])
-    prev = 0 if after is None else after
+    last = dict(after or {})
     for r in rec:
         ts = float(r["ts"])
         if not math.isfinite(ts):
             raise ValueError("a history record's time must be finite")
         m = math.floor(ts / MINUTE)
-        if abs(m) >= _TIME_LIMIT or abs(m - prev) >= _TIME_LIMIT:
+        s, a = int(r["scenario"]), int(r["action"])
+        d = m - last.get(s, 0)
+        if abs(m) >= _TIME_LIMIT or abs(d) >= _TIME_LIMIT:
             raise ValueError("a history record's time is beyond ±2**39 minutes")
-        s, a, d = int(r["scenario"]), int(r["action"]), m - prev
-        prev = m
+        last[s] = m
         tag = s | (a << 2) | (((d >> 8) & 0xF) << 4) if DELTA_MIN <= d <= DELTA_MAX else None
         if s < 4 and a < 4 and tag is not None and tag != ESCAPE:
             out += bytes([tag, d & 0xFF])
@@ -227,7 +257,7 @@ def decode_reference(blob: bytes, code_bytes: int) -> np.ndarray:
     if blob:
         if blob[0] != FORMAT or (len(blob) - 1) % unit:
             raise ValueError(f"history of {len(blob)} bytes is not format {FORMAT} with {unit}-byte units")
-        at, prev, pending = 1, 0, b""
+        at, last, pending = 1, {}, b""
         while at < len(blob):
             u = blob[at : at + unit]
             at += unit
@@ -243,8 +273,8 @@ def decode_reference(blob: bytes, code_bytes: int) -> np.ndarray:
             else:
                 s, a, d = u[0] & 3, (u[0] >> 2) & 3, ((u[0] >> 4) << 8) | u[1]
                 d = d - 4096 if d > DELTA_MAX else d
-            prev += d
-            rows.append((np.frombuffer(u[2:], np.uint8), s, a, prev * MINUTE))
+            last[s] = last.get(s, 0) + d
+            rows.append((np.frombuffer(u[2:], np.uint8), s, a, last[s] * MINUTE))
         if pending:
             raise ValueError("history has an escape that is not followed by its record")
     out = np.empty(len(rows), dtype=record_dtype(code_bytes))

@@ -30,7 +30,7 @@ import numpy as np
 from models.codebook import ResidualCodebook
 from models.user_model import Checkpoint
 from state.history import TIME_LIMIT_S as RECORD_TIME_LIMIT
-from state.history import encode, encode_many, last_minute, records
+from state.history import encode, encode_many, last_minutes, records
 from state.users import (
     CorruptState,
     UserRow,
@@ -202,7 +202,7 @@ def history_writes(base: np.ndarray, new: np.ndarray, rewrite: bool, ctx: PlanCo
         return b"", encode(keep[-ctx.cap :]) if len(keep) and ctx.cap > 0 else b""
     if not len(new):
         return b"", None
-    return encode(new, last_minute(base)), None
+    return encode(new, last_minutes(base) if len(base) else None), None
 
 
 def _fold(

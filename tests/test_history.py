@@ -14,7 +14,7 @@ from state.history import (
     encode_many,
     encode_reference,
     escape_units,
-    last_minute,
+    last_minutes,
     records,
     unit_size,
 )
@@ -53,8 +53,8 @@ def test_appends_and_trims_decode_to_the_same_records() -> None:
     rec = _random(rng, 500, 6, True)
     blob = encode(rec[:100])
     for start, end in ((100, 101), (101, 260), (260, 500)):
-        part = encode(rec[start:end], after=last_minute(rec[:start]))
-        assert part == encode_reference(rec[start:end], after=last_minute(rec[:start]))
+        part = encode(rec[start:end], after=last_minutes(rec[:start]))
+        assert part == encode_reference(rec[start:end], after=last_minutes(rec[:start]))
         blob += part
     np.testing.assert_array_equal(decode(blob, 6), rec)
     for cut in (1, 17, 250, 499):
