@@ -19,7 +19,7 @@ import torch
 from models.coarse import CoarseConfig, CoarseInterests
 from models.codebook import CodebookConfig, ResidualCodebook
 from models.item_tower import ProjectionHead
-from models.refiner import Refiner, RefinerConfig, UserInput
+from models.refiner import Refiner, RefinerConfig, UserInput, collate
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -249,13 +249,19 @@ def bench_refiner(
                 )
                 for _ in range(b)
             ]
-            times = []
+            times, ref_times = [], []
             model.refine(users[:1], [0, 1, 2])  # warm-up
+            rows_in = collate(cfg, users, [(i, s) for i in range(b) for s in range(3)])
             # A 135M-parameter decoder takes minutes per 128-user call on 2 cores: fewer repeats there.
             for _ in range(repeats if b * params < 1000 else 1):
                 t0 = time.perf_counter()
                 model.refine(users, [0, 1, 2])
                 times.append(time.perf_counter() - t0)
+                if name == "tiny":  # the reference: ``forward`` on one row per (user, scenario)
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        model(**rows_in)
+                    ref_times.append(time.perf_counter() - t0)
             med = float(np.median(times))
             rows.append(
                 {
@@ -265,13 +271,14 @@ def bench_refiner(
                     "p50_s": med,
                     "max_s": float(max(times)),
                     "users_per_s": b / med,
+                    "reference_p50_s": float(np.median(ref_times)) if ref_times else None,
                 }
             )
     write_rows(out, "refiner", rows)
     print(f"refiner: {recent} recent events + 4 coarse tokens + 3 queries per row, 3 scenarios per user\n")
     print_table(
-        ["backbone", "params (M)", "batch (users)", "users/s", "p50 batch (ms)", "max (ms)"],
-        "lrrrrr",
+        ["backbone", "params (M)", "batch (users)", "users/s", "p50 batch (ms)", "max (ms)", "reference p50 (ms)"],
+        "lrrrrrr",
         [
             [
                 r["backbone"],
@@ -280,10 +287,14 @@ def bench_refiner(
                 f"{r['users_per_s']:.1f}",
                 f"{r['p50_s'] * 1e3:.1f}",
                 f"{r['max_s'] * 1e3:.1f}",
+                f"{r['reference_p50_s'] * 1e3:.1f} ({r['reference_p50_s'] / r['p50_s']:.2f}x)"
+                if r["reference_p50_s"]
+                else "",
             ]
             for r in rows
         ],
     )
+    print("\nreference: ``Refiner.forward`` on one row per (user, scenario); ratio = reference / refine")
     return rows
 
 

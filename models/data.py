@@ -137,6 +137,7 @@ def simulate(
     dim: int = 64,
     seed: int = 0,
     events_per_user: tuple[int, int] = (60, 160),
+    counts: np.ndarray | None = None,
 ) -> Dataset:
     """Seeded multi-scenario log with planted structure.
 
@@ -145,6 +146,8 @@ def simulate(
     that drives search and ad clicks.  So a user's ads future is visible in their search past (cross-
     scenario signal a single-scenario model cannot see), and a feed-only view misses the intent interest.
     Actions: click, like, skip (skips come from clusters the user does not care about).
+    ``counts`` gives each user's number of events instead (e.g. ``zipf_counts``); they are then spread over
+    the same 30 days for every user, so a user with more events is that much more active.
     """
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, dim))
@@ -157,9 +160,15 @@ def simulate(
     cols: dict[str, list] = {k: [] for k in ("user", "item", "scenario", "action", "ts", "query")}
     for u in range(users):
         browse, intent = rng.choice(clusters, 2, replace=False), rng.integers(0, clusters)
-        t = 1.7e9 + rng.uniform(0, 86400 * 30)
-        for _ in range(int(rng.integers(*events_per_user))):
-            t += rng.exponential(3600.0)
+        if counts is None:
+            n, gap = int(rng.integers(*events_per_user)), 3600.0
+            t = 1.7e9 + rng.uniform(0, 86400 * 30)
+        else:
+            n = int(counts[u])
+            gap = 86400 * 30 / max(n, 1)
+            t = 1.7e9 + rng.uniform(0, gap)
+        for _ in range(n):
+            t += rng.exponential(gap)
             r = rng.random()
             scen, action = (0, 0) if r < 0.6 else ((1, 0) if r < 0.8 else (2, 0))
             if scen == 0:
@@ -193,6 +202,13 @@ def simulate(
         item_vectors=vectors,
         query=cols["query"],
     )
+
+
+def zipf_counts(users: int, mean_events: float, exponent: float = 1.0) -> np.ndarray:
+    """Events per user when activity follows Zipf's law: the user of rank r has ∝ r^-exponent events
+    (at least one), ``mean_events`` on average."""
+    weight = np.arange(1, users + 1, dtype=np.float64) ** -exponent
+    return np.maximum(1, np.round(weight / weight.sum() * mean_events * users)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- a user's own files

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from models.backbone import load_backbone
 from models.item_tower import ProjectionHead
@@ -117,6 +116,22 @@ def collate(cfg: RefinerConfig, users: list[UserInput], rows: list[tuple[int, in
     return {k: torch.as_tensor(v) for k, v in arrays.items()}
 
 
+def query_mask(attn: torch.Tensor, scenarios: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """(U, 1, T, T) additive attention mask of rows [prefix (``attn``: left-padded, True = a token)] +
+    ``scenarios`` groups of ``k`` query tokens: causal; no token sees padding; a query sees the prefix
+    and the queries of its own group before it.  A padding row sees itself only (a row that sees nothing
+    would give NaN values that the softmax weights of the others, zero, cannot cancel)."""
+    u, n = attn.shape
+    total = n + scenarios * k
+    see = torch.ones(total, total, dtype=torch.bool).tril()
+    group = torch.cat([torch.full((n,), -1), torch.arange(scenarios).repeat_interleave(k)])
+    see &= (group[:, None] == group[None, :]) | (group[None, :] < 0)  # queries: their group and the prefix
+    see = see[None] & torch.cat([attn, torch.ones(u, scenarios * k, dtype=torch.bool)], 1)[:, None, :]
+    see |= torch.eye(total, dtype=torch.bool)[None]
+    mask = torch.zeros(u, 1, total, total, dtype=dtype)
+    return mask.masked_fill_(~see[:, None], torch.finfo(dtype).min)
+
+
 class Refiner(nn.Module):
     def __init__(self, cfg: RefinerConfig, head: ProjectionHead) -> None:
         super().__init__()
@@ -197,9 +212,10 @@ class Refiner(nn.Module):
         """(U, S, K, retrieval_dim) float32 interest vectors for every user and scenario asked for.
 
         The decoder is causal, so the shared prefix (coarse tokens + events) does not depend on the
-        scenario asked: it runs once per user into a KV cache, and only each scenario's K query tokens
-        run on top of it — the same vectors as ``forward`` on one row per scenario, for about 1/S of
-        the work.
+        scenario asked: one row per user holds the prefix and then every scenario's K query tokens, and
+        an attention mask keeps each scenario's queries from seeing the others'.  The same vectors as
+        ``forward`` on one row per scenario (the reference; ``tests/test_refiner.py``), for about 1/S of
+        the work and with no KV cache to copy per scenario.
         """
         n_s, k = len(scenarios), self.cfg.interests
         if not users:
@@ -207,25 +223,13 @@ class Refiner(nn.Module):
             return np.zeros((0, n_s, k, width), np.float32)
         t = collate(self.cfg, users, [(i, scenarios[0]) for i in range(len(users))])
         embeds, attn = self._prefix(t["coarse"], t["items"], t["scenario"], t["action"], t["gap"], t["mask"])
-        positions = (torch.cumsum(attn.long(), 1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        self.backbone(
-            inputs_embeds=embeds,
-            attention_mask=attn.long(),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache.batch_repeat_interleave(n_s)  # row u * S + j: user u asking for scenarios[j]
-        ask = torch.as_tensor(scenarios).repeat(len(users))
-        attn = torch.cat([attn.repeat_interleave(n_s, 0), torch.ones(len(ask), k, dtype=torch.bool)], 1)
-        start = attn[:, :-k].sum(1, keepdim=True)  # the queries continue each row's positions
+        u, n = attn.shape
+        queries = self._queries(torch.as_tensor(scenarios).repeat(u)).reshape(u, n_s * k, -1)
+        embeds = torch.cat([embeds, queries.to(embeds.dtype)], 1)
+        start = attn.sum(1, keepdim=True)  # each scenario's queries continue the row's positions
+        positions = torch.cat([(torch.cumsum(attn.long(), 1) - 1).clamp(min=0), start + torch.arange(k).repeat(n_s)], 1)
         hidden = self.backbone(
-            inputs_embeds=self._queries(ask),
-            attention_mask=attn.long(),
-            position_ids=start + torch.arange(k),
-            past_key_values=cache,
-            use_cache=True,
+            inputs_embeds=embeds, attention_mask=query_mask(attn, n_s, k, embeds.dtype), position_ids=positions
         )
-        out = self._outputs(hidden.last_hidden_state)
-        return out.reshape(len(users), n_s, k, -1).float().numpy()
+        out = self._outputs(hidden.last_hidden_state[:, n:])
+        return out.reshape(u, n_s, k, -1).float().numpy()

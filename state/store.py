@@ -306,6 +306,8 @@ class StreamStore:
         version_ttl_s: float = 0,
     ) -> list[bool]:
         """``write_vectors`` for many (user, seq, event_ts, produced_at, vectors) in one round trip."""
+        if not rows:
+            return []
         pipe = self.r.pipeline(transaction=False)
         now = repr(time.time())
         for user, seq, event_ts, produced_at, vectors in rows:
@@ -328,6 +330,15 @@ class StreamStore:
 
     async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
         await self._clear(keys=self._dirty_keys(partition), args=[user, seq])
+
+    async def clear_dirty_many(self, done: list[tuple[int, str, int]]) -> None:
+        """``clear_dirty`` for many (partition, user, seq) in one round trip."""
+        if not done:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for partition, user, seq in done:
+            pipe.eval(scripts.CLEAR_DIRTY, 2, *self._dirty_keys(partition), user, seq)
+        await pipe.execute()
 
     # ---------------------------------------------------------------- users: quarantine
     async def quarantine(self, user: str, partition: int, seq: int, reason: str) -> None:

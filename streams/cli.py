@@ -310,9 +310,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         elif part == "items":
             online.bench_items(items=args.items, sample=args.sample, repeats=args.repeat, out=args.out)
         elif part == "ingest":
-            online.bench_ingest(settings, users=users, repeats=args.repeat, out=args.out)
+            online.bench_ingest(
+                settings, users=users, repeats=args.repeat, naive_seconds=args.naive_seconds, out=args.out
+            )
         elif part == "freshness":
-            online.bench_freshness(settings, users=users, rates=tuple(args.rates), out=args.out)
+            online.bench_freshness(settings, users=users, rates=tuple(args.rates), zipf=args.zipf, out=args.out)
         elif part == "memory":
             online.bench_memory(settings, soak_events=args.soak_events, out=args.out)
         elif part == "soak":
@@ -551,11 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rates", type=float, nargs="*", default=[200, 1000, 5000], help="offered rates for freshness")
     p.add_argument(
+        "--zipf", type=float, default=0.0, help="freshness: user activity by Zipf's law with this exponent (0: even)"
+    )
+    p.add_argument(
         "--items", type=int, default=1682, help="items: catalogue texts (ML-100K titles, synthetic past 1,682)"
     )
     p.add_argument("--sample", type=int, default=128, help="items: texts both paths encode, alternated, for the ratio")
     p.add_argument("--repeat", type=int, default=3, help="items, ingest: repeats (medians are reported)")
     p.add_argument("--soak-events", type=int, default=100_000, help="events of the memory soak")
+    p.add_argument("--naive-seconds", type=float, default=900.0, help="ingest: stop the naive baseline after this long")
     p.add_argument(
         "--backbones",
         nargs="*",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models.codebook import ResidualCodebook
-from models.refiner import UserInput
+from models.refiner import UserInput, select_recent
 from models.user_model import Checkpoint
 from state.store import StreamStore
 from state.users import CorruptState, UserRow, decode_coarse, decode_history
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Errors a user's own stored data causes (it is quarantined), as opposed to the worker's.
 DATA_ERRORS = (CorruptState, LookupError)
 Emit = Callable[[str, dict], Awaitable[None]]
+#: A micro-batch: the (partition, user) picked, their rows, the codebooks of rows other checkpoints wrote.
+Batch = tuple[list[tuple[int, str]], dict[str, UserRow], dict[str, ResidualCodebook]]
 
 
 def user_inputs(
@@ -44,8 +46,10 @@ def user_inputs(
 ) -> list[UserInput]:
     """Redis rows → refiner inputs: coarse interests read from the state, the newest ``cap`` history records
     (all when None; a stored history holds up to ``cap + cap // 16``, ``streams.planner``) decoded and
-    time-ordered.  ``books`` holds the codebooks of rows written by another checkpoint (see
-    ``streams.switch``).  Raises ``CorruptState`` / ``KeyError`` for a row that cannot be decoded."""
+    time-ordered.  Only the events the refiner reads (``select_recent``: at most ``recent`` of them) are
+    decoded, so a long history costs no more to refine than a short one.  ``books`` holds the codebooks of
+    rows written by another checkpoint (see ``streams.switch``).  Raises ``CorruptState`` / ``KeyError`` for
+    a row that cannot be decoded."""
     model = ckpt.model.coarse
     books = {**(books or {}), ckpt.codebook_id: ckpt.codebook}
     states, histories = [], []
@@ -65,6 +69,7 @@ def user_inputs(
             histories.append(r.history)
     coarse = model.read_many(np.stack(states)).numpy()
     code_bytes = ckpt.codebook.cfg.bytes_per_item
+    refiner = ckpt.model.refiner.cfg if ckpt.model.refiner is not None else None
     out = []
     for history, c in zip(histories, coarse, strict=True):
         rec = decode_history(history, code_bytes)
@@ -72,6 +77,8 @@ def user_inputs(
             rec = rec[-cap:]  # the newest in the order applied
         order = np.lexsort((rec["scenario"], rec["ts"]))  # time order; scenario breaks ties
         rec = rec[order]
+        if refiner is not None:  # select_recent of what it picks picks it all: the refiner sees the same events
+            rec = rec[select_recent(rec["scenario"], rec["ts"], refiner.recent, refiner.quotas)]
         items = (
             ckpt.codebook.from_bytes(rec["code"].tobytes(), len(rec))
             if len(rec)
@@ -126,6 +133,8 @@ class Refresher:
         )
         self.last_refined: dict[str, float] = {}  # debounce: user → when last refined (pruned, see _tick)
         self._turn = 0
+        #: The batch the refiner is working on while the previous one is written (see ``_tick``).
+        self._running: tuple[Batch, asyncio.Future] | None = None
         self.failing_since: float | None = None  # monotonic time of the first failed tick in a row
 
     async def tick(self, partitions: list[int]) -> int:
@@ -152,31 +161,23 @@ class Refresher:
         return n
 
     async def _tick(self, partitions: list[int]) -> int:
-        now = time.monotonic()
-        debounce = self.settings.refine_debounce_ms / 1000
-        picked: list[tuple[int, str]] = []
-        if len(self.last_refined) > LAST_REFINED_MAX:  # only entries inside the debounce window matter
-            self.last_refined = {u: t for u, t in self.last_refined.items() if now - t < debounce}
-        # Round robin: each tick starts at the next partition, so under a backlog none waits behind the others.
-        self._turn = (self._turn + 1) % max(1, len(partitions))
-        for p in partitions[self._turn :] + partitions[: self._turn]:
-            for user, _seq in await self.store.dirty_users(p, self.settings.refine_batch * 2):
-                if now - self.last_refined.get(user, -1e9) >= debounce:
-                    picked.append((p, user))
-            if len(picked) >= self.settings.refine_batch:
-                break
-        picked = picked[: self.settings.refine_batch]
-        if not picked:
-            return 0
-        users = [u for _, u in picked]
-        rows = await self.store.read_for_refine(users)
-        books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
-        t0 = time.perf_counter()
-        vectors, failed = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._refine, [rows[u] for u in users], books
-        )
-        metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
-        refined = []
+        """Refines a batch and writes it.  Under a backlog the refiner never waits on Redis: the next batch
+        is read while this one refines and handed to the refiner before this one is written."""
+        running, self._running = self._running, None
+        if running is None:
+            batch = await self._gather(partitions, frozenset())
+            if batch is None:
+                return 0
+            running = (batch, self._submit(batch))
+        (picked, rows, _books), job = running
+        upcoming = None
+        if len(picked) >= self.settings.refine_batch:  # a backlog: read the next batch meanwhile
+            upcoming = await self._prefetch(partitions, frozenset(u for _, u in picked))
+        vectors, failed = await job
+        if upcoming is not None:
+            self._running = (upcoming, self._submit(upcoming))
+        writes: list[tuple[int, UserRow, dict[str, np.ndarray]]] = []
+        cleared: list[tuple[int, str, int]] = []
         for (p, user), vecs in zip(picked, vectors, strict=True):
             row = rows[user]
             if vecs is not None and not np.isfinite(vecs).all():
@@ -186,24 +187,31 @@ class Refresher:
                 continue
             if user in failed:
                 await self.store.quarantine(user, p, row.seq, failed[user])
-                await self.store.clear_dirty(p, user, row.seq)
+                cleared.append((p, user, row.seq))
                 log.error("quarantined user %s at seq %d: %s", user, row.seq, failed[user])
                 continue
-            per_scenario = {s: vecs[i] for i, s in enumerate(self.scenarios)}
-            written = await self.store.write_vectors(
-                user, row.seq, self.ckpt.version, row.last_ts, row.kts, per_scenario, self.settings.version_ttl_s
-            )
-            await self.store.clear_dirty(p, user, row.seq)
-            self.last_refined[user] = time.monotonic()
-            refined.append(user)
-            if written:
+            writes.append((p, row, {s: vecs[i] for i, s in enumerate(self.scenarios)}))
+        # One round trip writes every user's vectors, the next takes the users off their dirty sets: a crash
+        # in between leaves them dirty, to be refined again (a write never goes back in seq).
+        written = await self.store.write_vectors_many(
+            [(row.user, row.seq, row.last_ts, row.kts, per_scenario) for _, row, per_scenario in writes],
+            self.ckpt.version,
+            self.settings.version_ttl_s,
+        )
+        await self.store.clear_dirty_many(cleared + [(p, row.user, row.seq) for p, row, _ in writes])
+        now = time.monotonic()
+        refined = []
+        for (_, row, per_scenario), was_written in zip(writes, written, strict=True):
+            self.last_refined[row.user] = now
+            refined.append(row.user)
+            if was_written:
                 metrics.REFINEMENTS.inc()
                 if row.kts > 0:
                     metrics.FRESHNESS.observe(max(0.0, time.time() - row.kts))
                 await self.emit(
-                    user,
+                    row.user,
                     {
-                        "user_id": user,
+                        "user_id": row.user,
                         "seq": row.seq,
                         "version": self.ckpt.version,
                         "event_ts": row.last_ts,
@@ -214,6 +222,58 @@ class Refresher:
         await self.store.unquarantine(refined)
         metrics.QUARANTINED.set(await self.store.quarantined_count())
         return len(picked)
+
+    async def _gather(self, partitions: list[int], busy: frozenset[str]) -> Batch | None:
+        """The next micro-batch: up to ``refine_batch`` dirty users (not in ``busy``, not refined within the
+        debounce window), each with one consistent snapshot of its state and history."""
+        now = time.monotonic()
+        debounce = self.settings.refine_debounce_ms / 1000
+        picked: list[tuple[int, str]] = []
+        if len(self.last_refined) > LAST_REFINED_MAX:  # only entries inside the debounce window matter
+            self.last_refined = {u: t for u, t in self.last_refined.items() if now - t < debounce}
+        # Round robin: each tick starts at the next partition, so under a backlog none waits behind the others.
+        self._turn = (self._turn + 1) % max(1, len(partitions))
+        for p in partitions[self._turn :] + partitions[: self._turn]:
+            for user, _seq in await self.store.dirty_users(p, self.settings.refine_batch * 2):
+                if user not in busy and now - self.last_refined.get(user, -1e9) >= debounce:
+                    picked.append((p, user))
+            if len(picked) >= self.settings.refine_batch:
+                break
+        picked = picked[: self.settings.refine_batch]
+        if not picked:
+            return None
+        rows = await self.store.read_for_refine([u for _, u in picked])
+        books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
+        return picked, rows, books
+
+    def _submit(self, batch: Batch) -> asyncio.Future:
+        picked, rows, books = batch
+        return asyncio.get_running_loop().run_in_executor(
+            self.executor, self._timed_refine, [rows[u] for _, u in picked], books
+        )
+
+    async def _prefetch(self, partitions: list[int], busy: frozenset[str]) -> Batch | None:
+        """The next batch, read while the refiner runs.  Its snapshots are up to a refiner call old when
+        they are refined: vectors then carry the seq they reflect, and a user with newer events stays dirty
+        (``clear_dirty`` compares seqs), so staleness costs a later refinement, never a lost event.  A
+        failed read is left to the next tick."""
+        try:
+            return await self._gather(partitions, busy)
+        except Exception as exc:
+            metrics.AGENT_ERRORS.labels("refine", "prefetch").inc()
+            log.warning(
+                "reading the next refinement batch failed (%s: %s); the next tick reads it", type(exc).__name__, exc
+            )
+            return None
+
+    def _timed_refine(
+        self, rows: list[UserRow], books: dict[str, ResidualCodebook]
+    ) -> tuple[list[np.ndarray | None], dict[str, str]]:
+        t0 = time.perf_counter()
+        try:
+            return self._refine(rows, books)
+        finally:
+            metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
 
     def refine_rows(
         self, rows: list[UserRow], books: dict[str, ResidualCodebook]

@@ -44,7 +44,9 @@ def ds():
 
 
 def test_replay_parity_lookup_and_group_reset(pipeline_settings, ds, tmp_path):
-    settings = pipeline_settings
+    # Micro-batches of 3 of the 12 users: the refiner always has a backlog, so each batch is read while the
+    # previous one refines and written after the next one started (``Refresher._tick``).
+    settings = pipeline_settings.with_(refine_batch=3)
     ckpt = Checkpoint.load(settings.checkpoint)
     with WorkerProcess(settings, log=tmp_path / "worker.log"):
         expected = replay(settings, ds, USERS)

@@ -96,3 +96,17 @@ def test_shared_prefix_cache_equals_one_row_per_scenario(refiner):
         rows = [(i, s) for i in range(len(users)) for s in scenarios]
         slow = refiner(**collate(refiner.cfg, users, rows)).reshape(len(users), len(scenarios), 3, -1).numpy()
     np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
+def test_a_history_cut_to_what_select_recent_picks_refines_to_the_same_vectors(refiner):
+    """The worker decodes only the events ``select_recent`` picks (``streams.refinement.user_inputs``):
+    the refiner must give the same vectors as from the whole history, quotas included."""
+    rng = np.random.default_rng(3)
+    users = [_user(rng, n) for n in (0, 4, 10, 37, 300)]
+    cfg = refiner.cfg
+    cut = []
+    for u in users:
+        p = select_recent(u.scenario, u.ts, cfg.recent, cfg.quotas)
+        assert len(select_recent(u.scenario[p], u.ts[p], cfg.recent, cfg.quotas)) == len(p)
+        cut.append(UserInput(u.coarse, u.items[p], u.scenario[p], u.action[p], u.ts[p]))
+    np.testing.assert_array_equal(refiner.refine(cut, [0, 1, 2]), refiner.refine(users, [0, 1, 2]))

@@ -8,6 +8,7 @@ import pytest
 from pipeline_checks import item_records, retrained
 
 from models.data import load
+from models.refiner import select_recent
 from models.user_model import Checkpoint
 from state.history import decode, encode, records
 from state.users import UserRow
@@ -81,5 +82,7 @@ def test_refiner_inputs_of_a_state_another_checkpoint_built(pair, user_events):
     state, rebuilt = rebuild_user(new, old.codebook, history)
     np.testing.assert_allclose(got.coarse, new.model.coarse.read(state), atol=1e-6)
     rec = decode(rebuilt, new.codebook.cfg.bytes_per_item)
-    order = np.lexsort((rec["scenario"], rec["ts"]))
-    np.testing.assert_array_equal(got.items, new.codebook.from_bytes(rec["code"][order].tobytes(), len(rec)))
+    rec = rec[np.lexsort((rec["scenario"], rec["ts"]))]
+    cfg = new.model.refiner.cfg
+    rec = rec[select_recent(rec["scenario"], rec["ts"], cfg.recent, cfg.quotas)]  # what the refiner reads
+    np.testing.assert_array_equal(got.items, new.codebook.from_bytes(rec["code"].tobytes(), len(rec)))
