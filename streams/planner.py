@@ -15,9 +15,13 @@ Per user, in order:
 4. **rebuild**: a state another checkpoint built is rebuilt from its history (``streams.switch``);
 5. **fold**: the applied events of every user go through the coarse model in one batched call;
 6. **history**: the new records are appended (encoded after the stored history's last record,
-   ``state.history``); when the history would pass ``cap + cap // 16`` records it is rewritten whole,
-   trimmed to the newest ``cap``, so the cost of trimming is amortised over ``cap // 16`` events and Redis
-   never trims (readers use the newest ``cap`` records, ``streams.refinement``).
+   ``state.history``); when the history would pass ``cap + trim_slack(cap)`` records (``cap // 64``, at
+   least 1) it is rewritten whole, trimmed to the newest ``cap``, so the planner's re-encode is amortised
+   over ``trim_slack(cap)`` events and Redis never trims (readers use the newest ``cap`` records,
+   ``streams.refinement``).  The slack is small on purpose: at about 8 B a record, 1,015 records stay in
+   the string size class 1,000 records take (8,186 B of value cost 8,264 B in Redis, 8,187 B cost 10,312 B),
+   so a user past the cap costs what a user at the cap does.  A rewrite costs Redis no more than an append
+   (``APPLY_USER`` writes the whole history with one ``SET`` either way).
 """
 
 from __future__ import annotations
@@ -79,6 +83,12 @@ class Accepted:
         return watermark(self.msg.topic, self.msg.partition)
 
 
+def trim_slack(cap: int) -> int:
+    """Records a history may hold past ``cap`` before it is rewritten, trimmed to ``cap``: ``cap // 64``, at
+    least 1 (a 1,000-record history then stays within Redis's 8,264-B allocation, see the module's doc)."""
+    return max(1, cap // 64)
+
+
 @dataclass(frozen=True)
 class PlanContext:
     """What a plan needs of the worker: its checkpoint, the codebooks it could load, the history cap."""
@@ -90,7 +100,7 @@ class PlanContext:
     @property
     def trim_at(self) -> int:
         """Records past which a history is rewritten, trimmed to ``cap``."""
-        return self.cap + self.cap // 16
+        return self.cap + trim_slack(self.cap)
 
 
 @dataclass

@@ -45,7 +45,7 @@ def user_inputs(
     ckpt: Checkpoint, rows: list[UserRow], books: dict[str, ResidualCodebook] | None = None, cap: int | None = None
 ) -> list[UserInput]:
     """Redis rows → refiner inputs: coarse interests read from the state, the newest ``cap`` history records
-    (all when None; a stored history holds up to ``cap + cap // 16``, ``streams.planner``) decoded and
+    (all when None; a stored history holds up to ``cap + trim_slack(cap)``, ``streams.planner``) decoded and
     time-ordered.  Only the events the refiner reads (``select_recent``: at most ``recent`` of them) are
     decoded, so a long history costs no more to refine than a short one.  ``books`` holds the codebooks of
     rows written by another checkpoint (see ``streams.switch``).  Raises ``CorruptState`` / ``KeyError`` for

@@ -12,7 +12,7 @@ from state.history import decode, encode, records
 from state.memory import MemoryUsers
 from state.users import UserUpdate, decode_history, watermark
 from streams.events import Event, Message
-from streams.planner import Accepted, PlanContext, UserPlan, plan, plan_new
+from streams.planner import Accepted, PlanContext, UserPlan, plan, plan_new, trim_slack
 
 TOPIC = "t.events.feed"
 CAP = 100
@@ -346,7 +346,7 @@ def _stored(ckpt: Checkpoint, codes: dict[str, bytes], applied: list[Accepted]) 
 
 def test_history_appends_then_trims_amortised(old):
     """Batches append records (the stored bytes equal the whole history encoded at once) until the history
-    would pass cap + cap/16 records; then it is rewritten whole, trimmed to the newest cap.  Times go
+    would pass cap + trim_slack(cap) records; then it is rewritten whole, trimmed to the newest cap.  Times go
     back between batches (a late event): a negative delta, decoded exactly."""
     codes = codes_of(old, range(20))
     mem, applied, rewrites = MemoryUsers(), [], 0
@@ -367,10 +367,10 @@ def test_history_appends_then_trims_amortised(old):
         want = _stored(old, codes, applied)
         if up.history is not None:
             assert len(stored) == CAP
-        assert len(stored) <= CAP + CAP // 16
+        assert len(stored) <= CAP + trim_slack(CAP)
         np.testing.assert_array_equal(stored, want[-len(stored) :])
         assert mem.history["u"] == encode(stored)  # appends never differ from one encoding of the whole
-    assert offset > 2 * CAP and 1 <= rewrites <= offset // (CAP // 16)
+    assert offset > 2 * CAP and 1 <= rewrites <= offset // trim_slack(CAP)
 
 
 def test_an_event_whose_time_no_record_holds_is_dead_lettered(old):
