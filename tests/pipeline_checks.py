@@ -112,7 +112,7 @@ def retrained(src: str, out, version: str) -> Checkpoint:
 
 
 def snapshot(redis_url: str, prefix: str, users: list[str], tls: RedisTLS | None = None) -> dict[str, tuple]:
-    """Every byte of each user's state, history and vectors (timestamps of writes aside)."""
+    """Every byte of each user's state, coarse state, history and vectors (timestamps of writes aside)."""
     r, keys = connect_sync(redis_url, tls), Keys(prefix)
     out = {}
     for u in users:
@@ -120,7 +120,7 @@ def snapshot(redis_url: str, prefix: str, users: list[str], tls: RedisTLS | None
         v = r.hgetall(keys.user_vectors(u))
         out[u] = (
             s[b"seq"],
-            s[b"coarse"],
+            r.get(keys.user_coarse(u)),
             r.get(keys.user_history(u)),
             v.get(b"seq"),
             tuple(sorted((k, val) for k, val in v.items() if k.startswith(b"vec:"))),
@@ -144,7 +144,7 @@ def assert_matches_offline(settings, ds, expected: dict[str, int], scenarios: tu
     for user, n in expected.items():
         _, meta = reader.get_user_interests(user)
         assert meta.seq == n, f"user {user}: seq {meta.seq} != {n} events (one lost or applied twice)"
-        state = decode_coarse(r.hget(keys.user_state(user), "coarse"), ckpt.model.coarse.state_size)
+        state = decode_coarse(r.get(keys.user_coarse(user)), ckpt.model.coarse.state_size)
         coarse_off, vectors_off = offline(ckpt, ds, user, settings.history_cap)
         np.testing.assert_allclose(ckpt.model.coarse.read(state), coarse_off, atol=COARSE_TOL)
         for s in scenarios:

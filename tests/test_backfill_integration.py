@@ -86,7 +86,7 @@ def _state(settings, users: list[str], ckpt: Checkpoint) -> dict[str, tuple]:
         # the records are compared in (time, scenario) order, the order the refiner reads them in.
         rec = rec[np.lexsort((rec["scenario"], rec["ts"]))]
         vecs = reader.interests(u).vectors
-        out[u] = (int(s[b"seq"]), rec.tobytes(), decode_coarse(s[b"coarse"], size), vecs, int(v[b"seq"]))
+        out[u] = (int(s[b"seq"]), rec.tobytes(), decode_coarse(r.get(keys.user_coarse(u)), size), vecs, int(v[b"seq"]))
     return out
 
 

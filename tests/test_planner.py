@@ -91,10 +91,10 @@ def test_serial_apply_then_redelivery_changes_nothing(old):
     mem, codes = MemoryUsers(), codes_of(old, range(10))
     batch = {"u1": [ev("u1", i, i) for i in range(5)], "u2": [ev("u2", 7, 5)]}
     run(mem, batch, codes, ctx(old))
-    before = (dict(mem.state["u1"]), mem.history["u1"])
+    before = (dict(mem.state["u1"]), mem.coarse["u1"], mem.history["u1"])
     plans = run(mem, batch, codes, ctx(old))
     assert all(p.update is None and p.duplicates == len(batch[u]) for u, p in plans.items())
-    assert (mem.state["u1"], mem.history["u1"]) == before
+    assert (mem.state["u1"], mem.coarse["u1"], mem.history["u1"]) == before
     assert mem.state["u1"]["seq"] == b"5"
     assert int(mem.state["u1"]["ver"]) == 1 and mem.state["u1"][watermark(TOPIC, 0)] == b"4"
 
@@ -118,7 +118,7 @@ def test_rebuild_race_ends_in_the_serial_state(old, new):
     run(serial, {"u": [ev("u", i, i) for i in range(6)]}, codes_old, ctx(old))
     run(serial, b_events, codes_new, ctx(new, old))
     run(serial, a_events, codes_new, ctx(new, old))
-    assert mem.history == serial.history and mem.state == serial.state
+    assert mem.history == serial.history and mem.state == serial.state and mem.coarse == serial.coarse
     rec = decode_history(mem.history["u"], new.codebook.cfg.bytes_per_item)
     assert len(rec) == 8 and mem.state["u"]["gen"].decode() == new.state_id
 
@@ -195,22 +195,22 @@ def test_a_poison_user_is_isolated_and_the_rest_applied(old, poison):
     elif poison == "unknown codebook":
         mem.state["bad"]["cb"] = b"never-published"
     elif poison == "nan state":
-        mem.state["bad"]["coarse"] = np.full(len(mem.state["bad"]["coarse"]) // 8, np.nan).tobytes()
+        mem.coarse["bad"] = np.full(len(mem.coarse["bad"]) // 8, np.nan).tobytes()
     else:
         bad_events = [ev("bad", 2, 3, scenario=99)]
-    before = dict(mem.state["bad"]), mem.history.get("bad")
+    before = dict(mem.state["bad"]), mem.coarse["bad"], mem.history.get("bad")
     plans = run(mem, {"bad": bad_events, "good": [ev("good", 2, 4)]}, codes, ctx(old))
     assert plans["bad"].poison and "bad" in plans["bad"].poison and plans["bad"].dead == bad_events
-    assert plans["bad"].update is None and (mem.state["bad"], mem.history.get("bad")) == before
+    assert plans["bad"].update is None and (mem.state["bad"], mem.coarse["bad"], mem.history.get("bad")) == before
     assert plans["good"].update is not None and mem.state["good"]["seq"] == b"2"
 
 
 def test_events_that_would_make_the_state_nan_are_dead_lettered(old):
     mem, codes = MemoryUsers(), codes_of(old, range(10))
     run(mem, {"u": [ev("u", 1, 1)]}, codes, ctx(old))
-    before = dict(mem.state["u"])
+    before = dict(mem.state["u"]), mem.coarse["u"]
     plans = run(mem, {"u": [ev("u", 2, 2, ts=1e300)], "v": [ev("v", 1, 3)]}, codes, ctx(old))
-    assert plans["u"].poison and "NaN" in plans["u"].poison and mem.state["u"] == before
+    assert plans["u"].poison and "NaN" in plans["u"].poison and (mem.state["u"], mem.coarse["u"]) == before
     assert mem.state["v"]["seq"] == b"1"
 
 

@@ -191,7 +191,7 @@ def test_codebook_switch_rollout(pipeline_settings, ds, tmp_path):
         assert sorted(x.tobytes() for x in got) == sorted(x.tobytes() for x in want)
         # The coarse state and the vectors: the new models over that history, as if it had always run.
         coarse_off, vectors_off = offline(new, ds, user, settings.history_cap, stored_by=old)
-        coarse = new.model.coarse.read(decode_coarse(state[b"coarse"], new.model.coarse.state_size))
+        coarse = new.model.coarse.read(decode_coarse(r.get(keys.user_coarse(user)), new.model.coarse.state_size))
         np.testing.assert_allclose(coarse, coarse_off, atol=COARSE_TOL)
         latest = reader.interests(user)
         assert latest.version == "cb-2" and latest.seq == n
