@@ -5,16 +5,21 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 
 | key                              | type   | holds                                                       | size          |
 |----------------------------------|--------|-------------------------------------------------------------|---------------|
-| ``<p>:{u:<id>}:s``               | hash   | fields named in ``state.users``: ``ver`` (bumped by every   | ~2.2 KB       |
-|                                  |        | write), ``coarse`` (float64 head + float32 sums), ``seq``,  |               |
-|                                  |        | ``last_ts``, ``refined_seq``, ``w:<topic>:<partition>``     |               |
+| ``<p>:{u:<id>}:s``               | hash   | fields named in ``state.users``: ``ver`` (bumped by every   | ~0.3 KB       |
+|                                  |        | write), ``seq``, ``last_ts``, ``kts``, ``refined_seq``,     | (a listpack)  |
+|                                  |        | ``w:<topic>:<partition>``                                   |               |
 |                                  |        | (highest applied offset: the idempotency watermark),        |               |
 |                                  |        | ``cb`` (codebook of the history), ``gen`` (state id),       |               |
 |                                  |        | ``o:``/``p:<origin>`` (parked events applied / parked; at   |               |
 |                                  |        | most ``MARKS_CAP`` = 256, counted in ``nm``, older half     |               |
 |                                  |        | dropped past it)                                            |               |
-| ``<p>:{u:<id>}:h``               | string | recent history, fixed-size records (codes, α, scenario,     | cap × 16 B    |
-|                                  |        | action, ts), trimmed to the history cap, written whole      |               |
+| ``<p>:{u:<id>}:c``               | string | the coarse state (``state.users.encode_coarse``: float64    | ~1.3 KB       |
+|                                  |        | head + float32 sums); its own key so the state hash, all    |               |
+|                                  |        | small fields, stays a listpack (``coarse`` in ``:s`` before)|               |
+| ``<p>:{u:<id>}:h``               | string | recent history, compact records (``state.history``: codes,  | ~cap × 8 B    |
+|                                  |        | α, one tag byte, a minute delta); appended, rewritten whole |               |
+|                                  |        | trimmed to the cap once past cap + cap // 64 records (at    |               |
+|                                  |        | least 1: ``streams.planner.trim_slack``)                    |               |
 | ``<p>:{u:<id>}:v``               | hash   | ``vec:<scenario>`` (K×d float16; float32 from before still  | S × K × d × 2 |
 |                                  |        | reads), ``version``, ``seq``, ``updated_at``, ``event_ts``, |               |
 |                                  |        | ``k``, ``d``                                                |               |
@@ -41,7 +46,7 @@ per-user (or per-item) atomic step touches a single Redis Cluster slot.
 | ``<p>:{u:<id>}:raw``             | string | naive bench baseline only: full raw float32 history         | events × ~4d B|
 | ``<p>:{u:<id>}:rawv``            | string | naive bench baseline only: its coarse interests             | M × d × 4     |
 
-No item key has a TTL.  A user's keys (``:s``, ``:h``, ``:v``) expire ``user_ttl_s`` after its last event
+No item key has a TTL.  A user's keys (``:s``, ``:c``, ``:h``, ``:v``) expire ``user_ttl_s`` after its last event
 when that setting is on (default off; keep it above the topics' retention so no redelivered event
 outlives the watermarks that skip it); ``:v@<version>`` expires ``version_ttl_s`` after its last write (its
 vectors were moved there when another version's write took ``:v``).
@@ -58,6 +63,9 @@ class Keys:
 
     def user_state(self, user: str) -> str:
         return f"{self.prefix}:{{u:{user}}}:s"
+
+    def user_coarse(self, user: str) -> str:
+        return f"{self.prefix}:{{u:{user}}}:c"
 
     def user_history(self, user: str) -> str:
         return f"{self.prefix}:{{u:{user}}}:h"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from state.users import (
+    COARSE_IN_STATE,
     MARKS,
     MARKS_CAP,
     ROW_FIELDS,
@@ -26,6 +27,7 @@ from state.users import (
 @dataclass
 class MemoryUsers:
     state: dict[str, dict[str, bytes]] = field(default_factory=dict)  # user → state hash
+    coarse: dict[str, bytes] = field(default_factory=dict)  # user → coarse state (a key of its own)
     history: dict[str, bytes] = field(default_factory=dict)
     parked_lists: dict[str, list[bytes]] = field(default_factory=dict)  # item → parked events
 
@@ -33,7 +35,8 @@ class MemoryUsers:
         """``READ_USER``."""
         h = self.state.get(user, {})
         names = [*ROW_FIELDS, *read_args(watermarks, origins)]
-        return parse_row(user, [h.get(n) for n in names] + [self.history.get(user)], watermarks, origins)
+        coarse = self.coarse.get(user, h.get(COARSE_IN_STATE))  # the hash field of a state from before
+        return parse_row(user, [h.get(n) for n in names] + [coarse, self.history.get(user)], watermarks, origins)
 
     def _version_ok(self, user: str, version: int, state_id: str | None) -> bool:
         h = self.state.get(user, {})
@@ -59,7 +62,8 @@ class MemoryUsers:
         seq, ver = int(h.get("seq", b"0")) + u.n_events, int(h.get("ver", b"0")) + 1
         h["ver"], h["seq"] = str(ver).encode(), str(seq).encode()
         if u.coarse is not None:
-            h["coarse"] = u.coarse
+            self.coarse[user] = u.coarse
+            h.pop(COARSE_IN_STATE, None)
 
         def raise_(name: str, value: float | int, text: str) -> None:
             if name not in h or float(value) > float(h[name]):
@@ -71,10 +75,8 @@ class MemoryUsers:
             raise_("kts", u.kts, repr(float(u.kts)))
         if u.history is not None:
             self.history[user] = u.history
-        if u.records:
-            blob = self.history.get(user, b"") + u.records
-            keep = u.record_size * u.cap
-            self.history[user] = blob[-keep:] if len(blob) > keep else blob
+        if u.records:  # appended as given: the planner trims
+            self.history[user] = self.history.get(user, b"") + u.records
         if self.history.get(user) == b"":
             del self.history[user]
         if u.state_id is not None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from state.users import MARKS_CAP
+from state.users import COARSE_IN_STATE, MARKS_CAP
 
 #: Lua: set or drop an o:/p: mark, keeping the count ``nm``; past ``MARKS_CAP`` marks, drop the older half
 #: (by the ``ver`` each was written at, then by name).  KEYS[1] is the state hash; ``ver`` the new version.
@@ -30,21 +30,28 @@ local function prune()
 end
 """.replace("__CAP__", str(MARKS_CAP))
 
-#: One consistent snapshot of a user: the named state fields and the history, in one atomic step.
-#: KEYS: state hash, history string.  ARGV: field names (``state.users.ROW_FIELDS`` first, then a
-#: batch's watermarks and origin marks).  Returns the fields' values, then the history.
+#: One consistent snapshot of a user: the named state fields, the coarse state and the history, in one
+#: atomic step.  KEYS: state hash, history string, coarse-state string.  ARGV: field names
+#: (``state.users.ROW_FIELDS`` first, then a batch's watermarks and origin marks).  Returns the fields'
+#: values, then the coarse state (from the state hash's ``coarse`` field for a state written before it had
+#: a key of its own), then the history.
 READ_USER = """
 local vals = redis.call('HMGET', KEYS[1], unpack(ARGV))
+vals[#vals + 1] = redis.call('GET', KEYS[3]) or redis.call('HGET', KEYS[1], '__LEGACY__')
 vals[#vals + 1] = redis.call('GET', KEYS[2])
 return vals
-"""
+""".replace("__LEGACY__", COARSE_IN_STATE)
 
 #: Apply one planned update of a user (``state.users.UserUpdate``): only if ``ver`` and ``gen`` are still
 #: what the plan read; bumps ``ver``; watermarks, ``last_ts`` and ``kts`` only ever move up.
-#: KEYS: state hash, history string.
+#: The coarse state goes to its own string; a state written before that had it in the state hash's
+#: ``coarse`` field, which the first write of a new coarse state drops (rewriting the hash, so Redis can
+#: store it as a listpack again).  Nothing is written, to any key, unless ``ver`` and ``gen`` match.
+#: KEYS: state hash, history string, coarse-state string.
 #: ARGV: expected ver, expected gen ('' none), n_events, has_coarse ('1'), coarse, last_ts, kts,
-#: records, record_size, cap, has_history ('1'), history, new gen ('' keeps), new cb, backfill time
-#: ('' keeps), backfill ids ('\n'-joined), n_watermarks,
+#: records (appended as given: the planner trims, by rewriting the whole history, see ``streams.planner``),
+#: has_history ('1'), history, new gen ('' keeps), new cb, backfill time ('' keeps), backfill ids
+#: ('\n'-joined), n_watermarks,
 #: [watermark field, offset]..., then [applied-mark field, parked-mark field]... of applied parked events.
 #: Returns {new seq, refined seq, new ver}, or {-1, current ver} on conflict.
 APPLY_USER = (
@@ -65,37 +72,40 @@ local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + tonumber(ARGV[
 ver = ver + 1
 redis.call('HSET', KEYS[1], 'ver', ver, 'seq', seq)
 if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'coarse', ARGV[5])
+  redis.call('SET', KEYS[3], ARGV[5], 'KEEPTTL')
+  if redis.call('HDEL', KEYS[1], '__LEGACY__') == 1 then
+    local all, ttl = redis.call('HGETALL', KEYS[1]), redis.call('PTTL', KEYS[1])
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], unpack(all))
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  end
 end
 if tonumber(ARGV[6]) > 0 then raise('last_ts', ARGV[6]) end
 if tonumber(ARGV[7]) > 0 then raise('kts', ARGV[7]) end
-if ARGV[11] == '1' then
-  if #ARGV[12] > 0 then redis.call('SET', KEYS[2], ARGV[12]) else redis.call('DEL', KEYS[2]) end
+if ARGV[9] == '1' then
+  if #ARGV[10] > 0 then redis.call('SET', KEYS[2], ARGV[10]) else redis.call('DEL', KEYS[2]) end
 end
-if #ARGV[8] > 0 then  -- one SET of the whole history: APPEND would grow the string's buffer up to 2x
-  local blob = (redis.call('GET', KEYS[2]) or '') .. ARGV[8]
-  local keep = tonumber(ARGV[9]) * tonumber(ARGV[10])
-  if #blob > keep then blob = string.sub(blob, #blob - keep + 1) end
-  redis.call('SET', KEYS[2], blob, 'KEEPTTL')
+if #ARGV[8] > 0 then  -- one SET of the concatenation: APPEND would grow the string's buffer up to 2x
+  redis.call('SET', KEYS[2], (redis.call('GET', KEYS[2]) or '') .. ARGV[8], 'KEEPTTL')
+end
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'gen', ARGV[11], 'cb', ARGV[12])
 end
 if ARGV[13] ~= '' then
-  redis.call('HSET', KEYS[1], 'gen', ARGV[13], 'cb', ARGV[14])
+  redis.call('HSET', KEYS[1], 'bts', ARGV[13], 'bids', ARGV[14])
 end
-if ARGV[15] ~= '' then
-  redis.call('HSET', KEYS[1], 'bts', ARGV[15], 'bids', ARGV[16])
-end
-local n = tonumber(ARGV[17])
-for i = 18, 17 + 2 * n, 2 do
+local n = tonumber(ARGV[15])
+for i = 16, 15 + 2 * n, 2 do
   raise(ARGV[i], ARGV[i + 1])
 end
-for i = 18 + 2 * n, #ARGV, 2 do
+for i = 16 + 2 * n, #ARGV, 2 do
   mark(ARGV[i], ver)
   unmark(ARGV[i + 1])
 end
 prune()
 local refined = tonumber(redis.call('HGET', KEYS[1], 'refined_seq') or '0')
 return {seq, refined, ver}
-"""
+""".replace("__LEGACY__", COARSE_IN_STATE)
 )
 
 #: Note in a user's state that events are about to be parked (before the watermark passes them), as a

@@ -211,13 +211,17 @@ class StreamStore:
         return [(m.decode(), float(s)) for m, s in got]
 
     # ---------------------------------------------------------------- users: ingest
+    def _user_keys(self, user: str) -> list[str]:
+        """KEYS of ``READ_USER`` and ``APPLY_USER``: state hash, history, coarse state (one hash tag)."""
+        return [self.keys.user_state(user), self.keys.user_history(user), self.keys.user_coarse(user)]
+
     async def read_users(self, wanted: dict[str, tuple[list[str], list[str]]]) -> dict[str, UserRow]:
         """Per user (watermark fields, event origins) → one consistent snapshot of its state and history
         (one atomic script call per user, one round trip for all)."""
         pipe = self.r.pipeline(transaction=False)
         for user, (marks, origins) in wanted.items():
-            keys = [self.keys.user_state(user), self.keys.user_history(user)]
-            pipe.eval(scripts.READ_USER, 2, *keys, *users.ROW_FIELDS, *users.read_args(marks, origins))
+            keys = self._user_keys(user)
+            pipe.eval(scripts.READ_USER, len(keys), *keys, *users.ROW_FIELDS, *users.read_args(marks, origins))
         replies = await pipe.execute()
         return {
             user: users.parse_row(user, raw, marks, origins)
@@ -238,16 +242,16 @@ class StreamStore:
         all); None where the user changed since the plan read it (re-read, re-plan)."""
         pipe = self.r.pipeline(transaction=False)
         for user, update in updates.items():
-            keys = [self.keys.user_state(user), self.keys.user_history(user)]
+            keys = self._user_keys(user)
             # EVAL, not EVALSHA: a cluster pipeline does not load scripts on the nodes it reaches.
-            pipe.eval(scripts.APPLY_USER, 2, *keys, *update.args())
+            pipe.eval(scripts.APPLY_USER, len(keys), *keys, *update.args())
             if self.user_ttl_s:  # idempotent; a crash before it leaves the keys without TTL until the next write
                 for key in keys:  # the vectors take the state's TTL when written (WRITE_VECTORS)
                     pipe.expire(key, self.user_ttl_s)
         out: dict[str, users.Applied | None] = {}
         replies = await pipe.execute()
         if self.user_ttl_s:
-            replies = replies[::3]
+            replies = replies[:: 1 + len(self._user_keys(""))]
         for user, reply in zip(updates, replies, strict=True):
             out[user] = None if int(reply[0]) == -1 else users.Applied(int(reply[0]), int(reply[2]), int(reply[1]))
         return out
@@ -449,7 +453,12 @@ def user_memory(client: redis.Redis, prefix: str, user: str, version: str | None
     vectors too), bytes, 0 for a missing key.  Exact (every field counted): Redis's default samples only
     five fields of a large hash and misses the big ones."""
     keys = Keys(prefix)
-    named = {"state": keys.user_state(user), "history": keys.user_history(user), "vectors": keys.user_vectors(user)}
+    named = {
+        "state": keys.user_state(user),
+        "coarse": keys.user_coarse(user),
+        "history": keys.user_history(user),
+        "vectors": keys.user_vectors(user),
+    }
     if version is not None:
         named["vectors_of_version"] = keys.user_vectors_at(user, version)
     return {name: int(client.memory_usage(key, samples=0) or 0) for name, key in named.items()}
@@ -563,9 +572,11 @@ class AsyncInterestReader:
         return found.matrix(scenario), found
 
     async def user_status(self, user: str) -> UserStatus | None:
-        """The user's state fields, or None when no event of it was ever applied."""
-        fields = (users.SEQ, users.LAST_TS, users.KTS, users.CODEBOOK, users.STATE_ID, users.COARSE)
-        seq, last_ts, kts, cb, gen, coarse = await self.r.hmget(self.keys.user_state(user), fields)
+        """The user's state fields and coarse state (one atomic read), or None when no event of it was ever
+        applied."""
+        fields = (users.SEQ, users.LAST_TS, users.KTS, users.CODEBOOK, users.STATE_ID)
+        keys = [self.keys.user_state(user), self.keys.user_history(user), self.keys.user_coarse(user)]
+        seq, last_ts, kts, cb, gen, coarse, _ = await self.r.eval(scripts.READ_USER, len(keys), *keys, *fields)
         if seq is None:
             return None
         return UserStatus(int(seq), float(last_ts or 0), float(kts or 0), _text(cb), _text(gen), coarse)

@@ -5,10 +5,11 @@ This module is the one place that knows how a user is laid out in Redis (``state
 agents in ``streams/`` see only ``UserRow`` and ``UserUpdate``.
 
 Concurrency: every write to a user's state hash bumps ``ver``, and every write is a compare-and-set on
-the ``ver`` (and the ``gen``) its writer read.  The read is one Lua call that returns the state and the
-history together, so a row is always one consistent snapshot.  A writer that lost a race gets a conflict,
-re-reads and re-plans: no stale plan can ever land.  The only field written outside that protocol is
-``refined_seq`` (by the refiner, max-only); no plan depends on it.
+the ``ver`` (and the ``gen``) its writer read.  The read is one Lua call that returns the state fields,
+the coarse state (a key of its own) and the history together, so a row is always one consistent
+snapshot.  A writer that lost a race gets a conflict, re-reads and re-plans: no stale plan can ever land.
+The only field written outside that protocol is ``refined_seq`` (by the refiner, max-only); no plan
+depends on it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from state.history import record_dtype
+from state.history import decode
 
 VERSION = "ver"  # bumped by every apply and parking mark: the compare-and-set token
 SEQ = "seq"  # events folded in so far
-COARSE = "coarse"  # the coarse-interest state (``encode_coarse``: float64 head, float32 sums)
+#: The state hash's field that held the coarse-interest state before it got a key of its own
+#: (``Keys.user_coarse``: a ~1.3 KB binary field made Redis store the whole hash as a hashtable).  Still
+#: read when that key is missing; the next write of a coarse state drops it.
+COARSE_IN_STATE = "coarse"
 CODEBOOK = "cb"  # the codebook of the history's codes
 STATE_ID = "gen"  # the checkpoint state id (codebook + coarse weights) that built ``coarse``
 LAST_TS = "last_ts"  # newest event time folded in
@@ -39,7 +43,7 @@ MARKS = "nm"  # how many o:/p: marks the hash holds (pruned past ``MARKS_CAP``)
 #: release's retry, long before a user has parked this many newer events.
 MARKS_CAP = 256
 #: Fields every read returns, in this order, before the requested per-batch fields.
-ROW_FIELDS = (VERSION, SEQ, COARSE, CODEBOOK, STATE_ID, REFINED_SEQ, LAST_TS, KTS, BACKFILL_TS, BACKFILL_IDS)
+ROW_FIELDS = (VERSION, SEQ, CODEBOOK, STATE_ID, REFINED_SEQ, LAST_TS, KTS, BACKFILL_TS, BACKFILL_IDS)
 
 
 def watermark(topic: str, partition: int) -> str:
@@ -63,7 +67,8 @@ class CorruptState(ValueError):
 
 @dataclass(frozen=True)
 class UserRow:
-    """One consistent snapshot of a user (state hash + history), as ``StreamStore.read_users`` returns it."""
+    """One consistent snapshot of a user (state hash + coarse state + history), as ``StreamStore.read_users``
+    returns it."""
 
     user: str
     version: int = 0
@@ -99,10 +104,8 @@ class UserUpdate:
     expected_state_id: str | None
     n_events: int
     coarse: bytes | None  # None keeps the stored state
-    records: bytes  # history records to append
-    record_size: int
-    cap: int  # history records kept
-    history: bytes | None = None  # replaces the stored history before the append (a rebuild)
+    records: bytes  # history records to append (``state.history``: units only, or a whole history when none is stored)
+    history: bytes | None = None  # replaces the stored history before the append (a rebuild or a trim)
     last_ts: float = 0.0  # max-merged in Redis
     kts: float = 0.0  # max-merged in Redis
     watermarks: dict[str, int] = field(default_factory=dict)  # max-merged in Redis
@@ -123,8 +126,6 @@ class UserUpdate:
             repr(float(self.last_ts)),
             repr(float(self.kts)),
             self.records,
-            self.record_size,
-            self.cap,
             "" if self.history is None else "1",
             self.history or b"",
             self.state_id or "",
@@ -155,9 +156,9 @@ def read_args(watermarks: list[str], origins: list[str]) -> list[str]:
 
 
 def parse_row(user: str, raw: list, watermarks: list[str], origins: list[str]) -> UserRow:
-    """``READ_USER``'s reply → a row."""
-    fixed, extra, history = raw[: len(ROW_FIELDS)], raw[len(ROW_FIELDS) : -1], raw[-1]
-    ver, seq, coarse, cb, gen, refined, last_ts, kts, bts, bids = fixed
+    """``READ_USER``'s reply (the fields, the coarse state, the history) → a row."""
+    fixed, extra, (coarse, history) = raw[: len(ROW_FIELDS)], raw[len(ROW_FIELDS) : -2], raw[-2:]
+    ver, seq, cb, gen, refined, last_ts, kts, bts, bids = fixed
     n_w, n_o = len(watermarks), len(origins)
     marks = {w: int(float(v)) for w, v in zip(watermarks, extra[:n_w], strict=True) if v is not None}
     applied = frozenset(o for o, v in zip(origins, extra[n_w : n_w + n_o], strict=True) if v is not None)
@@ -223,8 +224,9 @@ def encode_coarse(state: np.ndarray) -> bytes:
 
 
 def decode_history(raw: bytes, code_bytes: int) -> np.ndarray:
-    """History records (fields code, scenario, action, ts); ``CorruptState`` when the blob is not whole."""
-    size = record_dtype(code_bytes).itemsize
-    if len(raw) % size:
-        raise CorruptState(f"history of {len(raw)} bytes is not a whole number of {size}-byte records")
-    return np.frombuffer(raw, dtype=record_dtype(code_bytes))
+    """History records (fields code, scenario, action, ts; ``state.history``) in the order applied;
+    ``CorruptState`` when the bytes are not a history of this format."""
+    try:
+        return decode(raw, code_bytes)
+    except ValueError as exc:
+        raise CorruptState(str(exc)) from None

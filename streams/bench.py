@@ -5,7 +5,8 @@ refinement off and on (produced as fast as possible, clock stopped when Redis re
 and the naive baseline (``streams.naive``) on the same events.  ``freshness``: p50/p95/p99 of Kafka
 produce time → vectors written at fixed offered rates, from the worker's Prometheus histogram (so
 bucket upper bounds).  ``memory``: Redis bytes per user at a 1,000-event history, codes vs the raw
-float32 history, and worker RSS / Redis memory over a 100k-event soak.  Prints markdown, writes JSON.
+float32 history, per user past the cap (1,500 events streamed, cap 1,000), and worker RSS / Redis memory
+over a 100k-event soak.  Prints markdown, writes JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from models.data import Dataset, load, simulate, zipf_counts
 from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
 from state.baseline import BaselineStore
+from state.keys import Keys
 from state.store import user_memory
 from streams.ceilings import EVENTS_ENV, Span, raw_consumer, wait_ceiling
 from streams.naive import run_naive
@@ -297,9 +299,16 @@ def bench_freshness(
 
 
 def bench_memory(
-    settings: Settings, users: int = 10, history: int = 1000, soak_events: int = 100_000, out: str = "bench"
+    settings: Settings,
+    users: int = 10,
+    history: int = 1000,
+    soak_events: int = 100_000,
+    out: str = "bench",
+    past_cap: int = 1500,
 ) -> list[dict]:
-    """Redis bytes per user at a full history (codes vs raw float32), and a soak's worker RSS / Redis memory."""
+    """Redis bytes per user at a full history (codes vs raw float32), per user past the history cap
+    (``past_cap`` events streamed with the cap at ``history``: the steady state, trimmed histories and all),
+    and a soak's worker RSS / Redis memory."""
     ckpt = ensure_checkpoint(settings)
     ds = simulate(users=users, events_per_user=(history, history + 1))
     p = plan(ds)
@@ -312,6 +321,18 @@ def bench_memory(
     rows: list[dict] = [{"what": f"pipeline user, {history} events: {k}", "bytes": v} for k, v in ours.items()]
     rows.append({"what": f"pipeline user, {history} events: total", "bytes": sum(ours.values())})
     rows.append({"what": f"naive user, {history} events: raw float32 history", "bytes": float(np.median(raw))})
+
+    # Past the cap: the history holds between cap and cap + trim_slack(cap) records (streams.planner).
+    far = simulate(users=users, events_per_user=(past_cap, past_cap + 1))
+    _, fs = run_worker(settings.with_(history_cap=history), far, plan(far), None, True, "memcap")
+    past = [user_memory(r, fs.prefix, str(u), ckpt.version) for u in far.user_ids]
+    beyond = {k: float(np.median([m[k] for m in past])) for k in past[0]}
+    what = f"pipeline user, {past_cap} events, cap {history}"
+    rows += [{"what": f"{what}: {k}", "bytes": v} for k, v in beyond.items()]
+    rows.append({"what": f"{what}: total", "bytes": sum(beyond.values())})
+    rows.append({"what": f"{what}: largest total", "bytes": float(max(sum(m.values()) for m in past))})
+    lengths = [r.strlen(Keys(fs.prefix).user_history(str(u))) for u in far.user_ids]
+    rows.append({"what": f"{what}: history value, largest (STRLEN)", "bytes": float(max(lengths))})
     rows.append(
         {
             "what": f"{users} users × {history} events: pipeline events/s (refinement on)",

@@ -13,7 +13,15 @@ Per user, in order:
    the reason and nothing of it is written (the other users of the batch go on);
 3. **parking**: fresh events whose item is unknown are parked (marked in the user's state first);
 4. **rebuild**: a state another checkpoint built is rebuilt from its history (``streams.switch``);
-5. **fold**: the applied events of every user go through the coarse model in one batched call.
+5. **fold**: the applied events of every user go through the coarse model in one batched call;
+6. **history**: the new records are appended (encoded after the stored history's last record,
+   ``state.history``); when the history would pass ``cap + trim_slack(cap)`` records (``cap // 64``, at
+   least 1) it is rewritten whole, trimmed to the newest ``cap``, so the planner's re-encode is amortised
+   over ``trim_slack(cap)`` events and Redis never trims (readers use the newest ``cap`` records,
+   ``streams.refinement``).  The slack is small on purpose: at about 8 B a record, 1,015 records stay in
+   the string size class 1,000 records take (8,186 B of value cost 8,264 B in Redis, 8,187 B cost 10,312 B),
+   so a user past the cap costs what a user at the cap does.  A rewrite costs Redis no more than an append
+   (``APPLY_USER`` writes the whole history with one ``SET`` either way).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import numpy as np
 
 from models.codebook import ResidualCodebook
 from models.user_model import Checkpoint
-from state.history import pack, record_dtype
+from state.history import TIME_LIMIT_S as RECORD_TIME_LIMIT
+from state.history import encode, encode_many, last_minutes, records
 from state.users import (
     CorruptState,
     UserRow,
@@ -74,6 +83,12 @@ class Accepted:
         return watermark(self.msg.topic, self.msg.partition)
 
 
+def trim_slack(cap: int) -> int:
+    """Records a history may hold past ``cap`` before it is rewritten, trimmed to ``cap``: ``cap // 64``, at
+    least 1 (a 1,000-record history then stays within Redis's 8,264-B allocation, see the module's doc)."""
+    return max(1, cap // 64)
+
+
 @dataclass(frozen=True)
 class PlanContext:
     """What a plan needs of the worker: its checkpoint, the codebooks it could load, the history cap."""
@@ -83,8 +98,9 @@ class PlanContext:
     cap: int
 
     @property
-    def record_size(self) -> int:
-        return record_dtype(self.ckpt.codebook.cfg.bytes_per_item).itemsize
+    def trim_at(self) -> int:
+        """Records past which a history is rewritten, trimmed to ``cap``."""
+        return self.cap + trim_slack(self.cap)
 
 
 @dataclass
@@ -113,7 +129,7 @@ def plan(
     ``handled``: origins this batch already parked or dead-lettered (a re-plan must not repeat them)."""
     out: dict[str, UserPlan] = {}
     starts: dict[str, np.ndarray] = {}  # user → coarse state the fold starts from
-    histories: dict[str, bytes] = {}  # user → replacement history (a rebuild)
+    bases: dict[str, np.ndarray] = {}  # user → history records the new ones follow (decoded)
     for user, batch in events.items():
         row = rows[user]
         p = out[user] = UserPlan(user)
@@ -123,26 +139,29 @@ def plan(
             p.remark_dirty = row.seq > row.refined_seq  # a crash between apply and dirty-marking
             continue
         try:
-            start, history = _start(row, fresh, ctx)
+            start, bases[user], p.rebuilt = _start(row, fresh, ctx)
         except (CorruptState, LookupError) as exc:
             p.poison, p.dead = f"user {user!r}: {exc}", [a for a in fresh if a.origin not in handled]
             continue
         starts[user] = start
-        if history is not None:
-            histories[user], p.rebuilt = history, True
         p.waiting = [a for a in fresh if codes.get(a.event.item_id) is None]
         p.applied = [a for a in fresh if codes.get(a.event.item_id) is not None]
         p.park = [a for a in p.waiting if a.origin not in handled]
         p.mark = tuple(a.origin for a in p.waiting if a.origin not in row.parked)
     folded = _fold({u: (starts[u], out[u].applied) for u in starts}, codes, ctx)
-    for user, (state, records, last_ts) in folded.items():
+    for user, (state, recs, last_ts) in folded.items():
         p, row = out[user], rows[user]
-        if not usable_coarse(state):
-            p.poison = f"user {user!r}: these events would make the coarse state NaN or infinite"
+        timeless = next((a.event for a in p.applied if not abs(a.event.ts) < RECORD_TIME_LIMIT), None)
+        if not usable_coarse(state) or timeless is not None:
+            p.poison = (
+                f"user {user!r}: these events would make the coarse state NaN or infinite"
+                if timeless is None or not usable_coarse(state)
+                else f"user {user!r}: event {timeless.event_id!r} has a time no history record holds: {timeless.ts!r}"
+            )
             p.dead = [a for a in p.applied + p.waiting if a.origin not in handled]
             p.park, p.mark, p.applied, p.waiting = [], (), [], []
             continue
-        p.update = _update(row, p, state, records, last_ts, histories.get(user), ctx, handled)
+        p.update = _update(row, p, state, history_writes(bases[user], recs, p.rebuilt, ctx), last_ts, ctx, handled)
     return out
 
 
@@ -161,9 +180,10 @@ def _fresh(row: UserRow, batch: list[Accepted]) -> list[Accepted]:
     return fresh
 
 
-def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.ndarray, bytes | None]:
-    """The coarse state the fold starts from, and the rebuilt history when another checkpoint built the
-    stored one (None: keep it).  Raises ``CorruptState`` / ``LookupError`` for a user that cannot be applied."""
+def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The coarse state the fold starts from, the history records the new ones follow, and whether that
+    history was rebuilt (another checkpoint built the stored one: it is written whole).  Raises
+    ``CorruptState`` / ``LookupError`` for a user that cannot be applied."""
     cfg = ctx.ckpt.model.cfg
     for a in fresh:
         if not (0 <= a.event.scenario < len(cfg.scenarios) and 0 <= a.event.action < len(cfg.actions)):
@@ -175,17 +195,29 @@ def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.nd
     history = decode_history(row.history, ctx.books[book_id].cfg.bytes_per_item)
     if (row.seq or len(history)) and built_elsewhere(ctx.ckpt, row.state_id):
         try:
-            state, rebuilt = rebuild_user(ctx.ckpt, ctx.books[book_id], row.history)
+            state, rebuilt = rebuild_user(ctx.ckpt, ctx.books[book_id], row.history, ctx.cap)
         except ValueError as exc:
             raise CorruptState(f"its history cannot be rebuilt: {exc}") from None
-        return state, rebuilt
+        return state, decode_history(rebuilt, ctx.ckpt.codebook.cfg.bytes_per_item), True
     state = decode_coarse(row.coarse, coarse.state_size)
-    return (coarse.init_state() if state is None else state.copy()), None
+    return (coarse.init_state() if state is None else state.copy()), history, False
+
+
+def history_writes(base: np.ndarray, new: np.ndarray, rewrite: bool, ctx: PlanContext) -> tuple[bytes, bytes | None]:
+    """(records to append, whole history to write first or None) for ``new`` records after ``base``: an
+    append while the history stays within ``ctx.trim_at`` records, else (or when ``rewrite``) the newest
+    ``ctx.cap`` of both, written whole."""
+    if rewrite or len(base) + len(new) > ctx.trim_at:
+        keep = np.concatenate([base, new]) if len(base) and len(new) else (base if len(base) else new)
+        return b"", encode(keep[-ctx.cap :]) if len(keep) and ctx.cap > 0 else b""
+    if not len(new):
+        return b"", None
+    return encode(new, last_minutes(base) if len(base) else None), None
 
 
 def _fold(
     users: dict[str, tuple[np.ndarray, list[Accepted]]], codes: Mapping[str, bytes | None], ctx: PlanContext
-) -> dict[str, tuple[np.ndarray, bytes, float]]:
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """Per user (start state, applied events) → (new state, history records, newest event time):
     every user's events through the coarse model in one call, each user's in (time, offset) order."""
     if not users:
@@ -203,12 +235,12 @@ def _fold(
         vecs = ctx.ckpt.codebook.from_bytes(blob, len(flat))
         owner = np.repeat(np.arange(len(names)), [len(a) for a in ordered])
         states = ctx.ckpt.model.coarse.update_many(states, vecs, scen, act, ts, owner)
-    raw = np.frombuffer(blob, dtype=np.uint8).reshape(len(flat), code_bytes)
+    held = np.where(np.abs(ts) < RECORD_TIME_LIMIT, ts, 0.0)  # a user with any other time is made poison
+    recs = records(np.frombuffer(blob, dtype=np.uint8).reshape(len(flat), code_bytes), scen, act, held)
     out, start = {}, 0
     for i, user in enumerate(names):
         end = start + len(ordered[i])
-        records = pack(raw[start:end], scen[start:end], act[start:end], ts[start:end]) if end > start else b""
-        out[user] = (states[i], records, float(ts[start:end].max()) if end > start else 0.0)
+        out[user] = (states[i], recs[start:end], float(ts[start:end].max()) if end > start else 0.0)
         start = end
     return out
 
@@ -217,9 +249,8 @@ def _update(
     row: UserRow,
     p: UserPlan,
     state: np.ndarray,
-    records: bytes,
+    writes: tuple[bytes, bytes | None],
     last_ts: float,
-    history: bytes | None,
     ctx: PlanContext,
     handled: frozenset[str] | set[str],
 ) -> UserUpdate:
@@ -230,15 +261,14 @@ def _update(
     ever_parked = set(row.parked) | set(p.mark) | set(handled)
     applied = tuple(a.origin for a in p.applied if a.replayed or a.origin in ever_parked)
     new_state = row.state_id != ctx.ckpt.state_id
-    changed = bool(p.applied) or history is not None
+    records, history = writes
+    changed = bool(p.applied) or p.rebuilt
     return UserUpdate(
         expected_version=row.version + (1 if p.mark else 0),  # the parking mark bumps it first
         expected_state_id=row.state_id,
         n_events=len(p.applied),
         coarse=encode_coarse(state) if changed else None,
         records=records,
-        record_size=ctx.record_size,
-        cap=ctx.cap,
         history=history,
         last_ts=last_ts,
         kts=max((a.kafka_ts for a in p.applied), default=0.0),
@@ -286,15 +316,22 @@ def plan_new(
     if n:
         vecs = ctx.ckpt.codebook.from_bytes(codes.tobytes(), n)
         states = coarse.update_many(states, vecs, scenario, action, ts, owner)
-    records = pack(codes, scenario, action, ts)
-    size = ctx.record_size
+    timeless = ~(np.abs(ts) < RECORD_TIME_LIMIT)  # such a user goes to ``plan``, which says why
+    recs = records(codes, scenario, action, np.where(timeless, 0.0, ts))
+    bad = np.bincount(owner[timeless], minlength=len(users)) > 0
+    # Each user's history as ``history_writes`` makes it from nothing: whole, trimmed past ``trim_at``.
     ends = np.cumsum(counts)
+    trimmed = counts > ctx.trim_at
+    first = np.where(trimmed, ends - ctx.cap, ends - counts)
+    kept = ends - first
+    blobs = encode_many(recs[np.arange(int(kept.sum())) + np.repeat(first - (np.cumsum(kept) - kept), kept)], kept)
     out: dict[str, UserUpdate | None] = {}
     for i, user in enumerate(users):
         start, end = int(ends[i] - counts[i]), int(ends[i])
-        if not usable_coarse(states[i]) or end == start:
+        if not usable_coarse(states[i]) or end == start or bad[i]:
             out[user] = None
             continue
+        appended, history = (b"", blobs[i]) if trimmed[i] else (blobs[i], None)
         top = float(ts[start:end].max())
         at_top = tuple(sorted({event_ids[k] for k in range(start, end) if ts[k] == top}))
         out[user] = UserUpdate(
@@ -302,9 +339,8 @@ def plan_new(
             expected_state_id=None,
             n_events=end - start,
             coarse=encode_coarse(states[i]),
-            records=records[start * size : end * size],
-            record_size=size,
-            cap=ctx.cap,
+            records=appended,
+            history=history,
             last_ts=top,
             kts=0.0,
             state_id=ctx.ckpt.state_id,

@@ -42,13 +42,14 @@ Batch = tuple[list[tuple[int, str]], dict[str, UserRow], dict[str, ResidualCodeb
 
 
 def user_inputs(
-    ckpt: Checkpoint, rows: list[UserRow], books: dict[str, ResidualCodebook] | None = None
+    ckpt: Checkpoint, rows: list[UserRow], books: dict[str, ResidualCodebook] | None = None, cap: int | None = None
 ) -> list[UserInput]:
-    """Redis rows → refiner inputs: coarse interests read from the state, history decoded, time-ordered.
-    Only the events the refiner reads (``select_recent``: at most ``recent`` of a history of up to
-    ``history_cap``) are decoded, so a long history costs no more to refine than a short one.
-    ``books`` holds the codebooks of rows written by another checkpoint (see ``streams.switch``).
-    Raises ``CorruptState`` / ``KeyError`` for a row that cannot be decoded."""
+    """Redis rows → refiner inputs: coarse interests read from the state, the newest ``cap`` history records
+    (all when None; a stored history holds up to ``cap + trim_slack(cap)``, ``streams.planner``) decoded and
+    time-ordered.  Only the events the refiner reads (``select_recent``: at most ``recent`` of them) are
+    decoded, so a long history costs no more to refine than a short one.  ``books`` holds the codebooks of
+    rows written by another checkpoint (see ``streams.switch``).  Raises ``CorruptState`` / ``KeyError`` for
+    a row that cannot be decoded."""
     model = ckpt.model.coarse
     books = {**(books or {}), ckpt.codebook_id: ckpt.codebook}
     states, histories = [], []
@@ -56,7 +57,10 @@ def user_inputs(
         book = books[r.codebook or ckpt.codebook_id]
         decode_history(r.history, book.cfg.bytes_per_item)  # whole records, or CorruptState
         if built_elsewhere(ckpt, r.state_id):  # rebuild for this call
-            state, history = rebuild_user(ckpt, book, r.history)
+            try:
+                state, history = rebuild_user(ckpt, book, r.history, cap)
+            except ValueError as exc:
+                raise CorruptState(f"its history cannot be rebuilt: {exc}") from None
             states.append(state)
             histories.append(history)
         else:
@@ -69,6 +73,8 @@ def user_inputs(
     out = []
     for history, c in zip(histories, coarse, strict=True):
         rec = decode_history(history, code_bytes)
+        if cap is not None:
+            rec = rec[-cap:]  # the newest in the order applied
         order = np.lexsort((rec["scenario"], rec["ts"]))  # time order; scenario breaks ties
         rec = rec[order]
         if refiner is not None:  # select_recent of what it picks picks it all: the refiner sees the same events
@@ -302,5 +308,5 @@ class Refresher:
             return None, exc
 
     def _vectors(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> np.ndarray:
-        inputs = user_inputs(self.ckpt, rows, books)
+        inputs = user_inputs(self.ckpt, rows, books, self.settings.history_cap)
         return self.ckpt.model.refine_users(inputs, list(range(len(self.scenarios))))

@@ -24,7 +24,7 @@ import numpy as np
 
 from models.codebook import ResidualCodebook, transcode
 from models.user_model import Checkpoint
-from state.history import pack, unpack
+from state.history import decode, encode, records
 from state.store import StreamStore
 from streams import metrics
 
@@ -116,11 +116,16 @@ class Codebooks:
         return await self.store.add_item_codes(moved, self.own_id) if moved else {}
 
 
-def rebuild_user(ckpt: Checkpoint, source: ResidualCodebook, history: bytes) -> tuple[np.ndarray, bytes]:
+def rebuild_user(
+    ckpt: Checkpoint, source: ResidualCodebook, history: bytes, cap: int | None = None
+) -> tuple[np.ndarray, bytes]:
     """A state of another checkpoint → (this checkpoint's coarse state, the history in its codebook):
-    the history is re-encoded (when the codebook differs) and the coarse state recomputed over it."""
+    the history's newest ``cap`` records (all when None) re-encoded (when the codebook differs) and the
+    coarse state recomputed over them.  ``ValueError`` for a history that cannot be decoded."""
     model = ckpt.model.coarse
-    rec = unpack(history, source.cfg.bytes_per_item)
+    rec = decode(history, source.cfg.bytes_per_item)
+    if cap is not None:
+        rec = rec[-cap:]
     if len(rec) == 0:
         return model.init_state(), b""
     codes = rec["code"].tobytes()
@@ -129,7 +134,7 @@ def rebuild_user(ckpt: Checkpoint, source: ResidualCodebook, history: bytes) -> 
     code_rows = np.frombuffer(codes, dtype=np.uint8).reshape(len(rec), ckpt.codebook.cfg.bytes_per_item)
     vectors = ckpt.codebook.from_bytes(codes, len(rec))
     state = model.update(model.init_state(), vectors, rec["scenario"], rec["action"], rec["ts"])
-    return state, pack(code_rows, rec["scenario"], rec["action"], rec["ts"])
+    return state, encode(records(code_rows, rec["scenario"], rec["action"], rec["ts"]))
 
 
 async def recode_items(

@@ -13,6 +13,7 @@ from kafka.admin import KafkaAdminClient, OffsetSpec
 from models.codebook import CodebookConfig, ResidualCodebook, transcode
 from models.refiner import UserInput
 from models.user_model import Checkpoint
+from state.history import MINUTE, minutes
 from state.keys import Keys
 from state.store import RedisTLS, connect_sync
 from state.users import decode_coarse
@@ -77,7 +78,12 @@ def offline(
     state = model.coarse.update(model.coarse.init_state(), decoded, ds.scenario[sl], ds.action[sl], ds.ts[sl])
     coarse = model.coarse.read(state)
     keep = slice(max(0, len(decoded) - cap), None)
-    recent = UserInput(coarse, decoded[keep], ds.scenario[sl][keep], ds.action[sl][keep], ds.ts[sl][keep])
+    # The refiner reads the history's records: times floored to the minute (``state.history``), in
+    # (time, scenario) order, the order applied breaking ties (``streams.refinement.user_inputs``).
+    ts = minutes(ds.ts[sl][keep]) * MINUTE
+    scenario, action = ds.scenario[sl][keep], ds.action[sl][keep]
+    order = np.lexsort((scenario, ts))
+    recent = UserInput(coarse, decoded[keep][order], scenario[order], action[order], ts[order])
     return coarse, model.refine_users([recent], list(range(len(ds.scenarios))))[0]
 
 
@@ -106,7 +112,7 @@ def retrained(src: str, out, version: str) -> Checkpoint:
 
 
 def snapshot(redis_url: str, prefix: str, users: list[str], tls: RedisTLS | None = None) -> dict[str, tuple]:
-    """Every byte of each user's state, history and vectors (timestamps of writes aside)."""
+    """Every byte of each user's state, coarse state, history and vectors (timestamps of writes aside)."""
     r, keys = connect_sync(redis_url, tls), Keys(prefix)
     out = {}
     for u in users:
@@ -114,7 +120,7 @@ def snapshot(redis_url: str, prefix: str, users: list[str], tls: RedisTLS | None
         v = r.hgetall(keys.user_vectors(u))
         out[u] = (
             s[b"seq"],
-            s[b"coarse"],
+            r.get(keys.user_coarse(u)),
             r.get(keys.user_history(u)),
             v.get(b"seq"),
             tuple(sorted((k, val) for k, val in v.items() if k.startswith(b"vec:"))),
@@ -138,7 +144,7 @@ def assert_matches_offline(settings, ds, expected: dict[str, int], scenarios: tu
     for user, n in expected.items():
         _, meta = reader.get_user_interests(user)
         assert meta.seq == n, f"user {user}: seq {meta.seq} != {n} events (one lost or applied twice)"
-        state = decode_coarse(r.hget(keys.user_state(user), "coarse"), ckpt.model.coarse.state_size)
+        state = decode_coarse(r.get(keys.user_coarse(user)), ckpt.model.coarse.state_size)
         coarse_off, vectors_off = offline(ckpt, ds, user, settings.history_cap)
         np.testing.assert_allclose(ckpt.model.coarse.read(state), coarse_off, atol=COARSE_TOL)
         for s in scenarios:

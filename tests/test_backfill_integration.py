@@ -22,7 +22,7 @@ from models.files import Rejects
 from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
 from state import trend
-from state.history import record_dtype
+from state.history import decode
 from state.keys import Keys
 from state.store import InterestReader
 from state.users import decode_coarse
@@ -81,12 +81,12 @@ def _state(settings, users: list[str], ckpt: Checkpoint) -> dict[str, tuple]:
     out = {}
     for u in users:
         s, v = r.hgetall(keys.user_state(u)), r.hgetall(keys.user_vectors(u))
-        rec = np.frombuffer(r.get(keys.user_history(u)), dtype=record_dtype(code_bytes))
+        rec = decode(r.get(keys.user_history(u)), code_bytes)
         # Within one timestamp the order of appends depends on how the scenario topics interleave:
         # the records are compared in (time, scenario) order, the order the refiner reads them in.
         rec = rec[np.lexsort((rec["scenario"], rec["ts"]))]
         vecs = reader.interests(u).vectors
-        out[u] = (int(s[b"seq"]), rec.tobytes(), decode_coarse(s[b"coarse"], size), vecs, int(v[b"seq"]))
+        out[u] = (int(s[b"seq"]), rec.tobytes(), decode_coarse(r.get(keys.user_coarse(u)), size), vecs, int(v[b"seq"]))
     return out
 
 

@@ -96,6 +96,6 @@ def test_hostile_events_are_applied_or_rejected_and_never_poison_state(ckpt, bat
         assert len(outcome) == len(batch), "every event is applied, parked or dead-lettered"
         assert "dead" not in outcome.values(), "bounded inputs never make a user poison"
         for user, h in mem.state.items():
-            state = decode_coarse(h.get("coarse"), ckpt.model.coarse.state_size)
+            state = decode_coarse(mem.coarse.get(user), ckpt.model.coarse.state_size)
             assert state is None or not (np.isnan(state).any() or np.isposinf(state).any()), user
             assert np.isfinite(float(h.get("last_ts", b"0"))), user

@@ -65,7 +65,7 @@ def test_replay_parity_lookup_and_group_reset(pipeline_settings, ds, tmp_path):
         np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=STORED_RTOL)
         assert reader.get_user_interests(user)[0].shape == (3 * k, d)
         # Parity with the models run offline over the same history.
-        state = decode_coarse(r.hget(keys.user_state(user), "coarse"), ckpt.model.coarse.state_size)
+        state = decode_coarse(r.get(keys.user_coarse(user)), ckpt.model.coarse.state_size)
         coarse_off, vectors_off = offline(ckpt, ds, user, settings.history_cap)
         np.testing.assert_allclose(ckpt.model.coarse.read(state), coarse_off, atol=COARSE_TOL)
         for i, s in enumerate(ds.scenarios):

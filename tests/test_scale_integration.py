@@ -25,7 +25,7 @@ from pipeline_checks import (
 
 from models.data import load
 from models.user_model import Checkpoint
-from state.history import record_dtype, unpack
+from state.history import MINUTE, decode, minutes, record_dtype
 from state.keys import Keys
 from state.store import InterestReader, connect_sync
 from state.users import decode_coarse
@@ -178,7 +178,7 @@ def test_codebook_switch_rollout(pipeline_settings, ds, tmp_path):
         sl = ds.user_slice(u)
         if user not in late:  # never met by the new version: still the old codebook's, and decodable
             assert state[b"cb"].decode() == old.codebook_id and state[b"gen"].decode() == old.state_id
-            assert len(unpack(history, old.codebook.cfg.bytes_per_item)) == n
+            assert len(decode(history, old.codebook.cfg.bytes_per_item)) == n
             continue
         assert int(state[b"seq"]) == n
         assert state[b"cb"].decode() == new.codebook_id and state[b"gen"].decode() == new.state_id
@@ -186,12 +186,12 @@ def test_codebook_switch_rollout(pipeline_settings, ds, tmp_path):
         want = np.empty(n, dtype=record_dtype(new.codebook.cfg.bytes_per_item))
         codes = item_records(new, new.item_vectors[ds.item[sl]], stored_by=old)
         want["code"] = np.frombuffer(codes, np.uint8).reshape(n, -1)
-        want["scenario"], want["action"], want["ts"] = ds.scenario[sl], ds.action[sl], ds.ts[sl]
-        got = unpack(history, new.codebook.cfg.bytes_per_item)
+        want["scenario"], want["action"], want["ts"] = ds.scenario[sl], ds.action[sl], minutes(ds.ts[sl]) * MINUTE
+        got = decode(history, new.codebook.cfg.bytes_per_item)
         assert sorted(x.tobytes() for x in got) == sorted(x.tobytes() for x in want)
         # The coarse state and the vectors: the new models over that history, as if it had always run.
         coarse_off, vectors_off = offline(new, ds, user, settings.history_cap, stored_by=old)
-        coarse = new.model.coarse.read(decode_coarse(state[b"coarse"], new.model.coarse.state_size))
+        coarse = new.model.coarse.read(decode_coarse(r.get(keys.user_coarse(user)), new.model.coarse.state_size))
         np.testing.assert_allclose(coarse, coarse_off, atol=COARSE_TOL)
         latest = reader.interests(user)
         assert latest.version == "cb-2" and latest.seq == n
@@ -263,9 +263,9 @@ def test_codebook_switch_with_overlapping_workers(pipeline_settings, ds, tmp_pat
         state = r.hgetall(keys.user_state(user))
         assert int(state[b"seq"]) == n, f"user {user}: {int(state[b'seq'])} applied of {n}"
         assert (state[b"cb"].decode(), state[b"gen"].decode()) in states
-        rec = unpack(r.get(keys.user_history(user)), books[state[b"cb"].decode()].cfg.bytes_per_item)
+        rec = decode(r.get(keys.user_history(user)), books[state[b"cb"].decode()].cfg.bytes_per_item)
         sl = ds.user_slice(int(np.flatnonzero(ds.user_ids.astype(str) == user)[0]))
         assert sorted(zip(rec["ts"], rec["scenario"], strict=True)) == sorted(
-            zip(ds.ts[sl], ds.scenario[sl], strict=True)
+            zip(minutes(ds.ts[sl]) * MINUTE, ds.scenario[sl], strict=True)
         )
         assert reader.interests(user).seq == n

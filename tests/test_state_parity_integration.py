@@ -16,7 +16,7 @@ W = "w:t:0"
 
 
 def _update(ver: int, gen: str | None, n: int, records: bytes, **kw) -> UserUpdate:
-    return UserUpdate(ver, gen, n, kw.pop("coarse", b"c" * 16), records, 4, 3, **kw)
+    return UserUpdate(ver, gen, n, kw.pop("coarse", b"c" * 16), records, **kw)
 
 
 STEPS = [
@@ -25,13 +25,17 @@ STEPS = [
         "u",
         _update(0, None, 2, b"aaaabbbb", last_ts=5.0, kts=9.0, watermarks={W: 7}, state_id="g1", codebook="b1"),
     ),
-    ("apply", "u", _update(0, None, 1, b"cccc")),  # stale version: conflict
+    ("apply", "u", _update(0, None, 1, b"cccc", coarse=b"x" * 16)),  # stale version: conflict, nothing written
     ("mark", "u", (1, "g1", ("t:0:8", "t:0:9"))),
     ("mark", "u", (1, "g1", ("t:0:10",))),  # stale version: conflict
-    ("apply", "u", _update(2, "g1", 2, b"ddddeeee", watermarks={W: 3}, last_ts=1.0, applied=("t:0:8",))),
-    ("apply", "u", _update(3, "g2", 1, b"ffff")),  # wrong gen: conflict
+    (
+        "apply",
+        "u",
+        _update(2, "g1", 2, b"ddddeeee", watermarks={W: 3}, last_ts=1.0, applied=("t:0:8",), coarse=b"d" * 16),
+    ),
+    ("apply", "u", _update(3, "g2", 1, b"ffff", coarse=b"y" * 16)),  # wrong gen: conflict
     ("apply", "u", _update(3, "g1", 0, b"", coarse=None, history=b"zzzz", state_id="g2", codebook="b2")),
-    ("apply", "u", _update(4, "g2", 1, b"gggg", kts=10.0, watermarks={W: 12, "w:t:1": 0})),
+    ("apply", "u", _update(4, "g2", 1, b"gggg", kts=10.0, watermarks={W: 12, "w:t:1": 0}, coarse=b"g" * 16)),
     ("apply", "v", _update(0, None, 1, b"hhhh", history=b"", state_id="g2", codebook="b2")),
     ("park", "i", (b"e1", 2)),
     ("park", "i", (b"e2", 2)),
@@ -87,11 +91,13 @@ async def test_lua_scripts_equal_their_reference(redis_url, prefix):
         stored = {k.decode(): v for k, v in r.hgetall(keys.user_state(user)).items()}
         assert stored == {k: v if isinstance(v, bytes) else str(v).encode() for k, v in mem.state[user].items()}
         assert r.get(keys.user_history(user)) == mem.history.get(user)
+        assert r.get(keys.user_coarse(user)) == mem.coarse.get(user)
+    assert mem.coarse["u"] == b"g" * 16  # the last applied coarse state; the conflicting ones never landed
     assert r.lrange(keys.parked("i"), 0, -1) == mem.parked_lists.get("i", [])
     origins = ["t:0:8", "t:0:9"]
     row, row_mem = (await store.read_users({"u": ([W], origins)}))["u"], mem.read("u", [W], origins)
     assert row == row_mem and row.watermarks[W] == 12 and row.applied == {"t:0:8"} and row.parked == {"t:0:9"}
-    assert row.history == b"zzzzgggg" and row.version == 5 and row.seq == 5
+    assert row.history == b"zzzzgggg" and row.version == 5 and row.seq == 5 and row.coarse == b"g" * 16
     await store.r.aclose()
 
 
@@ -175,8 +181,8 @@ async def test_origin_marks_stay_bounded_and_equal_their_reference(redis_url, pr
 
 
 async def test_idle_user_keys_expire_together(redis_url, prefix):
-    """With ``user_ttl_s`` an applied user's state and history get the TTL, and its vectors take it when
-    written; without it nothing expires."""
+    """With ``user_ttl_s`` an applied user's state, coarse state and history get the TTL, and its vectors
+    take it when written; without it nothing expires."""
     import numpy as np
 
     r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
@@ -184,7 +190,8 @@ async def test_idle_user_keys_expire_together(redis_url, prefix):
         store = StreamStore(connect_async(redis_url), prefix, user_ttl_s=ttl)
         assert (await store.apply_many({user: _update(0, None, 1, b"aaaa", state_id="g")}))[user] is not None
         await store.write_vectors(user, 1, "m1", 1.0, 1.0, {"feed": np.ones((2, 3), np.float32)})
-        got = [r.ttl(k) for k in (keys.user_state(user), keys.user_history(user), keys.user_vectors(user))]
+        own = (keys.user_state(user), keys.user_coarse(user), keys.user_history(user), keys.user_vectors(user))
+        got = [r.ttl(k) for k in own]
         assert all(t == -1 for t in got) if not ttl else all(3500 < t <= 3600 for t in got), (user, got)
 
 
@@ -251,9 +258,37 @@ async def test_history_string_holds_no_append_slack(redis_url, prefix):
     store, mem = StreamStore(connect_async(redis_url), prefix), MemoryUsers()
     for i in range(100):
         first = {"state_id": "g"} if i == 0 else {}
-        update = UserUpdate(i, "g" if i else None, 10, b"c" * 16, bytes([i]) * 160, 16, 1000, **first)
+        update = UserUpdate(i, "g" if i else None, 10, b"c" * 16, bytes([i]) * 160, **first)
         assert (await store.apply_many({"u": update}))["u"] is not None and mem.apply("u", update) is not None
     r, key = redis.Redis.from_url(redis_url), Keys(prefix).user_history("u")
     assert r.get(key) == mem.history["u"] and len(mem.history["u"]) == 16_000
     assert r.memory_usage(key, samples=0) <= 16_000 + 1024  # one allocator size class above the bytes
+    await store.r.aclose()
+
+
+async def test_a_coarse_state_in_the_state_hash_reads_then_moves_to_its_key(redis_url, prefix):
+    """A state written before the coarse state had a key of its own (the ``coarse`` field of ``:s``) reads
+    as before; an update that keeps the coarse state leaves it there; the next write of a coarse state
+    moves it to ``:c`` and rewrites the hash, which Redis then stores as a listpack again (the big field
+    had made it a hashtable), its TTL kept.  In Redis as in the reference."""
+    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
+    store, mem = StreamStore(connect_async(redis_url), prefix), MemoryUsers()
+    old = {"ver": b"3", "seq": b"7", "gen": b"g", "cb": b"b", "coarse": b"o" * 1300, W: b"5"}
+    r.hset(keys.user_state("u"), mapping=old)
+    r.expire(keys.user_state("u"), 3600)
+    mem.state["u"] = dict(old)
+    row = (await store.read_users({"u": ([W], [])}))["u"]
+    assert row == mem.read("u", [W], []) and row.coarse == b"o" * 1300 and row.seq == 7
+    assert r.object("encoding", keys.user_state("u")) == b"hashtable"
+    keep = UserUpdate(3, "g", 0, None, b"", watermarks={W: 6})
+    assert (await store.apply_many({"u": keep}))["u"] == mem.apply("u", keep) is not None
+    assert (await store.read_users({"u": ([], [])}))["u"].coarse == b"o" * 1300 and not r.exists(keys.user_coarse("u"))
+    move = UserUpdate(4, "g", 1, b"n" * 1300, b"rrrr")
+    assert (await store.apply_many({"u": move}))["u"] == mem.apply("u", move) is not None
+    stored = {k.decode(): v for k, v in r.hgetall(keys.user_state("u")).items()}
+    assert stored == mem.state["u"] and "coarse" not in stored and stored["seq"] == b"8"
+    assert r.get(keys.user_coarse("u")) == mem.coarse["u"] == b"n" * 1300
+    assert (await store.read_users({"u": ([], [])}))["u"] == mem.read("u", [], [])
+    assert r.object("encoding", keys.user_state("u")) in (b"listpack", b"ziplist")
+    assert 3500 < r.ttl(keys.user_state("u")) <= 3600
     await store.r.aclose()

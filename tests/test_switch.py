@@ -10,7 +10,7 @@ from pipeline_checks import item_records, retrained
 from models.data import load
 from models.refiner import select_recent
 from models.user_model import Checkpoint
-from state.history import pack, unpack
+from state.history import decode, encode, records
 from state.users import UserRow
 from streams.refinement import user_inputs
 from streams.switch import rebuild_user
@@ -31,7 +31,7 @@ def user_events(pair):
 
 def _history(ckpt: Checkpoint, items, scenario, action, ts, stored_by: Checkpoint | None = None) -> bytes:
     codes = item_records(ckpt, items, stored_by)
-    return pack(np.frombuffer(codes, np.uint8).reshape(len(ts), -1), scenario, action, ts)
+    return encode(records(np.frombuffer(codes, np.uint8).reshape(len(ts), -1), scenario, action, ts))
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -43,10 +43,11 @@ def test_rebuild_reencodes_the_history_and_recomputes_the_state(pair, user_event
     items, scenario, action, ts = user_events
     state, history = rebuild_user(new, old.codebook, _history(old, items, scenario, action, ts))
     assert history == _history(new, items, scenario, action, ts, stored_by=old)
-    rec = unpack(history, new.codebook.cfg.bytes_per_item)
-    np.testing.assert_array_equal(rec["ts"], ts)
+    rec = decode(history, new.codebook.cfg.bytes_per_item)
+    minute_ts = np.floor(ts / 60) * 60  # what a history record keeps
+    np.testing.assert_array_equal(rec["ts"], minute_ts)
     decoded = new.codebook.from_bytes(rec["code"].tobytes(), len(rec))
-    want = new.model.coarse.update(new.model.coarse.init_state(), decoded, scenario, action, ts)
+    want = new.model.coarse.update(new.model.coarse.init_state(), decoded, scenario, action, minute_ts)
     np.testing.assert_allclose(state, want, rtol=1e-12, atol=1e-12)
     assert _cos(decoded, items) > 0.9
 
@@ -58,12 +59,12 @@ def test_rebuild_back_to_the_old_codebook(pair, user_events):
     items, scenario, action, ts = user_events
     _, there = rebuild_user(new, old.codebook, _history(old, items, scenario, action, ts))
     state, back = rebuild_user(old, new.codebook, there)
-    rec = unpack(back, old.codebook.cfg.bytes_per_item)
+    rec = decode(back, old.codebook.cfg.bytes_per_item)
     direct = old.codebook.from_bytes(item_records(old, items), len(items))
     decoded = old.codebook.from_bytes(rec["code"].tobytes(), len(rec))
     assert _cos(direct, items) - 0.05 < _cos(decoded, items) <= _cos(direct, items)
     np.testing.assert_array_equal(rec["scenario"], scenario)
-    want = old.model.coarse.update(old.model.coarse.init_state(), decoded, scenario, action, ts)
+    want = old.model.coarse.update(old.model.coarse.init_state(), decoded, scenario, action, np.floor(ts / 60) * 60)
     np.testing.assert_allclose(state, want, rtol=1e-12, atol=1e-12)
 
 
@@ -80,7 +81,7 @@ def test_refiner_inputs_of_a_state_another_checkpoint_built(pair, user_events):
     (got,) = user_inputs(new, [row], {old.codebook_id: old.codebook})
     state, rebuilt = rebuild_user(new, old.codebook, history)
     np.testing.assert_allclose(got.coarse, new.model.coarse.read(state), atol=1e-6)
-    rec = unpack(rebuilt, new.codebook.cfg.bytes_per_item)
+    rec = decode(rebuilt, new.codebook.cfg.bytes_per_item)
     rec = rec[np.lexsort((rec["scenario"], rec["ts"]))]
     cfg = new.model.refiner.cfg
     rec = rec[select_recent(rec["scenario"], rec["ts"], cfg.recent, cfg.quotas)]  # what the refiner reads
