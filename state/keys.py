@@ -70,6 +70,10 @@ class Keys:
     def user_history(self, user: str) -> str:
         return f"{self.prefix}:{{u:{user}}}:h"
 
+    def user_row(self, user: str) -> list[str]:
+        """KEYS of ``READ_USER`` and ``APPLY_USER``: state hash, history, coarse state (one hash tag)."""
+        return [self.user_state(user), self.user_history(user), self.user_coarse(user)]
+
     def user_vectors(self, user: str) -> str:
         return f"{self.prefix}:{{u:{user}}}:v"
 

@@ -73,8 +73,6 @@ class StreamStore:
         #: Idle users' keys expire this long after their last write (0: never).  Set it longer than the
         #: topics' retention, so no redelivered event can outlive the watermarks that would skip it.
         self.user_ttl_s = int(user_ttl_s)
-        self._write = client.register_script(scripts.WRITE_VECTORS)
-        self._clear = client.register_script(scripts.CLEAR_DIRTY)
         self._mark = client.register_script(scripts.MARK_DIRTY)
         self._dirty = client.register_script(scripts.DIRTY_USERS)
         self._park = client.register_script(scripts.PARK)
@@ -211,16 +209,12 @@ class StreamStore:
         return [(m.decode(), float(s)) for m, s in got]
 
     # ---------------------------------------------------------------- users: ingest
-    def _user_keys(self, user: str) -> list[str]:
-        """KEYS of ``READ_USER`` and ``APPLY_USER``: state hash, history, coarse state (one hash tag)."""
-        return [self.keys.user_state(user), self.keys.user_history(user), self.keys.user_coarse(user)]
-
     async def read_users(self, wanted: dict[str, tuple[list[str], list[str]]]) -> dict[str, UserRow]:
         """Per user (watermark fields, event origins) → one consistent snapshot of its state and history
         (one atomic script call per user, one round trip for all)."""
         pipe = self.r.pipeline(transaction=False)
         for user, (marks, origins) in wanted.items():
-            keys = self._user_keys(user)
+            keys = self.keys.user_row(user)
             pipe.eval(scripts.READ_USER, len(keys), *keys, *users.ROW_FIELDS, *users.read_args(marks, origins))
         replies = await pipe.execute()
         return {
@@ -242,7 +236,7 @@ class StreamStore:
         all); None where the user changed since the plan read it (re-read, re-plan)."""
         pipe = self.r.pipeline(transaction=False)
         for user, update in updates.items():
-            keys = self._user_keys(user)
+            keys = self.keys.user_row(user)
             # EVAL, not EVALSHA: a cluster pipeline does not load scripts on the nodes it reaches.
             pipe.eval(scripts.APPLY_USER, len(keys), *keys, *update.args())
             if self.user_ttl_s:  # idempotent; a crash before it leaves the keys without TTL until the next write
@@ -251,7 +245,7 @@ class StreamStore:
         out: dict[str, users.Applied | None] = {}
         replies = await pipe.execute()
         if self.user_ttl_s:
-            replies = replies[:: 1 + len(self._user_keys(""))]
+            replies = replies[:: 1 + len(self.keys.user_row(""))]
         for user, reply in zip(updates, replies, strict=True):
             out[user] = None if int(reply[0]) == -1 else users.Applied(int(reply[0]), int(reply[2]), int(reply[1]))
         return out
@@ -288,13 +282,10 @@ class StreamStore:
         version_ttl_s: float = 0,
     ) -> bool:
         """Latest vectors (unless newer are there) and this version's copy; True when the latest was written."""
-        k, d = next(iter(vectors.values())).shape
-        args: list = [seq, version, repr(time.time()), repr(float(event_ts)), repr(float(produced_at)), k, d]
-        args.append(int(version_ttl_s))
-        for scenario, v in vectors.items():
-            args += [f"vec:{scenario}", encode_vectors(v)]
-        keys = [self.keys.user_vectors(user), self.keys.user_state(user), self.keys.user_vectors_at(user, version)]
-        return bool(await self._write(keys=keys, args=args))
+        (written,) = await self.write_vectors_many(
+            [(user, seq, event_ts, produced_at, vectors)], version, version_ttl_s
+        )
+        return written
 
     async def dirty_count(self, partitions: range) -> int:
         """Users waiting for refinement in these partitions (the refinement queue's depth)."""
@@ -333,7 +324,7 @@ class StreamStore:
         await self.r.expire(self.keys.backfill(run), 7 * 86400)
 
     async def clear_dirty(self, partition: int, user: str, seq: int) -> None:
-        await self._clear(keys=self._dirty_keys(partition), args=[user, seq])
+        await self.clear_dirty_many([(partition, user, seq)])
 
     async def clear_dirty_many(self, done: list[tuple[int, str, int]]) -> None:
         """``clear_dirty`` for many (partition, user, seq) in one round trip."""
@@ -575,7 +566,7 @@ class AsyncInterestReader:
         """The user's state fields and coarse state (one atomic read), or None when no event of it was ever
         applied."""
         fields = (users.SEQ, users.LAST_TS, users.KTS, users.CODEBOOK, users.STATE_ID)
-        keys = [self.keys.user_state(user), self.keys.user_history(user), self.keys.user_coarse(user)]
+        keys = self.keys.user_row(user)
         seq, last_ts, kts, cb, gen, coarse, _ = await self.r.eval(scripts.READ_USER, len(keys), *keys, *fields)
         if seq is None:
             return None
