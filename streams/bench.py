@@ -67,6 +67,11 @@ def _fresh_prefix(settings: Settings, tag: str, **changes: object) -> Settings:
     return settings.with_(prefix=run, app_id=f"mirstream-{run}", **changes)
 
 
+def sim_users(users: int) -> Dataset:
+    """The simulator's log, or for more than its 300 users a larger one with the same catalogue."""
+    return load("sim") if users <= 300 else simulate(users=users)
+
+
 def run_worker(
     settings: Settings,
     ds: Dataset,
@@ -188,7 +193,7 @@ def bench_ingest(
     The naive baseline stops after ``naive_seconds``: its rate is that of the events it got through, the
     earliest of each user (short histories, so its fastest part: the ratios against it are conservative)."""
     ckpt = ensure_checkpoint(settings)
-    ds = load("sim") if users <= 300 else simulate(users=users)  # the same catalogue, more users
+    ds = sim_users(users)
     p = plan(ds, max_users=users)
     expected = expected_seq(ds, p.events)
     n = len(p.events)
@@ -266,10 +271,7 @@ def bench_freshness(
     are evenly active; with ``zipf`` > 0 the same number of events (about 110 a user) is spread over the
     users by Zipf's law with that exponent, as real traffic is (a few very active users, a long tail)."""
     ensure_checkpoint(settings)
-    if zipf > 0:
-        ds = simulate(users=users, counts=zipf_counts(users, 110, zipf))
-    else:
-        ds = load("sim") if users <= 300 else simulate(users=users)  # the same catalogue, more users
+    ds = simulate(users=users, counts=zipf_counts(users, 110, zipf)) if zipf > 0 else sim_users(users)
     p = plan(ds, max_users=users)
     users = len(np.unique(ds.user[p.events]))
     rows = []

@@ -152,12 +152,11 @@ def plan(
     for user, (state, recs, last_ts) in folded.items():
         p, row = out[user], rows[user]
         timeless = next((a.event for a in p.applied if not abs(a.event.ts) < RECORD_TIME_LIMIT), None)
-        if not usable_coarse(state) or timeless is not None:
-            p.poison = (
-                f"user {user!r}: these events would make the coarse state NaN or infinite"
-                if timeless is None or not usable_coarse(state)
-                else f"user {user!r}: event {timeless.event_id!r} has a time no history record holds: {timeless.ts!r}"
-            )
+        if not usable_coarse(state):
+            p.poison = f"user {user!r}: these events would make the coarse state NaN or infinite"
+        elif timeless is not None:
+            p.poison = f"user {user!r}: event {timeless.event_id!r} has a time no history record holds: {timeless.ts!r}"
+        if p.poison:
             p.dead = [a for a in p.applied + p.waiting if a.origin not in handled]
             p.park, p.mark, p.applied, p.waiting = [], (), [], []
             continue
@@ -208,7 +207,7 @@ def history_writes(base: np.ndarray, new: np.ndarray, rewrite: bool, ctx: PlanCo
     append while the history stays within ``ctx.trim_at`` records, else (or when ``rewrite``) the newest
     ``ctx.cap`` of both, written whole."""
     if rewrite or len(base) + len(new) > ctx.trim_at:
-        keep = np.concatenate([base, new]) if len(base) and len(new) else (base if len(base) else new)
+        keep = np.concatenate([base, new])
         return b"", encode(keep[-ctx.cap :]) if len(keep) and ctx.cap > 0 else b""
     if not len(new):
         return b"", None
