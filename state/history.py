@@ -34,7 +34,8 @@ counts) is untouched.
 A string of the previous format (a whole number of 16-byte records, no format byte) does not decode: it
 fails with ``ValueError`` naming the format, never as misread records.
 
-``encode`` / ``decode`` are the vectorised codecs; ``encode_reference`` / ``decode_reference`` do the
+``encode`` / ``decode`` are the vectorised codecs (``tail``: count and last minutes, all an append needs);
+``encode_reference`` / ``decode_reference`` do the
 same record by record in plain Python (``tests/test_history.py`` holds them equal).
 """
 
@@ -169,46 +170,57 @@ def _units(rec: np.ndarray, m: np.ndarray, delta: np.ndarray) -> tuple[np.ndarra
     return units, 1 + k * esc
 
 
-def decode(blob: bytes, code_bytes: int) -> np.ndarray:
-    """Bytes of a whole history → records (in the order applied); ``ValueError`` for bytes that are not
-    one (the previous 16-byte format included)."""
-    dt = record_dtype(code_bytes)
-    if not blob:
-        return np.empty(0, dtype=dt)
+def _parse(blob: bytes, code_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bytes of a whole history (non-empty) → (units, and per record: its unit's index, scenario, action,
+    delta); ``ValueError`` for bytes that are not one (the previous 16-byte format included)."""
     unit, k = unit_size(code_bytes), escape_units(code_bytes)
     if blob[0] != FORMAT or (len(blob) - 1) % unit:
         old = " (16-byte records of the previous format: rebuild it)" if len(blob) % 16 == 0 else ""
         raise ValueError(f"history of {len(blob)} bytes is not format {FORMAT} with {unit}-byte units{old}")
     units = np.frombuffer(blob, dtype=np.uint8, offset=1).reshape(-1, unit)
     if len(units) == 0:
-        return np.empty(0, dtype=dt)
+        empty = np.empty(0, np.int64)
+        return units, empty, empty, empty, empty
     esc = units[:, 0] == ESCAPE
     pos = np.flatnonzero(~esc)
     gaps = np.diff(pos, prepend=-1) - 1  # escape units right before each event
-    if len(pos) == 0 or esc[pos[-1] + 1 :].any() or not np.isin(gaps, (0, k)).all():
+    if len(pos) == 0 or esc[pos[-1] + 1 :].any() or not ((gaps == 0) | (gaps == k)).all():
         raise ValueError("history has an escape that is not followed by its record")
-    ev = units[pos]
-    tag = ev[:, 0].astype(np.int64)
-    out = np.empty(len(pos), dtype=dt)
-    out["code"] = ev[:, 2:]
-    out["scenario"], out["action"] = tag & 3, (tag >> 2) & 3
-    delta = ((tag >> 4) << 8) | ev[:, 1]
+    tag = units[pos, 0].astype(np.int64)
+    low = units[pos, 1]
+    scenario, action = tag & 3, (tag >> 2) & 3
+    delta = ((tag >> 4) << 8) | low
     delta = np.where(delta > DELTA_MAX, delta - 4096, delta)
     e = np.flatnonzero(gaps == k)
     if len(e):
-        if (ev[e, :2] != 0).any():
+        if (tag[e] != 0).any() or (low[e] != 0).any():
             raise ValueError("history has an escaped record with a non-zero tag")
         rows = pos[e][:, None] - np.arange(k, 0, -1)[None, :]
         payload = units[rows, 1:].reshape(len(e), -1)
-        out["scenario"][e], out["action"][e] = payload[:, 0], payload[:, 1]
+        scenario[e], action[e] = payload[:, 0], payload[:, 1]
         wide = np.zeros((len(e), 8), dtype=np.uint8)
         wide[:, :5] = payload[:, 2:7]
         wide[:, 5:] = np.where(payload[:, 6:7] >= 0x80, 0xFF, 0)  # sign extension
         delta[e] = wide.view("<i8")[:, 0]
+    return units, pos, scenario, action, delta
+
+
+def decode(blob: bytes, code_bytes: int) -> np.ndarray:
+    """Bytes of a whole history → records (in the order applied); ``ValueError`` for bytes that are not
+    one (the previous 16-byte format included)."""
+    dt = record_dtype(code_bytes)
+    if not blob:
+        return np.empty(0, dtype=dt)
+    units, pos, scenario, action, delta = _parse(blob, code_bytes)
+    out = np.empty(len(pos), dtype=dt)
+    if len(pos) == 0:
+        return out
+    out["code"] = units[pos, 2:]
+    out["scenario"], out["action"] = scenario, action
     # Per scenario, a running sum of its deltas.
-    order = np.argsort(out["scenario"], kind="stable")
+    order = np.argsort(scenario, kind="stable")
     total = np.cumsum(delta[order])
-    sc = out["scenario"][order]
+    sc = scenario[order]
     first = np.ones(len(sc), dtype=bool)
     first[1:] = sc[1:] != sc[:-1]
     before = np.maximum.accumulate(np.where(first, np.arange(len(sc)), 0))  # each one's first of its scenario
@@ -216,6 +228,19 @@ def decode(blob: bytes, code_bytes: int) -> np.ndarray:
     m[order] = total - total[before] + delta[order][before]
     out["ts"] = m * MINUTE
     return out
+
+
+def tail(blob: bytes, code_bytes: int) -> tuple[int, dict[int, int]]:
+    """(records, ``last_minutes`` of them) of a whole history without decoding its records: all an append
+    needs, at a few µs for 1,000 records where ``decode`` takes ~80 µs.  ``ValueError`` as ``decode``."""
+    if not blob:
+        return 0, {}
+    _, _, scenario, _, delta = _parse(blob, code_bytes)
+    # A scenario's last minute is the sum of its deltas (its first carries the absolute minute).  Exact in
+    # float64: each partial sum is a record's minute, below 2**39.
+    sums = np.bincount(scenario, weights=delta.astype(np.float64))
+    present = np.flatnonzero(np.bincount(scenario))
+    return len(scenario), dict(zip(present.tolist(), sums[present].astype(np.int64).tolist(), strict=True))
 
 
 # --------------------------------------------------------------------------- reference, record by record

@@ -34,7 +34,7 @@ import numpy as np
 from models.codebook import ResidualCodebook
 from models.user_model import Checkpoint
 from state.history import TIME_LIMIT_S as RECORD_TIME_LIMIT
-from state.history import encode, encode_many, last_minutes, records
+from state.history import encode, encode_many, records, tail
 from state.users import (
     CorruptState,
     UserRow,
@@ -129,7 +129,7 @@ def plan(
     ``handled``: origins this batch already parked or dead-lettered (a re-plan must not repeat them)."""
     out: dict[str, UserPlan] = {}
     starts: dict[str, np.ndarray] = {}  # user → coarse state the fold starts from
-    bases: dict[str, np.ndarray] = {}  # user → history records the new ones follow (decoded)
+    bases: dict[str, Base] = {}  # user → the stored history the new records follow
     for user, batch in events.items():
         row = rows[user]
         p = out[user] = UserPlan(user)
@@ -179,8 +179,31 @@ def _fresh(row: UserRow, batch: list[Accepted]) -> list[Accepted]:
     return fresh
 
 
-def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The coarse state the fold starts from, the history records the new ones follow, and whether that
+@dataclass(frozen=True)
+class Base:
+    """The stored history new records follow: its bytes, their record size, and what an append needs of
+    it (record count, each scenario's last minute: ``state.history.tail``), so that an append never decodes
+    the records; a trim (``history_writes``) does."""
+
+    blob: bytes
+    code_bytes: int
+    count: int
+    after: dict[int, int]
+
+    @classmethod
+    def of(cls, blob: bytes, code_bytes: int) -> Base:
+        try:
+            count, after = tail(blob, code_bytes)
+        except ValueError as exc:
+            raise CorruptState(str(exc)) from None
+        return cls(blob, code_bytes, count, after)
+
+    def records(self) -> np.ndarray:
+        return decode_history(self.blob, self.code_bytes)
+
+
+def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.ndarray, Base, bool]:
+    """The coarse state the fold starts from, the history the new records follow, and whether that
     history was rebuilt (another checkpoint built the stored one: it is written whole).  Raises
     ``CorruptState`` / ``LookupError`` for a user that cannot be applied."""
     cfg = ctx.ckpt.model.cfg
@@ -191,27 +214,27 @@ def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.nd
     book_id = row.codebook or ctx.ckpt.codebook_id
     if book_id not in ctx.books:
         raise LookupError(f"its history is in codebook {book_id}, which was never published to this Redis")
-    history = decode_history(row.history, ctx.books[book_id].cfg.bytes_per_item)
-    if (row.seq or len(history)) and built_elsewhere(ctx.ckpt, row.state_id):
+    base = Base.of(row.history, ctx.books[book_id].cfg.bytes_per_item)  # whole records, or CorruptState
+    if (row.seq or base.count) and built_elsewhere(ctx.ckpt, row.state_id):
         try:
             state, rebuilt = rebuild_user(ctx.ckpt, ctx.books[book_id], row.history, ctx.cap)
         except ValueError as exc:
             raise CorruptState(f"its history cannot be rebuilt: {exc}") from None
-        return state, decode_history(rebuilt, ctx.ckpt.codebook.cfg.bytes_per_item), True
+        return state, Base.of(rebuilt, ctx.ckpt.codebook.cfg.bytes_per_item), True
     state = decode_coarse(row.coarse, coarse.state_size)
-    return (coarse.init_state() if state is None else state.copy()), history, False
+    return (coarse.init_state() if state is None else state.copy()), base, False
 
 
-def history_writes(base: np.ndarray, new: np.ndarray, rewrite: bool, ctx: PlanContext) -> tuple[bytes, bytes | None]:
+def history_writes(base: Base, new: np.ndarray, rewrite: bool, ctx: PlanContext) -> tuple[bytes, bytes | None]:
     """(records to append, whole history to write first or None) for ``new`` records after ``base``: an
     append while the history stays within ``ctx.trim_at`` records, else (or when ``rewrite``) the newest
     ``ctx.cap`` of both, written whole."""
-    if rewrite or len(base) + len(new) > ctx.trim_at:
-        keep = np.concatenate([base, new])
+    if rewrite or base.count + len(new) > ctx.trim_at:
+        keep = np.concatenate([base.records(), new])
         return b"", encode(keep[-ctx.cap :]) if len(keep) and ctx.cap > 0 else b""
     if not len(new):
         return b"", None
-    return encode(new, last_minutes(base) if len(base) else None), None
+    return encode(new, base.after if base.count else None), None
 
 
 def _fold(

@@ -16,6 +16,7 @@ from state.history import (
     escape_units,
     last_minutes,
     records,
+    tail,
     unit_size,
 )
 
@@ -44,6 +45,7 @@ def test_fast_codec_equals_reference_and_round_trips(code_bytes: int, wide: bool
         for got in (decode(blob, code_bytes), decode_reference(blob, code_bytes)):
             assert got.dtype == rec.dtype
             np.testing.assert_array_equal(got, rec)
+        assert tail(blob, code_bytes) == ((n, last_minutes(rec)) if n else (0, {}))
 
 
 def test_appends_and_trims_decode_to_the_same_records() -> None:
@@ -56,6 +58,7 @@ def test_appends_and_trims_decode_to_the_same_records() -> None:
         part = encode(rec[start:end], after=last_minutes(rec[:start]))
         assert part == encode_reference(rec[start:end], after=last_minutes(rec[:start]))
         blob += part
+        assert tail(blob, 6) == (end, last_minutes(rec[:end]))
     np.testing.assert_array_equal(decode(blob, 6), rec)
     for cut in (1, 17, 250, 499):
         np.testing.assert_array_equal(decode(encode(rec[cut:]), 6), rec[cut:])
@@ -100,7 +103,7 @@ def test_malformed_and_previous_format_blobs_fail_loudly() -> None:
     rec = _random(np.random.default_rng(1), 5, 6, True)
     blob = encode(rec)
     for bad in (blob[:-1], blob + bytes([0xFF]) + bytes(unit_size(6) - 1), b"\x01" + blob[1:]):
-        for dec in (decode, decode_reference):
+        for dec in (decode, decode_reference, tail):
             with pytest.raises(ValueError):
                 dec(bad, 6)
     assert escape_units(6) == 1 and escape_units(2) == 3
