@@ -441,7 +441,7 @@ class Backfill:
             books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
             self.report.seconds["redis"] += time.perf_counter() - t
             t = time.perf_counter()
-            vectors, failed = await asyncio.get_running_loop().run_in_executor(
+            vectors, failed, errors = await asyncio.get_running_loop().run_in_executor(
                 self.refresher.executor, self.refresher.refine_rows, [rows[u] for u in part], books
             )
             self.report.seconds["refine"] += time.perf_counter() - t
@@ -452,7 +452,7 @@ class Backfill:
                 if vecs is not None and not np.isfinite(vecs).all():
                     failed[user] = "refined vectors hold NaN or infinite values"
                 if user in failed or vecs is None:
-                    reason = failed.get(user, "refinement failed")
+                    reason = failed.get(user) or errors.get(user, "refinement failed")
                     partition = kafka_partition(user, self.settings.partitions)
                     await self.store.quarantine(user, partition, row.seq, reason)
                     continue

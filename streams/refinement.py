@@ -39,6 +39,8 @@ DATA_ERRORS = (CorruptState, LookupError)
 Emit = Callable[[str, dict], Awaitable[None]]
 #: A micro-batch: the (partition, user) picked, their rows, the codebooks of rows other checkpoints wrote.
 Batch = tuple[list[tuple[int, str]], dict[str, UserRow], dict[str, ResidualCodebook]]
+#: A refined batch: vectors per row (None: failed), reasons of rows failed on their data, and otherwise.
+Refined = tuple[list[np.ndarray | None], dict[str, str], dict[str, str]]
 
 
 def user_inputs(
@@ -94,6 +96,9 @@ def user_inputs(
 
 #: Above this many entries the debounce map drops those older than the debounce window.
 LAST_REFINED_MAX = 100_000
+#: Ticks in a row a user may fail alone (not on its data, while the rest of its batch refines) before it
+#: is quarantined: a fault that follows one user is that user's, whatever its type.
+RETRY_LIMIT = 3
 
 
 def refiner_threads(threads: int) -> None:
@@ -132,6 +137,7 @@ class Refresher:
             initargs=(settings.refine_threads,),
         )
         self.last_refined: dict[str, float] = {}  # debounce: user → when last refined (pruned, see _tick)
+        self.retries: dict[str, int] = {}  # user → ticks in a row it failed alone (see ``RETRY_LIMIT``)
         self._turn = 0
         #: The batch the refiner is working on while the previous one is written (see ``_tick``).
         self._running: tuple[Batch, asyncio.Future] | None = None
@@ -173,7 +179,7 @@ class Refresher:
         upcoming = None
         if len(picked) >= self.settings.refine_batch:  # a backlog: read the next batch meanwhile
             upcoming = await self._prefetch(partitions, frozenset(u for _, u in picked))
-        vectors, failed = await job
+        vectors, failed, errors = await job
         if upcoming is not None:
             self._running = (upcoming, self._submit(upcoming))
         writes: list[tuple[int, UserRow, dict[str, np.ndarray]]] = []
@@ -183,8 +189,19 @@ class Refresher:
             if vecs is not None and not np.isfinite(vecs).all():
                 failed[user] = "refined vectors hold NaN or infinite values"
             if vecs is None and user not in failed:  # failed alone, not on its data: stays dirty, retried
-                metrics.AGENT_ERRORS.labels("refine", "user_retry").inc()
-                continue
+                self.retries[user] = tries = self.retries.get(user, 0) + 1
+                if tries < RETRY_LIMIT:
+                    metrics.AGENT_ERRORS.labels("refine", "user_retry").inc()
+                    log.warning(
+                        "refining user %s failed (%s); it stays dirty, try %d of %d",
+                        user,
+                        errors.get(user),
+                        tries,
+                        RETRY_LIMIT,
+                    )
+                    continue
+                failed[user] = f"refinement failed alone {tries} ticks in a row: {errors.get(user)}"
+            self.retries.pop(user, None)
             if user in failed:
                 await self.store.quarantine(user, p, row.seq, failed[user])
                 cleared.append((p, user, row.seq))
@@ -266,40 +283,32 @@ class Refresher:
             )
             return None
 
-    def _timed_refine(
-        self, rows: list[UserRow], books: dict[str, ResidualCodebook]
-    ) -> tuple[list[np.ndarray | None], dict[str, str]]:
+    def _timed_refine(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
         t0 = time.perf_counter()
         try:
             return self._refine(rows, books)
         finally:
             metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
 
-    def refine_rows(
-        self, rows: list[UserRow], books: dict[str, ResidualCodebook]
-    ) -> tuple[list[np.ndarray | None], dict[str, str]]:
+    def refine_rows(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
         """The tick's computation for any rows (the batch backfill calls it with large batches)."""
         return self._refine(rows, books)
 
-    def _refine(
-        self, rows: list[UserRow], books: dict[str, ResidualCodebook]
-    ) -> tuple[list[np.ndarray | None], dict[str, str]]:
-        """Vectors per row (None: that row failed).  When the batch fails, each row is tried alone, so a
-        bad row fails only itself; ``failed`` names the rows that failed on their own stored data
-        (``DATA_ERRORS``: quarantined), other failed rows stay dirty.  When every row fails and none on
-        its data, the fault is the worker's: that is raised."""
+    def _refine(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
+        """Vectors per row (None: that row failed), the reasons of rows that failed on their own stored
+        data (``DATA_ERRORS``: quarantined), and of those that failed otherwise (they stay dirty, see
+        ``RETRY_LIMIT``).  When the batch fails, each row is tried alone, so a bad row fails only itself.
+        When every row fails and none on its data, the fault is the worker's: that is raised."""
         try:
-            return list(self._vectors(rows, books)), {}
+            return list(self._vectors(rows, books)), {}, {}
         except Exception:
             alone = [self._alone(row, books) for row in rows] if len(rows) > 1 else [(None, sys.exc_info()[1])]
-            failed = {
-                r.user: f"{type(e).__name__}: {e}"
-                for r, (_, e) in zip(rows, alone, strict=True)
-                if isinstance(e, DATA_ERRORS)
-            }
+            reasons = {r.user: (f"{type(e).__name__}: {e}", e) for r, (_, e) in zip(rows, alone, strict=True) if e}
+            failed = {u: why for u, (why, e) in reasons.items() if isinstance(e, DATA_ERRORS)}
             if not failed and all(v is None for v, _ in alone):
                 raise
-            return [v for v, _ in alone], failed
+            errors = {u: why for u, (why, _) in reasons.items() if u not in failed}
+            return [v for v, _ in alone], failed, errors
 
     def _alone(self, row: UserRow, books: dict[str, ResidualCodebook]) -> tuple[np.ndarray | None, Exception | None]:
         try:

@@ -3,6 +3,8 @@ a poison dirty user, and an error the worker cannot pin on a user (it must stop 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -16,9 +18,13 @@ from kafka.admin import KafkaAdminClient
 from pipeline_checks import lagging, read_deadletters
 
 from models.data import load
+from models.user_model import Checkpoint
 from state.keys import Keys
-from state.store import InterestReader
+from state.store import InterestReader, StreamStore
+from streams.refinement import RETRY_LIMIT, Refresher
 from streams.replay import send_items, wait_for_vectors
+from streams.security import redis_async
+from streams.switch import Codebooks
 from streams.topics import ensure_topics
 from streams.workerproc import WorkerProcess
 
@@ -149,3 +155,53 @@ def test_unattributable_error_stops_the_worker_without_committing(pipeline_setti
         assert wait_for_vectors(settings, {"a": 2, "clobbered": 1}, timeout=60, progress=False) == {}
     reader = InterestReader(settings.redis_url, settings.prefix)
     assert reader.seqs(["a", "clobbered"], applied=True) == [2, 1]
+
+
+class _FailsOnOneUser(Refresher):
+    """The tick's code with a fault that follows one user and is not about its data (a RuntimeError)."""
+
+    def _vectors(self, rows, books):
+        if any(r.user == "bad" for r in rows):
+            raise RuntimeError("a fault that follows user bad")
+        return super()._vectors(rows, books)
+
+
+def test_a_user_failing_alone_is_retried_with_a_log_line_then_quarantined(pipeline_settings, ds, tmp_path, caplog):
+    """A user whose refinement fails alone while the rest of its batch refines, on an error that is not
+    about its stored data, stays dirty and is retried (a warning each time); after ``RETRY_LIMIT`` ticks in
+    a row it is quarantined with the error, so it can neither stall silently nor be retried forever."""
+    settings = pipeline_settings.with_(refine=False)
+    ensure_topics(settings)
+    item = str(ds.item_ids[1])
+    with WorkerProcess(settings, log=tmp_path / "worker.log"):
+        send_items(settings, ds, np.array([1]), progress=False)
+        _send(settings, [("a", 1), ("b", 1), ("bad", 1)], item)
+        assert wait_for_vectors(settings, {"a": 1, "b": 1, "bad": 1}, 60, False, applied_only=True) == {}
+
+    async def run() -> tuple[list[bool], dict[str, dict], list[int | None]]:
+        store = StreamStore(redis_async(settings), settings.prefix)
+        ckpt = Checkpoint.load(settings.checkpoint)
+        refresher = _FailsOnOneUser(
+            settings.with_(refine_debounce_ms=0), ckpt, store, Codebooks(store, ckpt.codebook), _no_emit
+        )
+        listed = []
+        for _ in range(RETRY_LIMIT):
+            # (a worker without refinement marks nobody dirty); a and b keep it company each tick
+            await store.mark_dirty(0, {"a": 1, "b": 1, "bad": 1})
+            assert await refresher.tick([0]) == 3
+            listed.append("bad" in await store.quarantined())
+        return listed, await store.quarantined(), [u for u, _ in await store.dirty_users(0, 10)]
+
+    with caplog.at_level(logging.WARNING, logger="streams.refinement"):
+        listed, quarantined, dirty = asyncio.run(run())
+    assert listed == [False] * (RETRY_LIMIT - 1) + [True]
+    assert "a fault that follows user bad" in quarantined["bad"]["reason"] and quarantined["bad"]["seq"] == 1
+    assert dirty == []  # quarantined users leave their dirty set; a new event marks them again
+    retries = [r.getMessage() for r in caplog.records if "refining user bad failed" in r.getMessage()]
+    assert len(retries) == RETRY_LIMIT - 1 and "RuntimeError: a fault that follows user bad" in retries[0]
+    reader = InterestReader(settings.redis_url, settings.prefix)
+    assert reader.seqs(["a", "b", "bad"]) == [1, 1, None]
+
+
+async def _no_emit(user: str, body: dict) -> None:
+    return None
