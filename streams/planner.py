@@ -34,7 +34,7 @@ import numpy as np
 from models.codebook import ResidualCodebook
 from models.user_model import Checkpoint
 from state.history import TIME_LIMIT_S as RECORD_TIME_LIMIT
-from state.history import encode, encode_many, records, tail
+from state.history import encode, encode_many, records, tail_many
 from state.users import (
     CorruptState,
     UserRow,
@@ -130,16 +130,21 @@ def plan(
     out: dict[str, UserPlan] = {}
     starts: dict[str, np.ndarray] = {}  # user → coarse state the fold starts from
     bases: dict[str, Base] = {}  # user → the stored history the new records follow
+    fresh_of: dict[str, list[Accepted]] = {}
     for user, batch in events.items():
         row = rows[user]
         p = out[user] = UserPlan(user)
         fresh = _fresh(row, batch)
         p.duplicates = len(batch) - len(fresh)
-        if not fresh:
+        if fresh:
+            fresh_of[user] = fresh
+        else:
             p.remark_dirty = row.seq > row.refined_seq  # a crash between apply and dirty-marking
-            continue
+    tails = _tails({u: rows[u] for u in fresh_of}, ctx)
+    for user, fresh in fresh_of.items():
+        row, p = rows[user], out[user]
         try:
-            start, bases[user], p.rebuilt = _start(row, fresh, ctx)
+            start, bases[user], p.rebuilt = _start(row, fresh, ctx, tails.get(user))
         except (CorruptState, LookupError) as exc:
             p.poison, p.dead = f"user {user!r}: {exc}", [a for a in fresh if a.origin not in handled]
             continue
@@ -149,8 +154,9 @@ def plan(
         p.park = [a for a in p.waiting if a.origin not in handled]
         p.mark = tuple(a.origin for a in p.waiting if a.origin not in row.parked)
     folded = _fold({u: (starts[u], out[u].applied) for u in starts}, codes, ctx)
+    kept: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     for user, (state, recs, last_ts) in folded.items():
-        p, row = out[user], rows[user]
+        p = out[user]
         timeless = next((a.event for a in p.applied if not abs(a.event.ts) < RECORD_TIME_LIMIT), None)
         if not usable_coarse(state):
             p.poison = f"user {user!r}: these events would make the coarse state NaN or infinite"
@@ -160,7 +166,11 @@ def plan(
             p.dead = [a for a in p.applied + p.waiting if a.origin not in handled]
             p.park, p.mark, p.applied, p.waiting = [], (), [], []
             continue
-        p.update = _update(row, p, state, history_writes(bases[user], recs, p.rebuilt, ctx), last_ts, ctx, handled)
+        kept[user] = state, recs, last_ts
+    rebuilt = {u for u in kept if out[u].rebuilt}
+    writes = history_writes({u: bases[u] for u in kept}, {u: recs for u, (_, recs, _) in kept.items()}, rebuilt, ctx)
+    for user, (state, _, last_ts) in kept.items():
+        out[user].update = _update(rows[user], out[user], state, writes[user], last_ts, ctx, handled)
     return out
 
 
@@ -179,6 +189,10 @@ def _fresh(row: UserRow, batch: list[Accepted]) -> list[Accepted]:
     return fresh
 
 
+#: A stored history's record count and each scenario's last minute, or why it does not decode.
+Tail = tuple[int, dict[int, int]] | ValueError
+
+
 @dataclass(frozen=True)
 class Base:
     """The stored history new records follow: its bytes, their record size, and what an append needs of
@@ -191,21 +205,38 @@ class Base:
     after: dict[int, int]
 
     @classmethod
-    def of(cls, blob: bytes, code_bytes: int) -> Base:
-        try:
-            count, after = tail(blob, code_bytes)
-        except ValueError as exc:
-            raise CorruptState(str(exc)) from None
-        return cls(blob, code_bytes, count, after)
+    def of(cls, blob: bytes, code_bytes: int, summary: Tail | None = None) -> Base:
+        """``summary``: the blob's ``tail_many`` result when the caller has it (``_tails``)."""
+        got = tail_many([blob], code_bytes)[0] if summary is None else summary
+        if isinstance(got, ValueError):
+            raise CorruptState(str(got))
+        return cls(blob, code_bytes, *got)
 
     def records(self) -> np.ndarray:
         return decode_history(self.blob, self.code_bytes)
 
 
-def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.ndarray, Base, bool]:
+def _tails(rows: Mapping[str, UserRow], ctx: PlanContext) -> dict[str, Tail]:
+    """Each user's stored-history tail, one ``tail_many`` pass per record size (users whose codebook is
+    unknown are left out: ``_start`` refuses them first)."""
+    by_size: dict[int, list[str]] = {}
+    for user, row in rows.items():
+        book = ctx.books.get(row.codebook or ctx.ckpt.codebook_id)
+        if book is not None:
+            by_size.setdefault(book.cfg.bytes_per_item, []).append(user)
+    out: dict[str, Tail] = {}
+    for size, users in by_size.items():
+        out.update(zip(users, tail_many([rows[u].history for u in users], size), strict=True))
+    return out
+
+
+def _start(
+    row: UserRow, fresh: list[Accepted], ctx: PlanContext, summary: Tail | None = None
+) -> tuple[np.ndarray, Base, bool]:
     """The coarse state the fold starts from, the history the new records follow, and whether that
-    history was rebuilt (another checkpoint built the stored one: it is written whole).  Raises
-    ``CorruptState`` / ``LookupError`` for a user that cannot be applied."""
+    history was rebuilt (another checkpoint built the stored one: it is written whole).  ``summary``: the
+    stored history's tail, when ``_tails`` read it.  Raises ``CorruptState`` / ``LookupError`` for a user
+    that cannot be applied."""
     cfg = ctx.ckpt.model.cfg
     for a in fresh:
         if not (0 <= a.event.scenario < len(cfg.scenarios) and 0 <= a.event.action < len(cfg.actions)):
@@ -214,7 +245,7 @@ def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.nd
     book_id = row.codebook or ctx.ckpt.codebook_id
     if book_id not in ctx.books:
         raise LookupError(f"its history is in codebook {book_id}, which was never published to this Redis")
-    base = Base.of(row.history, ctx.books[book_id].cfg.bytes_per_item)  # whole records, or CorruptState
+    base = Base.of(row.history, ctx.books[book_id].cfg.bytes_per_item, summary)  # whole records, or CorruptState
     if (row.seq or base.count) and built_elsewhere(ctx.ckpt, row.state_id):
         try:
             state, rebuilt = rebuild_user(ctx.ckpt, ctx.books[book_id], row.history, ctx.cap)
@@ -225,16 +256,29 @@ def _start(row: UserRow, fresh: list[Accepted], ctx: PlanContext) -> tuple[np.nd
     return (coarse.init_state() if state is None else state.copy()), base, False
 
 
-def history_writes(base: Base, new: np.ndarray, rewrite: bool, ctx: PlanContext) -> tuple[bytes, bytes | None]:
-    """(records to append, whole history to write first or None) for ``new`` records after ``base``: an
-    append while the history stays within ``ctx.trim_at`` records, else (or when ``rewrite``) the newest
-    ``ctx.cap`` of both, written whole."""
-    if rewrite or base.count + len(new) > ctx.trim_at:
-        keep = np.concatenate([base.records(), new])
-        return b"", encode(keep[-ctx.cap :]) if len(keep) and ctx.cap > 0 else b""
-    if not len(new):
-        return b"", None
-    return encode(new, base.after if base.count else None), None
+def history_writes(
+    bases: Mapping[str, Base], new: Mapping[str, np.ndarray], rewrite: set[str], ctx: PlanContext
+) -> dict[str, tuple[bytes, bytes | None]]:
+    """Per user, (records to append, whole history to write first or None) for its ``new`` records after
+    its base: an append while the history stays within ``ctx.trim_at`` records (every user's appends
+    encoded in one ``encode_many`` pass), else (or for a user in ``rewrite``) the newest ``ctx.cap`` of
+    both, written whole."""
+    out: dict[str, tuple[bytes, bytes | None]] = {}
+    appends: list[str] = []
+    for user, recs in new.items():
+        base = bases[user]
+        if user in rewrite or base.count + len(recs) > ctx.trim_at:
+            keep = np.concatenate([base.records(), recs])
+            out[user] = b"", encode(keep[-ctx.cap :]) if len(keep) and ctx.cap > 0 else b""
+        elif len(recs):
+            appends.append(user)
+        else:
+            out[user] = b"", None
+    if appends:
+        after = [bases[u].after if bases[u].count else None for u in appends]
+        blobs = encode_many(np.concatenate([new[u] for u in appends]), [len(new[u]) for u in appends], after)
+        out.update((u, (blob, None)) for u, blob in zip(appends, blobs, strict=True))
+    return out
 
 
 def _fold(

@@ -17,6 +17,7 @@ from state.history import (
     last_minutes,
     records,
     tail,
+    tail_many,
     unit_size,
 )
 
@@ -117,3 +118,35 @@ def test_many_histories_encode_at_once_as_each_alone() -> None:
     want = [encode(rec[e - c : e]) for c, e in zip(counts, ends, strict=True)]
     assert encode_many(rec, counts) == want
     assert encode_many(rec[:0], np.array([0, 0])) == [encode(rec[:0])] * 2
+
+
+def test_tails_of_many_histories_at_once_equal_each_alone() -> None:
+    """``tail_many`` over good, empty and malformed histories side by side: each good one's count and last
+    minutes as decoded, each malformed one its own ``ValueError``, whatever its neighbours."""
+    rng = np.random.default_rng(11)
+    recs = [_random(rng, n, 6, wide) for n, wide in ((1, False), (40, True), (0, False), (300, False), (7, True))]
+    good = [encode(r) for r in recs]
+    bad = [good[1][:-1], good[3] + bytes([0xFF]) + bytes(unit_size(6) - 1), b"\x01" + good[4][1:]]
+    blobs = [good[0], bad[0], b"", good[1], bad[1], good[2], good[3], bad[2], good[4]]
+    got = tail_many(blobs, 6)
+    for blob, g in zip(blobs, got, strict=True):
+        if blob in bad:
+            assert isinstance(g, ValueError)
+            with pytest.raises(ValueError, match=str(g)[:20]):
+                decode(blob, 6)
+        else:
+            rec = decode(blob, 6)
+            assert g == (len(rec), last_minutes(rec) if len(rec) else {})
+    assert tail_many(good, 6) == [tail(b, 6) for b in good]
+
+
+def test_appends_of_many_histories_at_once_equal_each_alone() -> None:
+    rng = np.random.default_rng(12)
+    olds = [_random(rng, n, 6, True) for n in (5, 0, 30)]
+    news = [_random(rng, n, 6, True) for n in (3, 4, 1)]
+    after = [last_minutes(o) if len(o) else None for o in olds]
+    got = encode_many(np.concatenate(news), [len(n) for n in news], after)
+    assert got == [encode(n, a) for n, a in zip(news, after, strict=True)]
+    for old, new, blob in zip(olds, news, got, strict=True):
+        whole = encode(old) + blob if len(old) else blob
+        np.testing.assert_array_equal(decode(whole, 6), np.concatenate([old, new]))
