@@ -34,9 +34,10 @@ counts) is untouched.
 A string of the previous format (a whole number of 16-byte records, no format byte) does not decode: it
 fails with ``ValueError`` naming the format, never as misread records.
 
-``encode`` / ``decode`` are the vectorised codecs (``tail``: count and last minutes, all an append needs);
-``encode_reference`` / ``decode_reference`` do the
-same record by record in plain Python (``tests/test_history.py`` holds them equal).
+``encode`` / ``decode`` are the vectorised codecs (``tail``: the record count and each scenario's last
+minute, all an append needs; the ``_many`` forms do many histories in one pass); ``encode_reference`` /
+``decode_reference`` do the same record by record in plain Python (``tests/test_history.py`` holds them
+equal).
 """
 
 from __future__ import annotations
