@@ -139,8 +139,6 @@ class Refresher:
         self.last_refined: dict[str, float] = {}  # debounce: user → when last refined (pruned, see _tick)
         self.retries: dict[str, int] = {}  # user → ticks in a row it failed alone (see ``RETRY_LIMIT``)
         self._turn = 0
-        #: The batch the refiner is working on while the previous one is written (see ``_tick``).
-        self._running: tuple[Batch, asyncio.Future] | None = None
         self.failing_since: float | None = None  # monotonic time of the first failed tick in a row
 
     async def tick(self, partitions: list[int]) -> int:
@@ -167,21 +165,17 @@ class Refresher:
         return n
 
     async def _tick(self, partitions: list[int]) -> int:
-        """Refines a batch and writes it.  Under a backlog the refiner never waits on Redis: the next batch
-        is read while this one refines and handed to the refiner before this one is written."""
-        running, self._running = self._running, None
-        if running is None:
-            batch = await self._gather(partitions, frozenset())
-            if batch is None:
-                return 0
-            running = (batch, self._submit(batch))
-        (picked, rows, _books), job = running
-        upcoming = None
-        if len(picked) >= self.settings.refine_batch:  # a backlog: read the next batch meanwhile
-            upcoming = await self._prefetch(partitions, frozenset(u for _, u in picked))
-        vectors, failed, errors = await job
-        if upcoming is not None:
-            self._running = (upcoming, self._submit(upcoming))
+        """Reads a batch, refines it off the event loop, writes it.  A batch is read once the one before is
+        written.  Reading the next batch while one refines was tried: its snapshots were a refiner call
+        old, so users with newer events came out stale and were refined twice (2,000 evenly active users
+        at 1,000 events/s: p99 <= 5 s with it, <= 1.5 s without; Zipf: <= 10 s against <= 5 s)."""
+        batch = await self._gather(partitions)
+        if batch is None:
+            return 0
+        picked, rows, books = batch
+        vectors, failed, errors = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._timed_refine, [rows[u] for _, u in picked], books
+        )
         writes: list[tuple[int, UserRow, dict[str, np.ndarray]]] = []
         cleared: list[tuple[int, str, int]] = []
         for (p, user), vecs in zip(picked, vectors, strict=True):
@@ -240,9 +234,9 @@ class Refresher:
         metrics.QUARANTINED.set(await self.store.quarantined_count())
         return len(picked)
 
-    async def _gather(self, partitions: list[int], busy: frozenset[str]) -> Batch | None:
-        """The next micro-batch: up to ``refine_batch`` dirty users (not in ``busy``, not refined within the
-        debounce window), each with one consistent snapshot of its state and history."""
+    async def _gather(self, partitions: list[int]) -> Batch | None:
+        """The next micro-batch: up to ``refine_batch`` dirty users (not refined within the debounce window),
+        each with one consistent snapshot of its state and history."""
         now = time.monotonic()
         debounce = self.settings.refine_debounce_ms / 1000
         picked: list[tuple[int, str]] = []
@@ -252,7 +246,7 @@ class Refresher:
         self._turn = (self._turn + 1) % max(1, len(partitions))
         for p in partitions[self._turn :] + partitions[: self._turn]:
             for user, _seq in await self.store.dirty_users(p, self.settings.refine_batch * 2):
-                if user not in busy and now - self.last_refined.get(user, -1e9) >= debounce:
+                if now - self.last_refined.get(user, -1e9) >= debounce:
                     picked.append((p, user))
             if len(picked) >= self.settings.refine_batch:
                 break
@@ -262,26 +256,6 @@ class Refresher:
         rows = await self.store.read_for_refine([u for _, u in picked])
         books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
         return picked, rows, books
-
-    def _submit(self, batch: Batch) -> asyncio.Future:
-        picked, rows, books = batch
-        return asyncio.get_running_loop().run_in_executor(
-            self.executor, self._timed_refine, [rows[u] for _, u in picked], books
-        )
-
-    async def _prefetch(self, partitions: list[int], busy: frozenset[str]) -> Batch | None:
-        """The next batch, read while the refiner runs.  Its snapshots are up to a refiner call old when
-        they are refined: vectors then carry the seq they reflect, and a user with newer events stays dirty
-        (``clear_dirty`` compares seqs), so staleness costs a later refinement, never a lost event.  A
-        failed read is left to the next tick."""
-        try:
-            return await self._gather(partitions, busy)
-        except Exception as exc:
-            metrics.AGENT_ERRORS.labels("refine", "prefetch").inc()
-            log.warning(
-                "reading the next refinement batch failed (%s: %s); the next tick reads it", type(exc).__name__, exc
-            )
-            return None
 
     def _timed_refine(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
         t0 = time.perf_counter()

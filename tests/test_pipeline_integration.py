@@ -44,8 +44,8 @@ def ds():
 
 
 def test_replay_parity_lookup_and_group_reset(pipeline_settings, ds, tmp_path):
-    # Micro-batches of 3 of the 12 users: the refiner always has a backlog, so each batch is read while the
-    # previous one refines and written after the next one started (``Refresher._tick``).
+    # Micro-batches of 3 of the 12 users: the refiner always has a backlog, and users get events while
+    # their batch refines (``Refresher._tick``: vectors carry the seq they reflect, a user stays dirty).
     settings = pipeline_settings.with_(refine_batch=3)
     ckpt = Checkpoint.load(settings.checkpoint)
     with WorkerProcess(settings, log=tmp_path / "worker.log"):
