@@ -281,6 +281,7 @@ BENCH_PARTS = (
     "codebook",
     "coarse",
     "refiner",
+    "planner",
     "items",
     "ingest",
     "freshness",
@@ -307,6 +308,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             offline.bench_coarse(out=args.out)
         elif part == "refiner":
             offline.bench_refiner(backbones=tuple(args.backbones), out=args.out)
+        elif part == "planner":
+            from streams.bench_planner import bench_planner
+
+            bench_planner(online.ensure_checkpoint(settings), users=args.users or 250, out=args.out)
         elif part == "items":
             online.bench_items(items=args.items, sample=args.sample, repeats=args.repeat, out=args.out)
         elif part == "ingest":
@@ -545,8 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="measured figures with their baselines: " + ", ".join(BENCH_PARTS) + " or all",
-        description="Offline parts (codebook, coarse, refiner, items, quality, temporal) need no services; ingest, "
-        "freshness and memory run real workers against the Kafka + Redis given (deploy/stack.py up starts local ones).",
+        description="Offline parts (codebook, coarse, refiner, planner, items, quality, temporal) need no services; "
+        "ingest, freshness and memory run real workers against the Kafka + Redis given (deploy/stack.py up starts "
+        "local ones).",
     )
     _add_connection_flags(p)
     p.add_argument("part", choices=[*BENCH_PARTS, "all"])
@@ -554,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--users",
         type=int,
         help="ingest, freshness: simulator users to replay (about 110 events each; default 100); "
-        "soak: distinct users (default 100,000); backfill: synthetic users (default 100,000)",
+        "soak: distinct users (default 100,000); backfill: synthetic users (default 100,000); "
+        "planner: users in a planned batch (default 250)",
     )
     p.add_argument("--events-per-user", type=int, default=50, help="backfill: events per synthetic user")
     p.add_argument(
