@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import numpy as np
 import orjson
@@ -150,3 +151,33 @@ def assert_matches_offline(settings, ds, expected: dict[str, int], scenarios: tu
         for s in scenarios:
             want = vectors_off[ds.scenarios.index(s)]
             np.testing.assert_allclose(meta.vectors[s], want, atol=VECTOR_TOL, rtol=STORED_RTOL)
+
+
+def behind_report(settings, behind: dict[str, int], web_port: int | None = None) -> str:
+    """Why users are behind, for a failure message: per user the seq expected, applied (state) and
+    refined (vectors), its dirty-set entries and quarantine reason; the committed lag; the counters of a
+    running worker (its web port) that say whether its agents and refinement ticks move."""
+    reader = interest_reader(settings)
+    users = list(behind)
+    applied, refined = reader.seqs(users, applied=True), reader.seqs(users)
+    r, keys = redis_sync(settings), Keys(settings.prefix)
+    lines = []
+    for u, want, got_a, got_r in zip(users, behind.values(), applied, refined, strict=True):
+        dirty = {p: r.hget(keys.dirty_seq(p), u) for p in range(settings.partitions) if r.zscore(keys.dirty(p), u)}
+        why = r.hget(keys.quarantine, u)
+        lines.append(f"user {u}: expected {want}, applied {got_a}, refined {got_r}, dirty {dirty}, quarantined {why}")
+    lines.append(f"lag: {lagging(settings, timeout=5)}")
+    if web_port:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError as exc:
+            text = f"(no metrics: {exc})"
+        wanted = (
+            "mirstream_agent_errors",
+            "mirstream_refinements",
+            "mirstream_last_progress",
+            "mirstream_events_total",
+        )
+        lines += [m for m in text.splitlines() if m.startswith(wanted)] + [f"now {time.time():.0f}"]
+    return "\n".join(lines)

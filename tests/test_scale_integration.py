@@ -17,6 +17,7 @@ from pipeline_checks import (
     STORED_RTOL,
     VECTOR_TOL,
     assert_matches_offline,
+    behind_report,
     item_records,
     offline,
     replay,
@@ -100,10 +101,12 @@ def test_two_workers_rebalance_then_one_killed(pipeline_settings, ds, tmp_path):
     sender.join()
     expected = expected_seq(ds, p.events)
     try:
-        assert wait_for_vectors(settings, expected, timeout=180, progress=False) == {}
+        behind = wait_for_vectors(settings, expected, timeout=180, progress=False)
+        report = behind_report(settings, behind, b_settings.web_port) if behind else ""
         b_log = b.log_text()
     finally:
         b.stop()
+    assert behind == {}, report
     assert_matches_offline(settings, ds, expected)
     assert "Traceback" not in b_log
 
