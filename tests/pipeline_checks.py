@@ -155,8 +155,9 @@ def assert_matches_offline(settings, ds, expected: dict[str, int], scenarios: tu
 
 def behind_report(settings, behind: dict[str, int], web_port: int | None = None) -> str:
     """Why users are behind, for a failure message: per user the seq expected, applied (state) and
-    refined (vectors), its dirty-set entries and quarantine reason; the committed lag; the counters of a
-    running worker (its web port) that say whether its agents and refinement ticks move."""
+    refined (vectors), its dirty-set entries and quarantine reason; the committed lag; events still
+    parked; the counters of a running worker (its web port) that say whether its agents and refinement
+    ticks move."""
     reader = interest_reader(settings)
     users = list(behind)
     applied, refined = reader.seqs(users, applied=True), reader.seqs(users)
@@ -167,12 +168,16 @@ def behind_report(settings, behind: dict[str, int], web_port: int | None = None)
         why = r.hget(keys.quarantine, u)
         lines.append(f"user {u}: expected {want}, applied {got_a}, refined {got_r}, dirty {dirty}, quarantined {why}")
     lines.append(f"lag: {lagging(settings, timeout=5)}")
+    for item, _ in r.zrange(keys.parked_index, 0, 20, withscores=True):  # events still waiting for an item
+        bodies = [orjson.loads(b) for b in r.lrange(keys.parked(item.decode()), 0, -1)]
+        lines.append(f"parked for item {item.decode()}: {[(b['user_id'], b.get('_origin')) for b in bodies]}")
     if web_port:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5) as resp:
                 text = resp.read().decode()
         except OSError as exc:
-            text = f"(no metrics: {exc})"
+            text = ""
+            lines.append(f"no metrics from the worker: {exc}")
         wanted = (
             "mirstream_agent_errors",
             "mirstream_refinements",
