@@ -74,7 +74,7 @@ def bench_planner(
             times.append(_step(mem, batch, codes, ctx))
         blobs = [mem.history[u] for u in names]
         t = time.perf_counter()
-        tail_many(blobs, code_bytes)
+        tails = tail_many(blobs, code_bytes)
         fast = time.perf_counter() - t
         t = time.perf_counter()
         for b in blobs:
@@ -83,7 +83,7 @@ def bench_planner(
         plan_s = statistics.median(times)
         rows.append(
             {
-                "records": int(np.median([len(decode(b, code_bytes)) for b in blobs[:5]])),
+                "records": int(np.median([count for count, _ in tails])),
                 "users": users,
                 "plan_ms": plan_s * 1e3,
                 "plan_us_per_user": plan_s / users * 1e6,
