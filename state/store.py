@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from state import scripts, trend, users
@@ -50,8 +51,6 @@ def connect_async(url: str, tls: RedisTLS | None = None) -> aioredis.Redis:
     """An asyncio client for ``url`` (see ``_split_url`` for the schemes); ``tls`` for ``rediss`` URLs."""
     cluster, url, kwargs = _split_url(url, tls)
     if cluster:
-        from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-
         return AsyncRedisCluster.from_url(url, **kwargs)
     return aioredis.from_url(url, **kwargs)
 
@@ -62,6 +61,11 @@ def connect_sync(url: str, tls: RedisTLS | None = None) -> redis.Redis:
     if cluster:
         return RedisCluster.from_url(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
+
+
+#: Entities per bulk script call (``scripts.per_entity``): bounds how long one call holds the server.
+BULK_MAX = 512
+Call = tuple[list[str], list]  # one entity's (KEYS, ARGV) of a ``scripts.per_entity`` script
 
 
 class StreamStore:
@@ -77,14 +81,53 @@ class StreamStore:
         self._dirty = client.register_script(scripts.DIRTY_USERS)
         self._park = client.register_script(scripts.PARK)
         self._unpark = client.register_script(scripts.UNPARK)
+        self._slot = client.keyslot if isinstance(client, AsyncRedisCluster) else None
+
+    def _bulk(self, pipe: aioredis.client.Pipeline, script: str, calls: list[Call]) -> list[list[int]]:
+        """Queues ``script`` (a ``scripts.per_entity`` script) for every call: one script call per cluster
+        slot (one for all on a single server), at most ``BULK_MAX`` entities each; returns, per queued
+        command, the indices of its calls (``_unbulk`` puts the replies back in the calls' order)."""
+        groups: dict[int, list[int]] = {}
+        for i, (keys, _) in enumerate(calls):
+            groups.setdefault(self._slot(keys[0]) if self._slot else 0, []).append(i)
+        order: list[list[int]] = []
+        for members in groups.values():
+            for at in range(0, len(members), BULK_MAX):
+                chunk = members[at : at + BULK_MAX]
+                flat_keys: list[str] = []
+                flat_args: list = []
+                for i in chunk:
+                    keys, args = calls[i]
+                    flat_keys += keys
+                    flat_args.append(len(args))
+                    flat_args += args
+                # EVAL, not EVALSHA: a cluster pipeline does not load scripts on the nodes it reaches.
+                pipe.eval(script, len(flat_keys), *flat_keys, *flat_args)
+                order.append(chunk)
+        return order
+
+    @staticmethod
+    def _unbulk(order: list[list[int]], replies: list) -> list:
+        out: list = [None] * sum(len(chunk) for chunk in order)
+        for chunk, reply in zip(order, replies, strict=True):
+            for i, one in zip(chunk, reply, strict=True):
+                out[i] = one
+        return out
+
+    async def _run_bulk(self, script: str, calls: list[Call]) -> list:
+        """Runs ``script`` for every call in one round trip; each call's reply, in order."""
+        if not calls:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        order = self._bulk(pipe, script, calls)
+        return self._unbulk(order, await pipe.execute())
 
     # ---------------------------------------------------------------- items
     async def item_codes(self, items: list[str], codebook: str) -> dict[str, bytes | None]:
         """Each item's codes in one codebook (None: unknown item, or only coded in another codebook)."""
-        pipe = self.r.pipeline(transaction=False)
-        for it in items:
-            pipe.hget(self.keys.item(it), Keys.item_code(codebook))
-        return dict(zip(items, await pipe.execute(), strict=True))
+        field = Keys.item_code(codebook)
+        got = await self._run_bulk(scripts.ITEM_CODES, [([self.keys.item(it)], [field]) for it in items])
+        return dict(zip(items, got, strict=True))
 
     async def item_codes_any(self, items: list[str]) -> dict[str, dict[str, bytes]]:
         """Each item's codes in every codebook that has them: {item: {codebook id: codes}}."""
@@ -131,13 +174,13 @@ class StreamStore:
     async def add_trend(self, events: dict[tuple[str, str], list[tuple[int, float]]], tau_s: float) -> int:
         """Counts events in their items' trend (``state.trend``): {(item, mark field): [(offset, ts)...]}, one
         atomic step per item and (topic, partition), one round trip for all; returns how many were new."""
-        pipe = self.r.pipeline(transaction=False)
+        calls: list[Call] = []
         for (item, field), offsets in events.items():
             args = [repr(float(tau_s)), field]
             for offset, ts in sorted(offsets):
                 args += [offset, repr(float(ts))]
-            pipe.eval(scripts.TREND_ADD, 1, self.keys.item(item), *args)
-        return int(sum(await pipe.execute())) if events else 0
+            calls.append(([self.keys.item(item)], args))
+        return int(sum(await self._run_bulk(scripts.TREND_ADDS, calls)))
 
     async def scan_items(self, cursor: int, count: int) -> tuple[int, list[str]]:
         """One step of a scan over every known item id (0 starts and ends a scan)."""
@@ -211,12 +254,12 @@ class StreamStore:
     # ---------------------------------------------------------------- users: ingest
     async def read_users(self, wanted: dict[str, tuple[list[str], list[str]]]) -> dict[str, UserRow]:
         """Per user (watermark fields, event origins) → one consistent snapshot of its state and history
-        (one atomic script call per user, one round trip for all)."""
-        pipe = self.r.pipeline(transaction=False)
-        for user, (marks, origins) in wanted.items():
-            keys = self.keys.user_row(user)
-            pipe.eval(scripts.READ_USER, len(keys), *keys, *users.ROW_FIELDS, *users.read_args(marks, origins))
-        replies = await pipe.execute()
+        (one atomic step per user, one round trip and one script call per cluster slot for all)."""
+        calls: list[Call] = [
+            (self.keys.user_row(user), [*users.ROW_FIELDS, *users.read_args(marks, origins)])
+            for user, (marks, origins) in wanted.items()
+        ]
+        replies = await self._run_bulk(scripts.READ_USERS, calls)
         return {
             user: users.parse_row(user, raw, marks, origins)
             for (user, (marks, origins)), raw in zip(wanted.items(), replies, strict=True)
@@ -233,19 +276,17 @@ class StreamStore:
 
     async def apply_many(self, updates: dict[str, users.UserUpdate]) -> dict[str, users.Applied | None]:
         """Applies each user's planned update atomically (one script call per user, one round trip for
-        all); None where the user changed since the plan read it (re-read, re-plan)."""
+        all, one script call per cluster slot); None where the user changed since the plan read it
+        (re-read, re-plan)."""
         pipe = self.r.pipeline(transaction=False)
-        for user, update in updates.items():
-            keys = self.keys.user_row(user)
-            # EVAL, not EVALSHA: a cluster pipeline does not load scripts on the nodes it reaches.
-            pipe.eval(scripts.APPLY_USER, len(keys), *keys, *update.args())
-            if self.user_ttl_s:  # idempotent; a crash before it leaves the keys without TTL until the next write
-                for key in keys:  # the vectors take the state's TTL when written (WRITE_VECTORS)
+        calls: list[Call] = [(self.keys.user_row(user), update.args()) for user, update in updates.items()]
+        order = self._bulk(pipe, scripts.APPLY_USERS, calls)
+        if self.user_ttl_s:  # idempotent; a crash before it leaves the keys without TTL until the next write
+            for keys, _ in calls:  # the vectors take the state's TTL when written (WRITE_VECTORS)
+                for key in keys:
                     pipe.expire(key, self.user_ttl_s)
         out: dict[str, users.Applied | None] = {}
-        replies = await pipe.execute()
-        if self.user_ttl_s:
-            replies = replies[:: 1 + len(self.keys.user_row(""))]
+        replies = self._unbulk(order, (await pipe.execute())[: len(order)])
         for user, reply in zip(updates, replies, strict=True):
             out[user] = None if int(reply[0]) == -1 else users.Applied(int(reply[0]), int(reply[2]), int(reply[1]))
         return out
@@ -303,8 +344,8 @@ class StreamStore:
         """``write_vectors`` for many (user, seq, event_ts, produced_at, vectors) in one round trip."""
         if not rows:
             return []
-        pipe = self.r.pipeline(transaction=False)
         now = repr(time.time())
+        calls: list[Call] = []
         for user, seq, event_ts, produced_at, vectors in rows:
             k, d = next(iter(vectors.values())).shape
             args: list = [seq, version, now, repr(float(event_ts)), repr(float(produced_at)), k, d]
@@ -312,8 +353,8 @@ class StreamStore:
             for scenario, v in vectors.items():
                 args += [f"vec:{scenario}", encode_vectors(v)]
             keys = [self.keys.user_vectors(user), self.keys.user_state(user), self.keys.user_vectors_at(user, version)]
-            pipe.eval(scripts.WRITE_VECTORS, len(keys), *keys, *args)
-        return [bool(x) for x in await pipe.execute()]
+            calls.append((keys, args))
+        return [bool(x) for x in await self._run_bulk(scripts.WRITE_VECTORS_MANY, calls)]
 
     # ---------------------------------------------------------------- batch backfill
     async def backfill_done(self, run: str) -> set[int]:
@@ -330,10 +371,7 @@ class StreamStore:
         """``clear_dirty`` for many (partition, user, seq) in one round trip."""
         if not done:
             return
-        pipe = self.r.pipeline(transaction=False)
-        for partition, user, seq in done:
-            pipe.eval(scripts.CLEAR_DIRTY, 2, *self._dirty_keys(partition), user, seq)
-        await pipe.execute()
+        await self._run_bulk(scripts.CLEAR_DIRTIES, [(self._dirty_keys(p), [user, seq]) for p, user, seq in done])
 
     # ---------------------------------------------------------------- users: quarantine
     async def quarantine(self, user: str, partition: int, seq: int, reason: str) -> None:

@@ -101,6 +101,44 @@ async def test_lua_scripts_equal_their_reference(redis_url, prefix):
     await store.r.aclose()
 
 
+@pytest.mark.parametrize("bulk_max", [512, 2])
+async def test_one_bulk_call_equals_each_user_alone(redis_url, prefix, monkeypatch, bulk_max):
+    """A batch's users go to Redis in one script call (``scripts.per_entity``; ``bulk_max`` 2 splits them
+    over several calls of one round trip): replies and stored bytes equal those of each user alone, one
+    user's conflict leaves the others applied, and a missing item reads as None between known ones."""
+    import state.store
+
+    monkeypatch.setattr(state.store, "BULK_MAX", bulk_max)
+    bulk, alone = (StreamStore(connect_async(redis_url), f"{prefix}{s}", user_ttl_s=600) for s in ("b", "a"))
+    users = {f"u{i}": _update(0, None, i + 1, bytes([65 + i]) * 4 * (i + 1), watermarks={W: i}) for i in range(5)}
+    for store in (bulk, alone):  # u2 then moves on, so the second round's plan for it is stale
+        await store.apply_many({"u2": users["u2"]})
+    second = {u: _update(0 if u == "u0" else 1, None, 1, b"zzzz", watermarks={W: 9}) for u in users}  # u0 stale
+    got_bulk = [await bulk.apply_many(users), await bulk.apply_many(second)]
+    got_alone = [
+        {u: (await alone.apply_many({u: upd}))[u] for u, upd in users.items()},
+        {u: (await alone.apply_many({u: upd}))[u] for u, upd in second.items()},
+    ]
+    assert got_bulk == got_alone
+    assert [u for u, got in got_bulk[0].items() if got is None] == ["u2"]
+    assert [u for u, got in got_bulk[1].items() if got is None] == ["u0"]
+    rows_bulk = await bulk.read_users({u: ([W], ["t:0:1"]) for u in users})
+    rows_alone = {u: (await alone.read_users({u: ([W], ["t:0:1"])}))[u] for u in users}
+    assert rows_bulk == rows_alone and rows_bulk["u3"].history == b"DDDD" * 4 + b"zzzz"
+    r = redis.Redis.from_url(redis_url)
+    for u in users:
+        assert 500 < r.ttl(Keys(f"{prefix}b").user_history(u)) <= 600
+    r.hset(Keys(f"{prefix}b").item("known"), "code:cb", b"\x01\x02")
+    assert await bulk.item_codes(["nope", "known", "nope2"], "cb") == {
+        "nope": None,
+        "known": b"\x01\x02",
+        "nope2": None,
+    }
+    assert await bulk.item_codes([], "cb") == {}
+    for store in (bulk, alone):
+        await store.r.aclose()
+
+
 async def test_trend_script_equals_its_reference(redis_url, prefix):
     """``TREND_ADD`` in Redis == ``state.trend.fold``: out-of-order times, two partitions, a redelivered
     batch and an overlapping one (a second worker replaying part of the same offsets)."""
