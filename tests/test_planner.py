@@ -205,6 +205,18 @@ def test_a_poison_user_is_isolated_and_the_rest_applied(old, poison):
     assert plans["good"].update is not None and mem.state["good"]["seq"] == b"2"
 
 
+def test_a_coarse_state_is_usable_unless_it_holds_nan_or_plus_infinity():
+    from state.users import usable_coarse
+
+    fresh = np.array([0.0, 1.7e9, -np.inf, -np.inf, 2.5])  # running maxima start at -inf: fine
+    assert usable_coarse(fresh)
+    for at in range(len(fresh)):
+        for bad in (np.nan, np.inf):
+            state = fresh.copy()
+            state[at] = bad
+            assert not usable_coarse(state), (at, bad)
+
+
 def test_events_that_would_make_the_state_nan_are_dead_lettered(old):
     mem, codes = MemoryUsers(), codes_of(old, range(10))
     run(mem, {"u": [ev("u", 1, 1)]}, codes, ctx(old))
