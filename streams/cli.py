@@ -8,6 +8,7 @@ mirstream smoke             prove Kafka → Faust agent → Redis works on this 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -82,6 +83,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ensure_topics(settings)
         event_loop_threads()
         app = build_app(settings)
+        gc.freeze()  # torch, the model and the app live as long as the process: keep them out of GC passes
     sys.argv = [f"mirstream-{args.app}", "worker", "--loglevel", args.loglevel]
     app.main()
     return 0
