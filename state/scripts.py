@@ -4,7 +4,7 @@ also run in bulk through ``per_entity``: one call for many users, all of them in
 
 from __future__ import annotations
 
-from state.users import COARSE_IN_STATE, MARKS_CAP
+from state.users import COARSE_IN_STATE, MARKS_CAP, ROW_FIELDS
 
 #: Lua: set or drop an o:/p: mark, keeping the count ``nm``; past ``MARKS_CAP`` marks, drop the older half
 #: (by the ``ver`` each was written at, then by name).  KEYS[1] is the state hash; ``ver`` the new version.
@@ -31,17 +31,17 @@ local function prune()
 end
 """.replace("__CAP__", str(MARKS_CAP))
 
-#: One consistent snapshot of a user: the named state fields, the coarse state and the history, in one
-#: atomic step.  KEYS: state hash, history string, coarse-state string.  ARGV: field names
-#: (``state.users.ROW_FIELDS`` first, then a batch's watermarks and origin marks).  Returns the fields'
-#: values, then the coarse state (from the state hash's ``coarse`` field for a state written before it had
-#: a key of its own), then the history.
+#: One consistent snapshot of a user: its state fields, the coarse state and the history, in one atomic
+#: step.  KEYS: state hash, history string, coarse-state string.  ARGV: a batch's watermark and origin-mark
+#: fields.  Returns the values of ``state.users.ROW_FIELDS`` (written into the script, so a batch does not
+#: send them for every user), then of the ARGV fields, then the coarse state (from the state hash's
+#: ``coarse`` field for a state written before it had a key of its own), then the history.
 READ_USER = """
-local vals = redis.call('HMGET', KEYS[1], unpack(ARGV))
+local vals = redis.call('HMGET', KEYS[1], __ROW_FIELDS__, unpack(ARGV))
 vals[#vals + 1] = redis.call('GET', KEYS[3]) or redis.call('HGET', KEYS[1], '__LEGACY__')
 vals[#vals + 1] = redis.call('GET', KEYS[2])
 return vals
-""".replace("__LEGACY__", COARSE_IN_STATE)
+""".replace("__LEGACY__", COARSE_IN_STATE).replace("__ROW_FIELDS__", ", ".join(f"'{f}'" for f in ROW_FIELDS))
 
 #: Apply one planned update of a user (``state.users.UserUpdate``): only if ``ver`` and ``gen`` are still
 #: what the plan read; bumps ``ver``; watermarks, ``last_ts`` and ``kts`` only ever move up.

@@ -256,8 +256,7 @@ class StreamStore:
         """Per user (watermark fields, event origins) → one consistent snapshot of its state and history
         (one atomic step per user, one round trip and one script call per cluster slot for all)."""
         calls: list[Call] = [
-            (self.keys.user_row(user), [*users.ROW_FIELDS, *users.read_args(marks, origins)])
-            for user, (marks, origins) in wanted.items()
+            (self.keys.user_row(user), users.read_args(marks, origins)) for user, (marks, origins) in wanted.items()
         ]
         replies = await self._run_bulk(scripts.READ_USERS, calls)
         return {
@@ -603,12 +602,11 @@ class AsyncInterestReader:
     async def user_status(self, user: str) -> UserStatus | None:
         """The user's state fields and coarse state (one atomic read), or None when no event of it was ever
         applied."""
-        fields = (users.SEQ, users.LAST_TS, users.KTS, users.CODEBOOK, users.STATE_ID)
         keys = self.keys.user_row(user)
-        seq, last_ts, kts, cb, gen, coarse, _ = await self.r.eval(scripts.READ_USER, len(keys), *keys, *fields)
-        if seq is None:
+        row = users.parse_row(user, await self.r.eval(scripts.READ_USER, len(keys), *keys), [], [])
+        if not row.seq:
             return None
-        return UserStatus(int(seq), float(last_ts or 0), float(kts or 0), _text(cb), _text(gen), coarse)
+        return UserStatus(row.seq, row.last_ts, row.kts, row.codebook, row.state_id, row.coarse)
 
     async def history(self, user: str, last_bytes: int = 0) -> bytes:
         """The stored history records (``last_bytes`` > 0: only that many bytes at its end)."""
