@@ -295,8 +295,9 @@ def per_entity(body: str, keys_each: int) -> str:
     the server's per-call work, ~4x less client CPU for 250 users).  KEYS: ``keys_each`` per entity, in
     order; ARGV: per entity, the count of its arguments, then them.  Returns each entity's reply, in
     order.  A whole call is one atomic step; each entity's step is the one ``body`` makes alone (its
-    compare-and-set included), so one entity's conflict changes nothing for the others.  On Redis
-    Cluster every key of a call must share a slot: ``state.store`` groups entities by slot."""
+    compare-and-set included), so one entity's conflict changes nothing for the others.  ``body`` must
+    return a value, never nil (a nil would end the reply's array early: the store's strict zip raises).
+    On Redis Cluster every key of a call must share a slot: ``state.store`` groups entities by slot."""
     return f"""
 local function one(KEYS, ARGV)
 {body}

@@ -274,9 +274,9 @@ class StreamStore:
         return {user: int(v) >= 0 for user, v in zip(marks, await pipe.execute(), strict=True)}
 
     async def apply_many(self, updates: dict[str, users.UserUpdate]) -> dict[str, users.Applied | None]:
-        """Applies each user's planned update atomically (one script call per user, one round trip for
-        all, one script call per cluster slot); None where the user changed since the plan read it
-        (re-read, re-plan)."""
+        """Applies each user's planned update, each an atomic step of its own (one round trip, one script
+        call per cluster slot for all); None where the user changed since the plan read it (re-read,
+        re-plan)."""
         pipe = self.r.pipeline(transaction=False)
         calls: list[Call] = [(self.keys.user_row(user), update.args()) for user, update in updates.items()]
         order = self._bulk(pipe, scripts.APPLY_USERS, calls)
