@@ -83,7 +83,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ensure_topics(settings)
         event_loop_threads()
         app = build_app(settings)
-        gc.freeze()  # torch, the model and the app live as long as the process: keep them out of GC passes
+    gc.freeze()  # what start-up built (torch, the model, the app) lives as long as the process: out of GC passes
     sys.argv = [f"mirstream-{args.app}", "worker", "--loglevel", args.loglevel]
     app.main()
     return 0
