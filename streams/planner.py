@@ -276,7 +276,8 @@ def history_writes(
             out[user] = b"", None
     if appends:
         after = [bases[u].after if bases[u].count else None for u in appends]
-        flat = np.concatenate([new[u] for u in appends], dtype=new[appends[0]].dtype)  # the dtype: 4x faster
+        # The dtype given, numpy skips promoting the record fields array by array (4x faster for 250 users).
+        flat = np.concatenate([new[u] for u in appends], dtype=new[appends[0]].dtype)
         blobs = encode_many(flat, [len(new[u]) for u in appends], after)
         out.update((u, (blob, None)) for u, blob in zip(appends, blobs, strict=True))
     return out
