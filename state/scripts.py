@@ -316,6 +316,7 @@ return out
 
 READ_USERS = per_entity(READ_USER, 3)
 APPLY_USERS = per_entity(APPLY_USER, 3)
+MARKS_PARKED = per_entity(MARK_PARKED, 1)
 TREND_ADDS = per_entity(TREND_ADD, 1)
 WRITE_VECTORS_MANY = per_entity(WRITE_VECTORS, 3)
 CLEAR_DIRTIES = per_entity(CLEAR_DIRTY, 2)

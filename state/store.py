@@ -267,11 +267,13 @@ class StreamStore:
     async def mark_parked(self, marks: dict[str, tuple[UserRow, tuple[str, ...]]]) -> dict[str, bool]:
         """Per user (the row its plan read, origins about to be parked): notes them as parked, a versioned
         write; False where the user changed since the read (re-read, re-plan)."""
-        pipe = self.r.pipeline(transaction=False)
-        for user, (row, origins) in marks.items():
-            args = [row.version, row.state_id or "", *(users.parked_mark(o) for o in origins)]
-            pipe.eval(scripts.MARK_PARKED, 1, self.keys.user_state(user), *args)
-        return {user: int(v) >= 0 for user, v in zip(marks, await pipe.execute(), strict=True)}
+        calls: list[Call] = [
+            ([self.keys.user_state(user)], [row.version, row.state_id or "", *(users.parked_mark(o) for o in origins)])
+            for user, (row, origins) in marks.items()
+        ]
+        return {
+            user: int(v) >= 0 for user, v in zip(marks, await self._run_bulk(scripts.MARKS_PARKED, calls), strict=True)
+        }
 
     async def apply_many(self, updates: dict[str, users.UserUpdate]) -> dict[str, users.Applied | None]:
         """Applies each user's planned update, each an atomic step of its own (one round trip, one script
@@ -401,10 +403,6 @@ class StreamStore:
 
     async def close(self) -> None:
         await self.r.aclose()
-
-
-def _text(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode()
 
 
 # --------------------------------------------------------------------------- readers for services
