@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
-from state import scripts, trend, users
+from state import scripts, trend, users, wire
 from state.keys import Keys
 from state.users import UserRow
 
@@ -50,9 +50,12 @@ def _split_url(url: str, tls: RedisTLS | None) -> tuple[bool, str, dict[str, str
 def connect_async(url: str, tls: RedisTLS | None = None) -> aioredis.Redis:
     """An asyncio client for ``url`` (see ``_split_url`` for the schemes); ``tls`` for ``rediss`` URLs."""
     cluster, url, kwargs = _split_url(url, tls)
-    if cluster:
+    if cluster:  # its nodes' connection class is fixed by redis-py: packed in Python
         return AsyncRedisCluster.from_url(url, **kwargs)
-    return aioredis.from_url(url, **kwargs)
+    client = aioredis.from_url(url, **kwargs)
+    pool = client.connection_pool
+    pool.connection_class = wire.packed(pool.connection_class)  # plain or TLS, as the URL chose
+    return client
 
 
 def connect_sync(url: str, tls: RedisTLS | None = None) -> redis.Redis:
