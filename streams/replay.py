@@ -83,9 +83,11 @@ def send_events(
     rate: float | None = None,
     progress: bool = True,
     speedup: float | None = None,
+    sent_at: list[float] | None = None,
 ) -> float:
     """Sends events in order; returns the achieved events/s.  ``rate``: at most this many events/s;
-    ``speedup``: the events' own timing, ``speedup`` times faster than real time (both: the slower)."""
+    ``speedup``: the events' own timing, ``speedup`` times faster than real time (both: the slower);
+    ``sent_at``: each event's send time (epoch seconds, the clock Kafka's producer timestamps) is appended."""
     p = producer(settings)
     t0 = time.perf_counter()
     ts0 = float(ds.ts[events[0]]) if len(events) else 0.0
@@ -96,6 +98,8 @@ def send_events(
             if ahead > 0:
                 time.sleep(ahead)
         body = event_body(ds, i)
+        if sent_at is not None:
+            sent_at.append(time.time())
         p.send(settings.events_topic(body["scenario"]), key=body["user_id"].encode(), value=orjson.dumps(body))
     p.flush()
     p.close()

@@ -1,10 +1,11 @@
-"""The freshness figures the benchmarks print come from the worker's Prometheus histogram: quantiles as
-bucket upper bounds, and the share of refreshes within a bucket bound."""
+"""The freshness figures the benchmarks print: the worker's Prometheus histogram (quantiles as bucket
+upper bounds, the share of refreshes within a bucket bound) and the per-event latency (``streams.latency``)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from streams.bench import histogram_quantiles, histogram_share
@@ -25,3 +26,19 @@ def test_quantiles_and_share_read_the_cumulative_buckets():
     assert histogram_share(text, "f_seconds", 0.5) == 0.9
     assert math.isnan(histogram_share(text, "f_seconds", 0.7))  # not a bucket bound
     assert math.isnan(histogram_share(_scrape([]), "f_seconds", 1.0))  # nothing observed
+
+
+def test_per_event_latency_is_the_first_refinement_that_covers_each_event():
+    """A user's j-th event waits for the first refinement with seq >= j, whatever order the refinements
+    are listed in; a refinement with a lower seq written later covers nothing new; an event no
+    refinement covers never counts as reflected."""
+    from streams.latency import event_latencies, group, summary
+
+    sent = {"a": np.array([0.0, 1.0, 2.0]), "b": np.array([5.0]), "c": np.array([7.0])}
+    refreshed = {"a": [(3, 4.0), (1, 0.5), (0, 3.0)], "b": [(1, 5.25)]}  # "c": never refined
+    lat = event_latencies(sent, refreshed)
+    assert lat[:4].tolist() == [0.5, 3.0, 2.0, 0.25] and math.isinf(lat[4])
+    s = summary(lat)
+    assert s["within_1s"] == 0.4 and s["p50_s"] == 2.0 and math.isinf(s["p99_s"])
+    grouped = group(np.array(["b", "a", "b", "a"]), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert {u: t.tolist() for u, t in grouped.items()} == {"a": [2.0, 4.0], "b": [1.0, 3.0]}
