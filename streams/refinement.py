@@ -54,27 +54,27 @@ def user_inputs(
     a row that cannot be decoded."""
     model = ckpt.model.coarse
     books = {**(books or {}), ckpt.codebook_id: ckpt.codebook}
-    states, histories = [], []
+    code_bytes = ckpt.codebook.cfg.bytes_per_item
+    states, histories = [], []  # histories: each row's decoded records
     for r in rows:
         book = books[r.codebook or ckpt.codebook_id]
-        decode_history(r.history, book.cfg.bytes_per_item)  # whole records, or CorruptState
+        rec = decode_history(r.history, book.cfg.bytes_per_item)  # whole records, or CorruptState
         if built_elsewhere(ckpt, r.state_id):  # rebuild for this call
             try:
                 state, history = rebuild_user(ckpt, book, r.history, cap)
             except ValueError as exc:
                 raise CorruptState(f"its history cannot be rebuilt: {exc}") from None
             states.append(state)
-            histories.append(history)
+            histories.append(decode_history(history, code_bytes))
         else:
             state = decode_coarse(r.coarse, model.state_size)
             states.append(model.init_state() if state is None else state)
-            histories.append(r.history)
+            # Records decode the same for any codebook of the same record size: decoded once.
+            histories.append(rec if book.cfg.bytes_per_item == code_bytes else decode_history(r.history, code_bytes))
     coarse = model.read_many(np.stack(states)).numpy()
-    code_bytes = ckpt.codebook.cfg.bytes_per_item
     refiner = ckpt.model.refiner.cfg if ckpt.model.refiner is not None else None
     out = []
-    for history, c in zip(histories, coarse, strict=True):
-        rec = decode_history(history, code_bytes)
+    for rec, c in zip(histories, coarse, strict=True):
         if cap is not None:
             rec = rec[-cap:]  # the newest in the order applied
         order = np.lexsort((rec["scenario"], rec["ts"]))  # time order; scenario breaks ties
