@@ -9,6 +9,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from streams.bench import histogram_quantiles, histogram_share
+from streams.latency import event_latencies, group, summary
 
 
 def _scrape(values: list[float]) -> str:
@@ -32,8 +33,6 @@ def test_per_event_latency_is_the_first_refinement_that_covers_each_event():
     """A user's j-th event waits for the first refinement with seq >= j, whatever order the refinements
     are listed in; a refinement with a lower seq written later covers nothing new; an event no
     refinement covers never counts as reflected."""
-    from streams.latency import event_latencies, group, summary
-
     sent = {"a": np.array([0.0, 1.0, 2.0]), "b": np.array([5.0]), "c": np.array([7.0])}
     refreshed = {"a": [(3, 4.0), (1, 0.5), (0, 3.0)], "b": [(1, 5.25)]}  # "c": never refined
     lat = event_latencies(sent, refreshed)
