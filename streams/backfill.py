@@ -7,7 +7,7 @@ plans of the same pure planner.  A user with nothing stored yet (the usual case)
 (``streams.planner.plan_new``: one coarse fold for a batch of users, no Python object per event; held
 equal to ``plan`` by a unit test); any other user, or one whose write conflicted, goes through ``plan``
 on the ``Accepted`` events the agents build (dedup, rebuild, poison checks).  Refinement is the refinement
-tick's code (``Refresher.refine_rows``) in large batches, one batch refining (in the refiner's thread)
+tick's code (``Refresher.run``) in large batches, one batch refining (in the refiner's thread)
 while the next one is applied; vectors are written with one pipelined round.
 
 Larger than memory: events are read in chunks (Parquet checked column-wise, ``models.event_table``) and
@@ -173,7 +173,7 @@ class Backfill:
                 bar.close()
         finally:
             await store.close()
-            self.refresher.executor.shutdown(wait=False)
+            self.refresher.close()
             self.planner.shutdown(wait=False)
         self.report.rejected = self.rejects.total
         self.report.seconds["wall"] = time.perf_counter() - t0
@@ -441,9 +441,7 @@ class Backfill:
             books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
             self.report.seconds["redis"] += time.perf_counter() - t
             t = time.perf_counter()
-            vectors, failed, errors = await asyncio.get_running_loop().run_in_executor(
-                self.refresher.executor, self.refresher.refine_rows, [rows[u] for u in part], books
-            )
+            vectors, failed, errors = await self.refresher.run([rows[u] for u in part], books)
             self.report.seconds["refine"] += time.perf_counter() - t
             t = time.perf_counter()
             writes = []

@@ -155,7 +155,8 @@ def build_app(settings: Settings) -> faust.App:
     codebooks = Codebooks(store, ckpt.codebook)
     ingestor = Ingestor(settings, ckpt, store, codebooks, deadletter, republish)
     item_handler = ItemHandler(settings, ckpt, store, codebooks, deadletter, republish)
-    refresher = Refresher(settings, ckpt, store, codebooks, emit)
+    refresher = Refresher(settings, ckpt, store, codebooks, emit, process=settings.refine and settings.refine_process)
+    refresher.warm()
 
     def messages(events) -> list[Message]:
         out = []
@@ -192,13 +193,16 @@ def build_app(settings: Settings) -> faust.App:
         names = {t.get_topic_name() for t in event_topics.values()}
         return sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in names})
 
-    @app.task
     async def refine_loop() -> None:
         """Refinement micro-batches, back to back while there is work, every ``refine_wait_ms`` when idle.
         ``tick`` never raises: a failing user is quarantined, a failing tick is counted and shown by /health."""
         while settings.refine and not app.should_stop:
             busy = await refresher.tick(owned_partitions()) >= settings.refine_batch
             await asyncio.sleep(0 if busy else settings.refine_wait_ms / 1000)
+
+    # Two loops: one writes its batch while the other reads and refines the next (``Refresher._tick``).
+    for _ in range(2):
+        app.task(refine_loop)
 
     @app.task
     async def publish_trend_tau() -> None:

@@ -6,18 +6,21 @@ state and recent history, runs the refiner in a thread, and writes K vectors per
 seq they reflect.  A user leaves its dirty set only if no newer event re-marked it meanwhile, so no
 refinement is lost across crashes or rebalances.  A history is decoded with the codebook that wrote it,
 and a coarse state another checkpoint built is recomputed from the history for the call
-(``streams.switch``).
+(``streams.switch``).  The worker runs the refiner in a process of its own (``refine_process``), so its
+Python shares no interpreter lock with the agents' event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -116,29 +119,93 @@ def event_loop_threads() -> None:
     torch.set_num_threads(1)
 
 
+class RowRefiner:
+    """The refiner's computation on stored rows: CPU only (no Redis, no Kafka), so the same code runs in
+    the worker's refiner thread and in a refiner process."""
+
+    def __init__(self, ckpt: Checkpoint, cap: int | None) -> None:
+        self.ckpt = ckpt
+        self.cap = cap
+        self.scenario_ids = list(range(len(ckpt.model.cfg.scenarios)))
+
+    def refine(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
+        """Vectors per row (None: that row failed), the reasons of rows that failed on their own stored
+        data (``DATA_ERRORS``: quarantined), and of those that failed otherwise (they stay dirty, see
+        ``RETRY_LIMIT``).  When the batch fails, each row is tried alone, so a bad row fails only itself.
+        When every row fails and none on its data, the fault is the worker's: that is raised."""
+        try:
+            return list(self.vectors(rows, books)), {}, {}
+        except Exception:
+            alone = [self._alone(row, books) for row in rows] if len(rows) > 1 else [(None, sys.exc_info()[1])]
+            reasons = {r.user: (f"{type(e).__name__}: {e}", e) for r, (_, e) in zip(rows, alone, strict=True) if e}
+            failed = {u: why for u, (why, e) in reasons.items() if isinstance(e, DATA_ERRORS)}
+            if not failed and all(v is None for v, _ in alone):
+                raise
+            errors = {u: why for u, (why, _) in reasons.items() if u not in failed}
+            return [v for v, _ in alone], failed, errors
+
+    def _alone(self, row: UserRow, books: dict[str, ResidualCodebook]) -> tuple[np.ndarray | None, Exception | None]:
+        try:
+            return self.vectors([row], books)[0], None
+        except Exception as exc:
+            return None, exc
+
+    def vectors(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> np.ndarray:
+        """(rows, scenarios, K, dim) refined vectors."""
+        return self.ckpt.model.refine_users(user_inputs(self.ckpt, rows, books, self.cap), self.scenario_ids)
+
+
+#: The refiner process's computation (``_child_init`` builds it from the worker's settings).
+_CHILD: RowRefiner | None = None
+
+
+def _child_init(checkpoint: str, cap: int | None, threads: int) -> None:
+    global _CHILD
+    refiner_threads(threads)
+    _CHILD = RowRefiner(Checkpoint.load(checkpoint), cap)
+
+
+def _child_ready() -> bool:
+    return _CHILD is not None
+
+
+def _child_refine(rows: list[UserRow], books: dict[str, ResidualCodebook]) -> tuple[tuple[str, str], Refined]:
+    """Runs in the refiner process; returns which checkpoint computed the result with it."""
+    assert _CHILD is not None, "the refiner process was not initialised"
+    return (_CHILD.ckpt.version, _CHILD.ckpt.codebook_id), _CHILD.refine(rows, books)
+
+
 class Refresher:
     """Refines dirty users in micro-batches.  A user whose refinement fails is *quarantined* (listed in
     Redis with the reason, counted, left out of its dirty set) so it cannot stall or crash its
     partition; it is tried again when a new event marks it dirty, or by ``mirstream quarantine --retry``."""
 
     def __init__(
-        self, settings: Settings, ckpt: Checkpoint, store: StreamStore, codebooks: Codebooks, emit: Emit
+        self,
+        settings: Settings,
+        ckpt: Checkpoint,
+        store: StreamStore,
+        codebooks: Codebooks,
+        emit: Emit,
+        rows: RowRefiner | None = None,
+        process: bool = False,
     ) -> None:
+        """``process``: refine in a child process that loads ``settings.checkpoint`` itself (``rows`` is
+        then not used); otherwise ``rows`` (default: this checkpoint's) runs in a thread."""
         self.settings = settings
         self.ckpt = ckpt
         self.store = store
         self.codebooks = codebooks
         self.emit = emit
         self.scenarios = list(ckpt.model.cfg.scenarios)
-        self.executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="refiner",
-            initializer=refiner_threads,
-            initargs=(settings.refine_threads,),
-        )
+        self.rows = rows or RowRefiner(ckpt, settings.history_cap)
+        self.process = process
+        self.executor = self._executor()
         self.last_refined: dict[str, float] = {}  # debounce: user → when last refined (pruned, see _tick)
         self.retries: dict[str, int] = {}  # user → ticks in a row it failed alone (see ``RETRY_LIMIT``)
         self._turn = 0
+        self._computing = asyncio.Lock()  # one tick at a time reads and refines (see ``_tick``)
+        self._held: set[str] = set()  # users in a tick now
         self.failing_since: float | None = None  # monotonic time of the first failed tick in a row
 
     async def tick(self, partitions: list[int]) -> int:
@@ -165,17 +232,31 @@ class Refresher:
         return n
 
     async def _tick(self, partitions: list[int]) -> int:
-        """Reads a batch, refines it off the event loop, writes it.  A batch is read once the one before is
-        written.  Reading the next batch while one refines was tried: its snapshots were a refiner call
-        old, so users with newer events came out stale and were refined twice (2,000 evenly active users
-        at 1,000 events/s: p99 <= 5 s with it, <= 1.5 s without; Zipf: <= 10 s against <= 5 s)."""
-        batch = await self._gather(partitions)
-        if batch is None:
-            return 0
-        picked, rows, books = batch
-        vectors, failed, errors = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._timed_refine, [rows[u] for _, u in picked], books
-        )
+        """Reads a batch, refines it off the event loop, writes it.  Ticks may run side by side (the worker
+        runs two): one at a time reads and refines (``_computing``), so a batch is read only once the one
+        before it is refined and its snapshots are current, while the one before writes.  A user in a tick
+        (``_held``) is left out of the other's batch: no user is in two batches at once.  Reading the next
+        batch while one refines was tried: its snapshots were a refiner call old, so users with newer events
+        came out stale and were refined twice (2,000 evenly active users at 1,000 events/s: p99 <= 5 s with
+        it, <= 1.5 s without; Zipf: <= 10 s against <= 5 s)."""
+        held: set[str] = set()
+        try:
+            async with self._computing:
+                batch = await self._gather(partitions)
+                if batch is None:
+                    return 0
+                picked, rows, books = batch
+                held = {u for _, u in picked}
+                self._held |= held
+                refined = await self.run([rows[u] for _, u in picked], books)
+            await self._write(picked, rows, refined)
+        finally:
+            self._held -= held
+        return len(picked)
+
+    async def _write(self, picked: list[tuple[int, str]], rows: dict[str, UserRow], refined: Refined) -> None:
+        """Stores a refined batch: vectors, quarantines, retries; then takes the users off their dirty sets."""
+        vectors, failed, errors = refined
         writes: list[tuple[int, UserRow, dict[str, np.ndarray]]] = []
         cleared: list[tuple[int, str, int]] = []
         for (p, user), vecs in zip(picked, vectors, strict=True):
@@ -211,10 +292,10 @@ class Refresher:
         )
         await self.store.clear_dirty_many(cleared + [(p, row.user, row.seq) for p, row, _ in writes])
         now = time.monotonic()
-        refined = []
+        done = []
         for (_, row, per_scenario), was_written in zip(writes, written, strict=True):
             self.last_refined[row.user] = now
-            refined.append(row.user)
+            done.append(row.user)
             if was_written:
                 metrics.REFINEMENTS.inc()
                 if row.kts > 0:
@@ -230,9 +311,8 @@ class Refresher:
                         "vectors": {s: v.tolist() for s, v in per_scenario.items()},
                     },
                 )
-        await self.store.unquarantine(refined)
+        await self.store.unquarantine(done)
         metrics.QUARANTINED.set(await self.store.quarantined_count())
-        return len(picked)
 
     async def _gather(self, partitions: list[int]) -> Batch | None:
         """The next micro-batch: up to ``refine_batch`` dirty users (not refined within the debounce window),
@@ -246,7 +326,7 @@ class Refresher:
         self._turn = (self._turn + 1) % max(1, len(partitions))
         for p in partitions[self._turn :] + partitions[: self._turn]:
             for user, _seq in await self.store.dirty_users(p, self.settings.refine_batch * 2):
-                if now - self.last_refined.get(user, -1e9) >= debounce:
+                if now - self.last_refined.get(user, -1e9) >= debounce and user not in self._held:
                     picked.append((p, user))
             if len(picked) >= self.settings.refine_batch:
                 break
@@ -257,39 +337,52 @@ class Refresher:
         books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
         return picked, rows, books
 
-    def _timed_refine(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
+    def _executor(self) -> Executor:
+        if not self.process:
+            return ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="refiner",
+                initializer=refiner_threads,
+                initargs=(self.settings.refine_threads,),
+            )
+        # spawn, not fork: a forked copy of a process whose OpenMP and Kafka threads already ran can hang
+        return ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_child_init,
+            initargs=(self.settings.checkpoint, self.settings.history_cap, self.settings.refine_threads),
+        )
+
+    async def run(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
+        """The refiner's computation for these rows, off the event loop (``RowRefiner.refine``).  A refiner
+        process that died (killed, out of memory) raises here and is replaced for the next call: the
+        batch's users stay dirty.  A process that loaded another checkpoint than this worker's (its
+        directory changed under it) raises too: vectors are stored under this worker's version."""
+        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            return self._refine(rows, books)
+            if not self.process:
+                return await loop.run_in_executor(self.executor, self.rows.refine, rows, books)
+            try:
+                made_by, refined = await loop.run_in_executor(self.executor, _child_refine, rows, books)
+            except BrokenProcessPool:
+                self.executor.shutdown(wait=False)
+                self.executor = self._executor()
+                raise
+            if made_by != (self.ckpt.version, self.ckpt.codebook_id):
+                raise RuntimeError(
+                    f"the refiner process loaded checkpoint {made_by}, this worker runs "
+                    f"{(self.ckpt.version, self.ckpt.codebook_id)}: {self.settings.checkpoint} changed; restart"
+                )
+            return refined
         finally:
             metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
 
-    def refine_rows(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
-        """The tick's computation for any rows (the batch backfill calls it with large batches)."""
-        return self._refine(rows, books)
+    def warm(self) -> None:
+        """Starts the refiner process now (it loads torch and the checkpoint: seconds) rather than at the
+        first tick."""
+        if self.process:
+            self.executor.submit(_child_ready)
 
-    def _refine(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
-        """Vectors per row (None: that row failed), the reasons of rows that failed on their own stored
-        data (``DATA_ERRORS``: quarantined), and of those that failed otherwise (they stay dirty, see
-        ``RETRY_LIMIT``).  When the batch fails, each row is tried alone, so a bad row fails only itself.
-        When every row fails and none on its data, the fault is the worker's: that is raised."""
-        try:
-            return list(self._vectors(rows, books)), {}, {}
-        except Exception:
-            alone = [self._alone(row, books) for row in rows] if len(rows) > 1 else [(None, sys.exc_info()[1])]
-            reasons = {r.user: (f"{type(e).__name__}: {e}", e) for r, (_, e) in zip(rows, alone, strict=True) if e}
-            failed = {u: why for u, (why, e) in reasons.items() if isinstance(e, DATA_ERRORS)}
-            if not failed and all(v is None for v, _ in alone):
-                raise
-            errors = {u: why for u, (why, _) in reasons.items() if u not in failed}
-            return [v for v, _ in alone], failed, errors
-
-    def _alone(self, row: UserRow, books: dict[str, ResidualCodebook]) -> tuple[np.ndarray | None, Exception | None]:
-        try:
-            return self._vectors([row], books)[0], None
-        except Exception as exc:
-            return None, exc
-
-    def _vectors(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> np.ndarray:
-        inputs = user_inputs(self.ckpt, rows, books, self.settings.history_cap)
-        return self.ckpt.model.refine_users(inputs, list(range(len(self.scenarios))))
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -83,6 +83,9 @@ class Settings:
     #: Torch threads of the refiner's thread (0: one per core).  The event loop's own model calls (the
     #: coarse fold of a batch) run on one thread: see ``streams.refinement.refiner_threads``.
     refine_threads: int = 0
+    #: Run the refiner in a process of its own (spawned at start, loads ``checkpoint``): its Python then
+    #: shares no interpreter lock with the agents.  Off: a thread of the worker.
+    refine_process: bool = True
     #: Turn the LLM refinement off (ingest only: codes, history, coarse state).
     refine: bool = True
     #: Unknown item: how long an event stays parked waiting for its item before it is dead-lettered.

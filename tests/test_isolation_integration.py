@@ -21,7 +21,7 @@ from models.data import load
 from models.user_model import Checkpoint
 from state.keys import Keys
 from state.store import InterestReader, StreamStore
-from streams.refinement import RETRY_LIMIT, Refresher
+from streams.refinement import RETRY_LIMIT, Refresher, RowRefiner
 from streams.replay import send_items, wait_for_vectors
 from streams.security import redis_async
 from streams.switch import Codebooks
@@ -157,13 +157,13 @@ def test_unattributable_error_stops_the_worker_without_committing(pipeline_setti
     assert reader.seqs(["a", "clobbered"], applied=True) == [2, 1]
 
 
-class _FailsOnOneUser(Refresher):
-    """The tick's code with a fault that follows one user and is not about its data (a RuntimeError)."""
+class _FailsOnOneUser(RowRefiner):
+    """The refiner's code with a fault that follows one user and is not about its data (a RuntimeError)."""
 
-    def _vectors(self, rows, books):
+    def vectors(self, rows, books):
         if any(r.user == "bad" for r in rows):
             raise RuntimeError("a fault that follows user bad")
-        return super()._vectors(rows, books)
+        return super().vectors(rows, books)
 
 
 def test_a_user_failing_alone_is_retried_with_a_log_line_then_quarantined(pipeline_settings, ds, tmp_path, caplog):
@@ -181,8 +181,13 @@ def test_a_user_failing_alone_is_retried_with_a_log_line_then_quarantined(pipeli
     async def run() -> tuple[list[bool], dict[str, dict], list[int | None]]:
         store = StreamStore(redis_async(settings), settings.prefix)
         ckpt = Checkpoint.load(settings.checkpoint)
-        refresher = _FailsOnOneUser(
-            settings.with_(refine_debounce_ms=0), ckpt, store, Codebooks(store, ckpt.codebook), _no_emit
+        refresher = Refresher(
+            settings.with_(refine_debounce_ms=0),
+            ckpt,
+            store,
+            Codebooks(store, ckpt.codebook),
+            _no_emit,
+            rows=_FailsOnOneUser(ckpt, settings.history_cap),
         )
         listed = []
         for _ in range(RETRY_LIMIT):
