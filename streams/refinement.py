@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -159,10 +160,19 @@ class RowRefiner:
 _CHILD: RowRefiner | None = None
 
 
-def _child_init(checkpoint: str, cap: int | None, threads: int) -> None:
+def _child_init(checkpoint: str, cap: int | None, threads: int, parent: int) -> None:
     global _CHILD
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
     refiner_threads(threads)
     _CHILD = RowRefiner(Checkpoint.load(checkpoint), cap)
+
+
+def _exit_with(parent: int) -> None:
+    """Ends the refiner process once its worker is gone: a worker killed alone (not its process group)
+    would otherwise leave it holding a model's memory, as nothing else reads its queue."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _child_ready() -> bool:
@@ -350,7 +360,7 @@ class Refresher:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_child_init,
-            initargs=(self.settings.checkpoint, self.settings.history_cap, self.settings.refine_threads),
+            initargs=(self.settings.checkpoint, self.settings.history_cap, self.settings.refine_threads, os.getpid()),
         )
 
     async def run(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:

@@ -5,6 +5,7 @@ A real process (not an in-test event loop) so a test can SIGKILL it mid-stream a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,13 +73,29 @@ class WorkerProcess:
         raise TimeoutError(f"worker not ready after {timeout:.0f}s; log: {self.log}")
 
     def rss_bytes(self) -> int:
-        """Resident memory of the worker process now (Linux ``/proc``), 0 when it is not running."""
+        """Resident memory of the worker now, its refiner process included (Linux ``/proc``); 0 when it is
+        not running."""
         if self.proc is None or self.proc.poll() is not None:
             return 0
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return sum(_rss(pid) for pid in [self.proc.pid, *self.children()])
+
+    def children(self) -> list[int]:
+        """Pids of the worker's child processes (the refiner, multiprocessing's resource tracker)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        out = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(pid) for pid in (task / "children").read_text().split()]
+        return out
+
+    def refiner_pid(self) -> int | None:
+        """The refiner process's pid, once it runs (``Settings.refine_process``)."""
+        for pid in self.children():
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
 
     def kill(self) -> None:
         """SIGKILL: a crash, no clean shutdown, no final offset commit."""
@@ -100,3 +117,11 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _rss(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

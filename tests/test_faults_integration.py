@@ -7,9 +7,13 @@ services given by the environment or testcontainers those two tests are skipped,
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +83,66 @@ def test_sigkill_at_random_points_while_replaying(pipeline_settings, ds, tmp_pat
         worker.stop()
     assert all(k < n for k in killed_at), f"crashes must land mid-stream: applied {killed_at} of {n}"
     assert_matches_offline(settings, ds, expected)
+
+
+def test_refiner_process_killed_mid_stream(pipeline_settings, ds, tmp_path):
+    """The refiner process dies (SIGKILL, as the OOM killer does it) while events stream: the worker counts
+    and logs it, starts another, and every user ends with vectors of its whole history, equal to the
+    offline model's: the batch that was refining stayed dirty and was refined again."""
+    settings = pipeline_settings
+    p = plan(ds, max_users=USERS)
+    half = len(p.events) // 2
+    expected = expected_seq(ds, p.events)
+    ensure_topics(settings)
+    with WorkerProcess(settings, log=tmp_path / "worker.log") as worker:
+        send_items(settings, ds, p.items, progress=False)
+        send_events(settings, ds, p.events[:half], progress=False)
+        assert wait_for_vectors(settings, expected_seq(ds, p.events[:half]), timeout=120, progress=False) == {}
+        first = worker.refiner_pid()
+        assert first is not None, "the worker refines in a process of its own"
+        sender = threading.Thread(
+            target=send_events, args=(settings, ds, p.events[half:]), kwargs={"rate": 100, "progress": False}
+        )
+        sender.start()
+        time.sleep(1.0)
+        os.kill(first, signal.SIGKILL)
+        sender.join()
+        assert wait_for_vectors(settings, expected, timeout=120, progress=False) == {}
+        second = worker.refiner_pid()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics").read().decode()
+        log = worker.log_text()
+    assert second is not None and second != first, "a new refiner process replaced the killed one"
+    assert 'mirstream_agent_errors_total{agent="refine",reason="BrokenProcessPool"}' in metrics
+    assert "BrokenProcessPool" in log and "users stay dirty" in log
+    assert_matches_offline(settings, ds, expected)
+
+
+def test_refiner_process_exits_with_its_worker(pipeline_settings, ds, tmp_path):
+    """A worker killed alone (not its process group) leaves no refiner process behind holding a model."""
+    settings = pipeline_settings
+    p = plan(ds, max_users=2)
+    ensure_topics(settings)
+    with WorkerProcess(settings, log=tmp_path / "worker.log") as worker:
+        send_items(settings, ds, p.items, progress=False)
+        send_events(settings, ds, p.events, progress=False)
+        assert wait_for_vectors(settings, expected_seq(ds, p.events), timeout=120, progress=False) == {}
+        child = worker.refiner_pid()
+        assert child is not None and worker.proc is not None
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.2)
+        assert not _alive(child), f"refiner process {child} outlived its worker"
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _replay_around(settings, ds, tmp_path, services, service: str) -> str:
