@@ -158,6 +158,10 @@ def build_app(settings: Settings) -> faust.App:
     refresher = Refresher(settings, ckpt, store, codebooks, emit, process=settings.refine and settings.refine_process)
     refresher.warm()
 
+    @app.on_before_shutdown.connect
+    async def stop_refiner(app, **kwargs) -> None:  # no new batches; the refiner process ends after its call
+        refresher.close()
+
     def messages(events) -> list[Message]:
         out = []
         for e in events:

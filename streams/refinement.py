@@ -2,8 +2,8 @@
 
 Each tick takes up to ``refine_batch`` users from the dirty sets of the partitions this worker owns
 (a user is skipped while it was refined less than ``refine_debounce_ms`` ago), reads their coarse
-state and recent history, runs the refiner in a thread, and writes K vectors per scenario with the
-seq they reflect.  A user leaves its dirty set only if no newer event re-marked it meanwhile, so no
+state and recent history, runs the refiner off the event loop, and writes K vectors per scenario with
+the seq they reflect.  A user leaves its dirty set only if no newer event re-marked it meanwhile, so no
 refinement is lost across crashes or rebalances.  A history is decoded with the codebook that wrote it,
 and a coarse state another checkpoint built is recomputed from the history for the call
 (``streams.switch``).  The worker runs the refiner in a process of its own (``refine_process``), so its
@@ -16,6 +16,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -106,9 +107,9 @@ RETRY_LIMIT = 3
 
 
 def refiner_threads(threads: int) -> None:
-    """The refiner thread's torch thread count (0: one per core).  OpenMP's count is per thread, so the
-    worker's event loop can run its small model calls on one thread (``event_loop_threads``) while the
-    refiner's large batches use every core."""
+    """The refiner's torch thread count (0: one per core), set in its thread or process.  OpenMP's count
+    is per thread, so the worker's event loop can run its small model calls on one thread
+    (``event_loop_threads``) while the refiner's large batches use every core."""
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
@@ -122,7 +123,7 @@ def event_loop_threads() -> None:
 
 class RowRefiner:
     """The refiner's computation on stored rows: CPU only (no Redis, no Kafka), so the same code runs in
-    the worker's refiner thread and in a refiner process."""
+    a refiner thread (backfill, tests) and in the worker's refiner process."""
 
     def __init__(self, ckpt: Checkpoint, cap: int | None) -> None:
         self.ckpt = ckpt
@@ -162,6 +163,10 @@ _CHILD: RowRefiner | None = None
 
 def _child_init(checkpoint: str, cap: int | None, threads: int, parent: int) -> None:
     global _CHILD
+    # The worker stops its refiner (pool shutdown, or ``_exit_with``): a Ctrl-C or SIGTERM sent to the
+    # whole process group must not kill it under a batch first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
     refiner_threads(threads)
     _CHILD = RowRefiner(Checkpoint.load(checkpoint), cap)
@@ -216,6 +221,8 @@ class Refresher:
         self._turn = 0
         self._computing = asyncio.Lock()  # one tick at a time reads and refines (see ``_tick``)
         self._held: set[str] = set()  # users in a tick now
+        self._breaks = 0  # refiner processes lost in a row (a back-off before the next one)
+        self._closed = False
         self.failing_since: float | None = None  # monotonic time of the first failed tick in a row
 
     async def tick(self, partitions: list[int]) -> int:
@@ -237,8 +244,9 @@ class Refresher:
             )
             self.failing_since = self.failing_since or time.monotonic()
             return 0
-        self.failing_since = None
-        metrics.LAST_PROGRESS.labels("refine").set(time.time())
+        if n or not self._held:  # an empty batch beside a tick in flight tells nothing of that tick
+            self.failing_since = None
+            metrics.LAST_PROGRESS.labels("refine").set(time.time())
         return n
 
     async def _tick(self, partitions: list[int]) -> int:
@@ -365,10 +373,15 @@ class Refresher:
 
     async def run(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
         """The refiner's computation for these rows, off the event loop (``RowRefiner.refine``).  A refiner
-        process that died (killed, out of memory) raises here and is replaced for the next call: the
-        batch's users stay dirty.  A process that loaded another checkpoint than this worker's (its
-        directory changed under it) raises too: vectors are stored under this worker's version."""
+        process that died (killed, out of memory) raises here and is replaced for the next call, after a
+        back-off that doubles with each process lost in a row (up to 30 s): the batch's users stay dirty.
+        A process that loaded another checkpoint than this worker's (its directory changed under it)
+        raises too: vectors are stored under this worker's version."""
+        if self._closed:  # the worker is stopping
+            raise asyncio.CancelledError
         loop = asyncio.get_running_loop()
+        if self._breaks:
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** (self._breaks - 1)))
         t0 = time.perf_counter()
         try:
             if not self.process:
@@ -377,8 +390,11 @@ class Refresher:
                 made_by, refined = await loop.run_in_executor(self.executor, _child_refine, rows, books)
             except BrokenProcessPool:
                 self.executor.shutdown(wait=False)
-                self.executor = self._executor()
+                self._breaks += 1
+                if not self._closed:
+                    self.executor = self._executor()
                 raise
+            self._breaks = 0
             if made_by != (self.ckpt.version, self.ckpt.codebook_id):
                 raise RuntimeError(
                     f"the refiner process loaded checkpoint {made_by}, this worker runs "
@@ -395,4 +411,6 @@ class Refresher:
             self.executor.submit(_child_ready)
 
     def close(self) -> None:
+        """No more batches; the refiner process (if any) exits once its current call is done."""
+        self._closed = True
         self.executor.shutdown(wait=False, cancel_futures=True)

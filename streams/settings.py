@@ -80,7 +80,7 @@ class Settings:
     refine_batch: int = 64
     refine_wait_ms: int = 100
     refine_debounce_ms: int = 200
-    #: Torch threads of the refiner's thread (0: one per core).  The event loop's own model calls (the
+    #: Torch threads of the refiner (0: one per core).  The event loop's own model calls (the
     #: coarse fold of a batch) run on one thread: see ``streams.refinement.refiner_threads``.
     refine_threads: int = 0
     #: Run the refiner in a process of its own (spawned at start, loads ``checkpoint``): its Python then

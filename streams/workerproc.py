@@ -84,9 +84,10 @@ class WorkerProcess:
         if self.proc is None or self.proc.poll() is not None:
             return []
         out = []
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                out += [int(pid) for pid in (task / "children").read_text().split()]
+        with contextlib.suppress(OSError):  # the worker may exit meanwhile
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    out += [int(pid) for pid in (task / "children").read_text().split()]
         return out
 
     def refiner_pid(self) -> int | None:

@@ -208,5 +208,66 @@ def test_a_user_failing_alone_is_retried_with_a_log_line_then_quarantined(pipeli
     assert reader.seqs(["a", "b", "bad"]) == [1, 1, None]
 
 
+class _Recording(RowRefiner):
+    """The refiner's code, slowed down so two ticks overlap, recording the users of each call."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.calls: list[set[str]] = []
+
+    def vectors(self, rows, books):
+        self.calls.append({r.user for r in rows})
+        time.sleep(0.2)
+        return super().vectors(rows, books)
+
+
+def test_two_ticks_in_flight_share_no_user_and_an_empty_one_hides_no_failure(pipeline_settings, ds, tmp_path):
+    """The worker runs two refinement ticks side by side (``Refresher._tick``).  They never refine the same
+    user at once, and a tick that finds nothing because the other holds every dirty user does not clear
+    the failure clock that ``/health`` reads while the other keeps failing."""
+    settings = pipeline_settings.with_(refine=False)
+    users = [f"u{i}" for i in range(6)]
+    ensure_topics(settings)
+    item = str(ds.item_ids[1])
+    with WorkerProcess(settings, log=tmp_path / "worker.log"):
+        send_items(settings, ds, np.array([1]), progress=False)
+        _send(settings, [(u, 1) for u in users], item)
+        assert wait_for_vectors(settings, dict.fromkeys(users, 1), 60, False, applied_only=True) == {}
+
+    async def run():
+        store = StreamStore(redis_async(settings), settings.prefix)
+        ckpt = Checkpoint.load(settings.checkpoint)
+        rows = _Recording(ckpt, settings.history_cap)
+        refresher = Refresher(
+            settings.with_(refine_debounce_ms=0, refine_batch=3),
+            ckpt,
+            store,
+            Codebooks(store, ckpt.codebook),
+            _no_emit,
+            rows=rows,
+        )
+        await store.mark_dirty(0, dict.fromkeys(users, 1))
+        counts = await asyncio.gather(refresher.tick([0]), refresher.tick([0]))
+        overlap = rows.calls[0] & rows.calls[1]
+        left = [u for u, _ in await store.dirty_users(0, 10)]
+
+        async def failing_write(*args, **kwargs):
+            await asyncio.sleep(0.3)
+            raise RuntimeError("vectors could not be written")
+
+        refresher.settings = refresher.settings.with_(refine_batch=len(users))
+        store.write_vectors_many = failing_write
+        await store.mark_dirty(0, dict.fromkeys(users, 2))
+        assert await refresher.tick([0]) == 0  # failed: the users stay dirty
+        first = refresher.failing_since
+        again = await asyncio.gather(refresher.tick([0]), refresher.tick([0]))
+        return counts, overlap, left, first, again, refresher.failing_since
+
+    counts, overlap, left, first, again, failing_since = asyncio.run(run())
+    assert counts == [3, 3] and overlap == set() and left == []
+    assert first is not None and again == [0, 0]
+    assert failing_since == first, "the empty tick beside the failing one cleared the failure clock"
+
+
 async def _no_emit(user: str, body: dict) -> None:
     return None
