@@ -127,7 +127,9 @@ def run_worker(
         per_event = {}
         if refine and rate:  # paced: what each event waited (read while the worker's topic is there)
             sent_by_user = latency.group(ds.user_ids.astype(str)[ds.user[p.events]], np.asarray(sent_at))
-            per_event = latency.summary(latency.event_latencies(sent_by_user, latency.read_refinements(s)))
+            refinements = latency.read_refinements(s)
+            per_event = latency.summary(latency.event_latencies(sent_by_user, refinements))
+            per_event["refinements"] = sum(len(v) for v in refinements.values())
     q = histogram_quantiles(metrics_text, "mirstream_freshness_seconds", (0.5, 0.95, 0.99))
     row = {
         "events": len(p.events),
@@ -319,9 +321,11 @@ def bench_freshness(
             "per event ≤ 1 s",
             "per refinement p50 / p95 / p99 (s)",
             "per refinement ≤ 1 s",
+            "refinements",
+            "worker RSS (MiB)",
             "complete",
         ],
-        "rrrrrrrl",
+        "rrrrrrrrrl",
         [
             [
                 f"{r['offered_rate']:.0f}",
@@ -331,6 +335,8 @@ def bench_freshness(
                 f"{100 * r.get('event_within_1s', nan):.1f} %",
                 " / ".join(f"≤{r[f'freshness_{q}_s']:g}" for q in ("p50", "p95", "p99")),
                 f"{100 * r['within_1s']:.1f} %",
+                f"{r['event_refinements']:,}" if "event_refinements" in r else "–",
+                f"{max(r['worker_rss_bytes']) / 2**20:,.0f}",
                 str(r["complete"]),
             ]
             for r in rows

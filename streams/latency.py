@@ -65,7 +65,7 @@ def summary(latencies: np.ndarray) -> dict[str, float]:
     }
 
 
-def read_refinements(settings: Settings, timeout_s: float = 120.0) -> dict[str, list[tuple[int, float]]]:
+def read_refinements(settings: Settings, timeout_s: float = 900.0) -> dict[str, list[tuple[int, float]]]:
     """Every refinement on the interests topic so far: per user, (seq, updated_at)."""
     topic = settings.interests_topic
     consumer = KafkaConsumer(**kafka_python_config(settings), enable_auto_commit=False, consumer_timeout_ms=2000)
