@@ -224,7 +224,14 @@ def test_codebook_switch_with_overlapping_workers(pipeline_settings, ds, tmp_pat
     states = {(old.codebook_id, old.state_id), (new.codebook_id, new.state_id)}
     p = plan(ds, max_users=USERS)
     users = sorted(expected_seq(ds, p.events))
-    first, middle, last = np.array_split(p.events, [len(p.events) // 3, 5 * len(p.events) // 6])
+    first, rest = np.split(p.events, [len(p.events) // 3])
+    # Every user's first event goes out before the new worker starts (each user's events stay in order), so
+    # every user has a state of the old codebook: those with events after the old worker left are rebuilt
+    # by the new one whichever worker the timing gave the events in between.
+    opening = np.unique(ds.user[rest], return_index=True)[1]
+    opening = opening[~np.isin(ds.user[rest[opening]], ds.user[first])]
+    first, rest = np.concatenate([first, rest[opening]]), np.delete(rest, opening)
+    middle, last = np.split(rest, [5 * len(p.events) // 6 - len(first)])
     ensure_topics(settings)
     send_items(settings, ds, p.items, progress=False)
     a = WorkerProcess(settings, log=tmp_path / "old.log").start()
