@@ -13,13 +13,13 @@ import signal
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 from pipeline_checks import assert_matches_offline
 
+from deploy.stack import _pid_alive
 from models.data import load, simulate
 from models.user_model import Checkpoint
 from state.history import decode
@@ -131,18 +131,9 @@ def test_refiner_process_exits_with_its_worker(pipeline_settings, ds, tmp_path):
         os.kill(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _alive(child):
+        while time.monotonic() < deadline and _pid_alive(child):
             time.sleep(0.2)
-        assert not _alive(child), f"refiner process {child} outlived its worker"
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for its reaper)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        assert not _pid_alive(child), f"refiner process {child} outlived its worker"
 
 
 def _replay_around(settings, ds, tmp_path, services, service: str) -> str:
