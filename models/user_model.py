@@ -245,6 +245,16 @@ class Checkpoint:
         return h.hexdigest()[:12]
 
     @cached_property
+    def fingerprint(self) -> str:
+        """What computed a result: the version, the codebook and every weight of the model.  A worker and
+        its refiner process compare it, so weights retrained under the same ``VERSION`` are told apart."""
+        h = hashlib.sha256(f"{self.version}\n{self.codebook_id}".encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
+        return h.hexdigest()[:16]
+
+    @cached_property
     def _item_rows(self) -> dict[str, int]:
         return {str(it): i for i, it in enumerate(self.item_ids.tolist())}
 

@@ -157,11 +157,51 @@ class RowRefiner:
         return self.ckpt.model.refine_users(user_inputs(self.ckpt, rows, books, self.cap), self.scenario_ids)
 
 
+async def isolate_deaths(rows: list[UserRow], call: Callable[[list[UserRow]], Awaitable[Refined]]) -> Refined:
+    """``call(rows)``; when the call kills the refiner process (``BrokenProcessPool``), each half is called
+    on its own, and a half that kills it again is split again.  A user that kills the process alone while
+    the rest of its batch refines fails alone (an error in ``Refined``: it stays dirty and is retried, and
+    quarantined after ``RETRY_LIMIT`` ticks in a row, as any fault that follows one user).  When a single
+    user's call, or both halves of the batch, kill it, the fault cannot be pinned on a user: that raises,
+    and the batch stays dirty."""
+    try:
+        return await call(rows)
+    except BrokenProcessPool:
+        if len(rows) == 1:
+            raise
+    return await _halves(rows, call, top=True)
+
+
+async def _halves(rows: list[UserRow], call: Callable[[list[UserRow]], Awaitable[Refined]], top: bool) -> Refined:
+    parts = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    got: list[Refined | None] = []
+    for part in parts:
+        try:
+            got.append(await call(part))
+        except BrokenProcessPool:
+            got.append(None)
+    if top and got[0] is None and got[1] is None:
+        raise BrokenProcessPool(f"the refiner process died on both halves of a batch of {len(rows)} users")
+    vectors: list[np.ndarray | None] = []
+    failed: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for part, refined in zip(parts, got, strict=True):
+        if refined is None and len(part) == 1:  # it killed the process alone, its batch's others refined
+            refined = [None], {}, {part[0].user: "BrokenProcessPool: the refiner process died refining this user"}
+        elif refined is None:
+            refined = await _halves(part, call, top=False)
+        vectors += refined[0]
+        failed.update(refined[1])
+        errors.update(refined[2])
+    return vectors, failed, errors
+
+
 #: The refiner process's computation (``_child_init`` builds it from the worker's settings).
 _CHILD: RowRefiner | None = None
 
 
-def _child_init(checkpoint: str, cap: int | None, threads: int, parent: int) -> None:
+def _child_init(checkpoint: str, cap: int | None, threads: int, parent: int, kind: type[RowRefiner]) -> None:
+    """``kind``: the worker's ``RowRefiner`` class (a subclass in tests), built here from the checkpoint."""
     global _CHILD
     # The worker stops its refiner (pool shutdown, or ``_exit_with``): a Ctrl-C or SIGTERM sent to the
     # whole process group must not kill it under a batch first.
@@ -169,7 +209,7 @@ def _child_init(checkpoint: str, cap: int | None, threads: int, parent: int) -> 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
     refiner_threads(threads)
-    _CHILD = RowRefiner(Checkpoint.load(checkpoint), cap)
+    _CHILD = kind(Checkpoint.load(checkpoint), cap)
 
 
 def _exit_with(parent: int) -> None:
@@ -184,10 +224,10 @@ def _child_ready() -> bool:
     return _CHILD is not None
 
 
-def _child_refine(rows: list[UserRow], books: dict[str, ResidualCodebook]) -> tuple[tuple[str, str], Refined]:
-    """Runs in the refiner process; returns which checkpoint computed the result with it."""
+def _child_refine(rows: list[UserRow], books: dict[str, ResidualCodebook]) -> tuple[str, Refined]:
+    """Runs in the refiner process; returns which checkpoint computed the result (``fingerprint``) with it."""
     assert _CHILD is not None, "the refiner process was not initialised"
-    return (_CHILD.ckpt.version, _CHILD.ckpt.codebook_id), _CHILD.refine(rows, books)
+    return _CHILD.ckpt.fingerprint, _CHILD.refine(rows, books)
 
 
 class Refresher:
@@ -205,8 +245,8 @@ class Refresher:
         rows: RowRefiner | None = None,
         process: bool = False,
     ) -> None:
-        """``process``: refine in a child process that loads ``settings.checkpoint`` itself (``rows`` is
-        then not used); otherwise ``rows`` (default: this checkpoint's) runs in a thread."""
+        """``rows``: the refiner's computation (default: this checkpoint's ``RowRefiner``), run in a thread;
+        with ``process``, a child process builds one of the same class from ``settings.checkpoint``."""
         self.settings = settings
         self.ckpt = ckpt
         self.store = store
@@ -368,41 +408,58 @@ class Refresher:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_child_init,
-            initargs=(self.settings.checkpoint, self.settings.history_cap, self.settings.refine_threads, os.getpid()),
+            initargs=(
+                self.settings.checkpoint,
+                self.settings.history_cap,
+                self.settings.refine_threads,
+                os.getpid(),
+                type(self.rows),
+            ),
         )
 
     async def run(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
-        """The refiner's computation for these rows, off the event loop (``RowRefiner.refine``).  A refiner
-        process that died (killed, out of memory) raises here and is replaced for the next call, after a
-        back-off that doubles with each process lost in a row (up to 30 s): the batch's users stay dirty.
-        A process that loaded another checkpoint than this worker's (its directory changed under it)
-        raises too: vectors are stored under this worker's version."""
+        """The refiner's computation for these rows, off the event loop (``RowRefiner.refine``).  In the
+        refiner process, a call that kills it (a crash, the OOM killer) is split (``isolate_deaths``), so a
+        user whose data kills the process fails alone; each process lost is replaced, after a back-off that
+        doubles with each one lost in a row (up to 30 s).  A process that loaded another checkpoint than
+        this worker's (its directory changed under it) raises: vectors are stored under this worker's
+        version."""
         if self._closed:  # the worker is stopping
             raise asyncio.CancelledError
-        loop = asyncio.get_running_loop()
-        if self._breaks:
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** (self._breaks - 1)))
         t0 = time.perf_counter()
         try:
             if not self.process:
-                return await loop.run_in_executor(self.executor, self.rows.refine, rows, books)
-            try:
-                made_by, refined = await loop.run_in_executor(self.executor, _child_refine, rows, books)
-            except BrokenProcessPool:
-                self.executor.shutdown(wait=False)
-                self._breaks += 1
-                if not self._closed:
-                    self.executor = self._executor()
-                raise
-            self._breaks = 0
-            if made_by != (self.ckpt.version, self.ckpt.codebook_id):
-                raise RuntimeError(
-                    f"the refiner process loaded checkpoint {made_by}, this worker runs "
-                    f"{(self.ckpt.version, self.ckpt.codebook_id)}: {self.settings.checkpoint} changed; restart"
-                )
-            return refined
+                return await asyncio.get_running_loop().run_in_executor(self.executor, self.rows.refine, rows, books)
+            return await isolate_deaths(rows, lambda part: self._in_process(part, books))
         finally:
             metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
+
+    async def _in_process(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
+        """One call in the refiner process; a process that died raises ``BrokenProcessPool`` (counted,
+        logged) and is replaced for the next call."""
+        if self._closed:
+            raise asyncio.CancelledError
+        if self._breaks:
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** (self._breaks - 1)))
+        try:
+            made_by, refined = await asyncio.get_running_loop().run_in_executor(
+                self.executor, _child_refine, rows, books
+            )
+        except BrokenProcessPool:
+            self.executor.shutdown(wait=False)
+            self._breaks += 1
+            metrics.AGENT_ERRORS.labels("refine", "process_died").inc()
+            log.warning("the refiner process died refining %d user(s); a new one is started", len(rows))
+            if not self._closed:
+                self.executor = self._executor()
+            raise
+        self._breaks = 0
+        if made_by != self.ckpt.fingerprint:
+            raise RuntimeError(
+                f"the refiner process loaded checkpoint {made_by}, this worker runs {self.ckpt.fingerprint} "
+                f"(version {self.ckpt.version}): {self.settings.checkpoint} changed; restart the worker"
+            )
+        return refined
 
     def warm(self) -> None:
         """Starts the refiner process now (it loads torch and the checkpoint: seconds) rather than at the

@@ -1,0 +1,17 @@
+"""Refiner computations with faults, for tests: importable by name, so a refiner process can build them."""
+
+from __future__ import annotations
+
+import os
+
+from streams.refinement import RowRefiner
+
+
+class DiesOnOneUser(RowRefiner):
+    """The refiner's code in a process that dies (as a crash or the OOM killer ends it) whenever its call
+    holds user ``bad``."""
+
+    def vectors(self, rows, books):
+        if any(r.user == "bad" for r in rows):
+            os._exit(9)
+        return super().vectors(rows, books)
