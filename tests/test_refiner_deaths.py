@@ -37,12 +37,8 @@ def test_a_user_that_kills_the_process_fails_alone_and_the_rest_refine() -> None
     assert [None if v is None else int(v[0, 0, 0]) for v in vectors] == [0, 1, 2, 3, 4, None, 6, 7]
     assert failed == {} and list(errors) == ["u5"] and "died refining this user" in errors["u5"]
     # the whole batch, its halves, then the half of the half that died, then the user alone beside its pair
-    assert calls == [[f"u{i}" for i in range(8)], ["u0", "u1", "u2", "u3"], ["u4", "u5", "u6", "u7"]] + [
-        ["u4", "u5"],
-        ["u6", "u7"],
-        ["u4"],
-        ["u5"],
-    ]
+    halves = [["u0", "u1", "u2", "u3"], ["u4", "u5", "u6", "u7"]]
+    assert calls == [[f"u{i}" for i in range(8)], *halves, ["u4", "u5"], ["u6", "u7"], ["u4"], ["u5"]]
 
 
 def test_two_such_users_in_one_half_each_fail_alone() -> None:
