@@ -86,6 +86,7 @@ class Ingestor:
         self.max_parked = 1000
         self.origin_key: bytes | None = None  # signs re-produced parked events (read from Redis on first use)
         self.trend_tau_s = ckpt.model.trend_tau_s  # 0: the model scores no trend, nothing is counted
+        self.limits = settings.limits
 
     async def handle(self, scenario: str, batch: list[Message]) -> dict[int, dict[str, int]]:
         """Applies a batch; returns {partition: {user: seq}} of users whose vectors need refreshing.
@@ -121,7 +122,7 @@ class Ingestor:
         return dirty
 
     def _parse(self, scenario: str, msg: Message) -> Accepted:
-        event = parse_event(msg.value, scenario, self.scenarios, self.actions, self.settings.limits, self.origin_key)
+        event = parse_event(msg.value, scenario, self.scenarios, self.actions, self.limits, self.origin_key)
         if msg.key is None:
             raise Rejected(f"message has no key (the key must be the user_id {event.user_id!r}: it partitions users)")
         if msg.key.decode(errors="replace") != event.user_id:

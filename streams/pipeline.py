@@ -170,8 +170,9 @@ def build_app(settings: Settings) -> faust.App:
         return out
 
     def done(batch: list[Message]) -> None:
-        for m in batch:
-            progress.note(m.topic, m.partition, m.offset)
+        last = {(m.topic, m.partition): m.offset for m in batch}  # a partition's messages come in offset order
+        for (topic, partition), offset in last.items():
+            progress.note(topic, partition, offset)
 
     def scenario_agent(scenario: str):
         async def agent(stream):

@@ -39,9 +39,10 @@ from state.users import (
     CorruptState,
     UserRow,
     UserUpdate,
-    decode_coarse,
+    decode_coarse_many,
     decode_history,
     encode_coarse,
+    encode_coarse_many,
     usable_coarse,
     watermark,
 )
@@ -141,10 +142,11 @@ def plan(
         else:
             p.remark_dirty = row.seq > row.refined_seq  # a crash between apply and dirty-marking
     tails = _tails({u: rows[u] for u in fresh_of}, ctx)
-    for user, fresh in fresh_of.items():
+    stored = decode_coarse_many([rows[u].coarse for u in fresh_of], ctx.ckpt.model.coarse.state_size)
+    for (user, fresh), coarse in zip(fresh_of.items(), stored, strict=True):
         row, p = rows[user], out[user]
         try:
-            start, bases[user], p.rebuilt = _start(row, fresh, ctx, tails.get(user))
+            start, bases[user], p.rebuilt = _start(row, fresh, ctx, coarse, tails.get(user))
         except (CorruptState, LookupError) as exc:
             p.poison, p.dead = f"user {user!r}: {exc}", [a for a in fresh if a.origin not in handled]
             continue
@@ -154,11 +156,12 @@ def plan(
         p.park = [a for a in p.waiting if a.origin not in handled]
         p.mark = tuple(a.origin for a in p.waiting if a.origin not in row.parked)
     folded = _fold({u: (starts[u], out[u].applied) for u in starts}, codes, ctx)
+    finite = _usable_rows([state for state, _, _ in folded.values()])
     kept: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-    for user, (state, recs, last_ts) in folded.items():
+    for (user, (state, recs, last_ts)), usable in zip(folded.items(), finite, strict=True):
         p = out[user]
         timeless = next((a.event for a in p.applied if not abs(a.event.ts) < RECORD_TIME_LIMIT), None)
-        if not usable_coarse(state):
+        if not usable:
             p.poison = f"user {user!r}: these events would make the coarse state NaN or infinite"
         elif timeless is not None:
             p.poison = f"user {user!r}: event {timeless.event_id!r} has a time no history record holds: {timeless.ts!r}"
@@ -169,9 +172,18 @@ def plan(
         kept[user] = state, recs, last_ts
     rebuilt = {u for u in kept if out[u].rebuilt}
     writes = history_writes({u: bases[u] for u in kept}, {u: recs for u, (_, recs, _) in kept.items()}, rebuilt, ctx)
-    for user, (state, _, last_ts) in kept.items():
-        out[user].update = _update(rows[user], out[user], state, writes[user], last_ts, ctx, handled)
+    coarse = encode_coarse_many(np.stack([state for state, _, _ in kept.values()])) if kept else []
+    for (user, (_, _, last_ts)), state_bytes in zip(kept.items(), coarse, strict=True):
+        out[user].update = _update(rows[user], out[user], state_bytes, writes[user], last_ts, ctx, handled)
     return out
+
+
+def _usable_rows(states: list[np.ndarray]) -> list[bool]:
+    """``usable_coarse`` of each state, in one reduction."""
+    if not states:
+        return []
+    top = np.stack(states).max(axis=1)
+    return ((top == top) & (top != np.inf)).tolist()
 
 
 def _fresh(row: UserRow, batch: list[Accepted]) -> list[Accepted]:
@@ -231,12 +243,16 @@ def _tails(rows: Mapping[str, UserRow], ctx: PlanContext) -> dict[str, Tail]:
 
 
 def _start(
-    row: UserRow, fresh: list[Accepted], ctx: PlanContext, summary: Tail | None = None
+    row: UserRow,
+    fresh: list[Accepted],
+    ctx: PlanContext,
+    stored: np.ndarray | CorruptState | None,
+    summary: Tail | None = None,
 ) -> tuple[np.ndarray, Base, bool]:
     """The coarse state the fold starts from, the history the new records follow, and whether that
-    history was rebuilt (another checkpoint built the stored one: it is written whole).  ``summary``: the
-    stored history's tail, when ``_tails`` read it.  Raises ``CorruptState`` / ``LookupError`` for a user
-    that cannot be applied."""
+    history was rebuilt (another checkpoint built the stored one: it is written whole).  ``stored``: the
+    row's coarse state decoded (``decode_coarse_many``); ``summary``: the stored history's tail, when
+    ``_tails`` read it.  Raises ``CorruptState`` / ``LookupError`` for a user that cannot be applied."""
     cfg = ctx.ckpt.model.cfg
     for a in fresh:
         if not (0 <= a.event.scenario < len(cfg.scenarios) and 0 <= a.event.action < len(cfg.actions)):
@@ -252,8 +268,9 @@ def _start(
         except ValueError as exc:
             raise CorruptState(f"its history cannot be rebuilt: {exc}") from None
         return state, Base.of(rebuilt, ctx.ckpt.codebook.cfg.bytes_per_item), True
-    state = decode_coarse(row.coarse, coarse.state_size)
-    return (coarse.init_state() if state is None else state.copy()), base, False
+    if isinstance(stored, CorruptState):
+        raise stored
+    return (coarse.init_state() if stored is None else stored), base, False
 
 
 def history_writes(
@@ -316,7 +333,7 @@ def _fold(
 def _update(
     row: UserRow,
     p: UserPlan,
-    state: np.ndarray,
+    coarse: bytes,
     writes: tuple[bytes, bytes | None],
     last_ts: float,
     ctx: PlanContext,
@@ -335,7 +352,7 @@ def _update(
         expected_version=row.version + (1 if p.mark else 0),  # the parking mark bumps it first
         expected_state_id=row.state_id,
         n_events=len(p.applied),
-        coarse=encode_coarse(state) if changed else None,
+        coarse=coarse if changed else None,
         records=records,
         history=history,
         last_ts=last_ts,

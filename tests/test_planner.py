@@ -348,6 +348,50 @@ def test_compact_coarse_state_folds_like_float64(old):
     np.testing.assert_array_equal(decode_coarse(whole.astype("<f8").tobytes(), model.state_size), whole)
 
 
+def test_batched_coarse_codecs_equal_the_per_state_ones(old):
+    """``decode_coarse_many`` / ``encode_coarse_many`` (one pass for a batch) against ``decode_coarse`` /
+    ``encode_coarse`` on every kind of stored value: compact, all float64 (older), none, empty, NaN, +inf,
+    a wrong length; each decoded state is writable and shares no memory with another."""
+    from state.users import CorruptState, decode_coarse, decode_coarse_many, encode_coarse, encode_coarse_many
+
+    model, rng = old.model.coarse, np.random.default_rng(5)
+    states = [
+        model.update(
+            model.init_state(), old.item_vectors[i : i + 3], [0, 1, 2], [0, 0, 1], 1.7e9 + rng.uniform(0, 1e6, 3)
+        )
+        for i in range(4)
+    ]
+    nan, inf = states[0].copy(), states[1].copy()
+    nan[7], inf[9] = np.nan, np.inf
+    raws = [
+        encode_coarse(states[0]),
+        states[1].astype("<f8").tobytes(),
+        None,
+        b"",
+        encode_coarse(nan),
+        encode_coarse(inf),
+        b"x" * 10,
+        encode_coarse(states[2]),
+        encode_coarse(model.init_state()),
+    ]
+    got = decode_coarse_many(raws, model.state_size)
+    for raw, g in zip(raws, got, strict=True):
+        try:
+            want = decode_coarse(raw, model.state_size)
+        except CorruptState as exc:
+            assert isinstance(g, CorruptState) and str(g) == str(exc)
+            continue
+        if want is None:
+            assert g is None
+        else:
+            np.testing.assert_array_equal(g, want)
+            assert g.flags.writeable
+    decoded = [g for g in got if isinstance(g, np.ndarray)]
+    assert len(decoded) == 4 and not any(np.shares_memory(a, b) for a in decoded for b in decoded if a is not b)
+    assert encode_coarse_many(np.stack(states)) == [encode_coarse(s) for s in states]
+    assert encode_coarse_many(np.zeros((0, model.state_size))) == []
+
+
 def _stored(ckpt: Checkpoint, codes: dict[str, bytes], applied: list[Accepted]) -> np.ndarray:
     """The records a history holds for these events, in the order applied."""
     rows = np.frombuffer(b"".join(codes[a.event.item_id] for a in applied), np.uint8).reshape(len(applied), -1)
