@@ -189,7 +189,7 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.agent(items_topic, name="items")
     async def items_agent(stream):
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
+        async for events in stream.take_events(settings.item_batch_size, within=settings.batch_wait_ms / 1000):
             batch = messages(events)
             await gate.run("items", lambda batch=batch: item_handler.handle(batch))
             done(batch)

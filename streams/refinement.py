@@ -257,7 +257,9 @@ class Refresher:
         self.process = process
         self.executor = self._executor()
         self.last_refined: dict[str, float] = {}  # debounce: user → when last refined (pruned, see _tick)
-        self.retries: dict[str, int] = {}  # user → ticks in a row it failed alone (see ``RETRY_LIMIT``)
+        #: user → (its partition, ticks in a row it failed alone: see ``RETRY_LIMIT``); a partition this
+        #: worker no longer owns drops its users' counts, so one that comes back starts them afresh
+        self.retries: dict[str, tuple[int, int]] = {}
         self._turn = 0
         self._computing = asyncio.Lock()  # one tick at a time reads and refines (see ``_tick``)
         self._held: set[str] = set()  # users in a tick now
@@ -322,7 +324,8 @@ class Refresher:
             if vecs is not None and not np.isfinite(vecs).all():
                 failed[user] = "refined vectors hold NaN or infinite values"
             if vecs is None and user not in failed:  # failed alone, not on its data: stays dirty, retried
-                self.retries[user] = tries = self.retries.get(user, 0) + 1
+                tries = self.retries.get(user, (p, 0))[1] + 1
+                self.retries[user] = p, tries
                 if tries < RETRY_LIMIT:
                     metrics.AGENT_ERRORS.labels("refine", "user_retry").inc()
                     log.warning(
@@ -378,6 +381,8 @@ class Refresher:
         now = time.monotonic()
         debounce = self.settings.refine_debounce_ms / 1000
         picked: list[tuple[int, str]] = []
+        if any(p not in partitions for p, _ in self.retries.values()):
+            self.retries = {u: (p, n) for u, (p, n) in self.retries.items() if p in partitions}
         if len(self.last_refined) > LAST_REFINED_MAX:  # only entries inside the debounce window matter
             self.last_refined = {u: t for u, t in self.last_refined.items() if now - t < debounce}
         # Round robin: each tick starts at the next partition, so under a backlog none waits behind the others.

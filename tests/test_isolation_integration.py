@@ -178,7 +178,7 @@ def test_a_user_failing_alone_is_retried_with_a_log_line_then_quarantined(pipeli
         _send(settings, [("a", 1), ("b", 1), ("bad", 1)], item)
         assert wait_for_vectors(settings, {"a": 1, "b": 1, "bad": 1}, 60, False, applied_only=True) == {}
 
-    async def run() -> tuple[list[bool], dict[str, dict], list[int | None]]:
+    async def run() -> tuple[list[bool], dict[str, dict], list[str], tuple[dict, dict]]:
         store = StreamStore(redis_async(settings), settings.prefix)
         ckpt = Checkpoint.load(settings.checkpoint)
         refresher = Refresher(
@@ -195,15 +195,23 @@ def test_a_user_failing_alone_is_retried_with_a_log_line_then_quarantined(pipeli
             await store.mark_dirty(0, {"a": 1, "b": 1, "bad": 1})
             assert await refresher.tick([0]) == 3
             listed.append("bad" in await store.quarantined())
-        return listed, await store.quarantined(), [u for u, _ in await store.dirty_users(0, 10)]
+        quarantined, dirty = await store.quarantined(), [u for u, _ in await store.dirty_users(0, 10)]
+        # tried again (a new event): one failure counted; partition 0 moves away, and its count goes with it
+        await store.mark_dirty(0, {"a": 1, "bad": 1})
+        await refresher.tick([0])
+        counted = dict(refresher.retries)
+        await refresher.tick([1])
+        return listed, quarantined, dirty, (counted, refresher.retries)
 
     with caplog.at_level(logging.WARNING, logger="streams.refinement"):
-        listed, quarantined, dirty = asyncio.run(run())
+        listed, quarantined, dirty, (counted, moved) = asyncio.run(run())
+    assert counted == {"bad": (0, 1)} and moved == {}
     assert listed == [False] * (RETRY_LIMIT - 1) + [True]
     assert "a fault that follows user bad" in quarantined["bad"]["reason"] and quarantined["bad"]["seq"] == 1
     assert dirty == []  # quarantined users leave their dirty set; a new event marks them again
     retries = [r.getMessage() for r in caplog.records if "refining user bad failed" in r.getMessage()]
-    assert len(retries) == RETRY_LIMIT - 1 and "RuntimeError: a fault that follows user bad" in retries[0]
+    # RETRY_LIMIT - 1 before the quarantine, one for the try after it
+    assert len(retries) == RETRY_LIMIT and "RuntimeError: a fault that follows user bad" in retries[0]
     reader = InterestReader(settings.redis_url, settings.prefix)
     assert reader.seqs(["a", "b", "bad"]) == [1, 1, None]
 
