@@ -228,7 +228,7 @@ def encode_coarse(state: np.ndarray) -> bytes:
 def decode_coarse_many(raws: list[bytes | None], size: int) -> list[np.ndarray | CorruptState | None]:
     """``decode_coarse`` of each (its result, or the ``CorruptState`` it raises), the states as written
     now decoded in one pass: a batch plans hundreds of users, and per user the small numpy calls cost
-    more than their arithmetic.  Each state is a row of one new array (the caller may change it)."""
+    more than their arithmetic.  Each state is writable and shares no memory with another."""
     compact = 8 * COARSE_HEAD + 4 * (size - COARSE_HEAD)
     out: list[np.ndarray | CorruptState | None] = [None] * len(raws)
     fast = [i for i, raw in enumerate(raws) if raw is not None and len(raw) == compact]

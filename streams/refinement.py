@@ -157,22 +157,30 @@ class RowRefiner:
         return self.ckpt.model.refine_users(user_inputs(self.ckpt, rows, books, self.cap), self.scenario_ids)
 
 
-async def isolate_deaths(rows: list[UserRow], call: Callable[[list[UserRow]], Awaitable[Refined]]) -> Refined:
+async def isolate_deaths(
+    rows: list[UserRow], call: Callable[[list[UserRow]], Awaitable[Refined]], probe: Callable[[], Awaitable[None]]
+) -> Refined:
     """``call(rows)``; when the call kills the refiner process (``BrokenProcessPool``), each half is called
     on its own, and a half that kills it again is split again.  A user that kills the process alone while
     the rest of its batch refines fails alone (an error in ``Refined``: it stays dirty and is retried, and
-    quarantined after ``RETRY_LIMIT`` ticks in a row, as any fault that follows one user).  When a single
-    user's call, or both halves of the batch, kill it, the fault cannot be pinned on a user: that raises,
-    and the batch stays dirty."""
+    quarantined after ``RETRY_LIMIT`` ticks in a row, as any fault that follows one user).  When both
+    halves kill it too, ``probe`` (a call that refines nobody) tells a fault of the worker, which kills
+    even that (raised: the batch stays dirty), from users in both halves whose data kill it (both are split
+    further).  A one-user batch that kills it cannot be told from a fault of the worker: that raises."""
     try:
         return await call(rows)
     except BrokenProcessPool:
         if len(rows) == 1:
             raise
-    return await _halves(rows, call, top=True)
+    return await _halves(rows, call, probe, top=True)
 
 
-async def _halves(rows: list[UserRow], call: Callable[[list[UserRow]], Awaitable[Refined]], top: bool) -> Refined:
+async def _halves(
+    rows: list[UserRow],
+    call: Callable[[list[UserRow]], Awaitable[Refined]],
+    probe: Callable[[], Awaitable[None]],
+    top: bool,
+) -> Refined:
     parts = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
     got: list[Refined | None] = []
     for part in parts:
@@ -181,15 +189,15 @@ async def _halves(rows: list[UserRow], call: Callable[[list[UserRow]], Awaitable
         except BrokenProcessPool:
             got.append(None)
     if top and got[0] is None and got[1] is None:
-        raise BrokenProcessPool(f"the refiner process died on both halves of a batch of {len(rows)} users")
+        await probe()  # raises BrokenProcessPool when the process dies without any user's data
     vectors: list[np.ndarray | None] = []
     failed: dict[str, str] = {}
     errors: dict[str, str] = {}
     for part, refined in zip(parts, got, strict=True):
-        if refined is None and len(part) == 1:  # it killed the process alone, its batch's others refined
+        if refined is None and len(part) == 1:  # it killed the process alone, and some other call did not
             refined = [None], {}, {part[0].user: "BrokenProcessPool: the refiner process died refining this user"}
         elif refined is None:
-            refined = await _halves(part, call, top=False)
+            refined = await _halves(part, call, probe, top=False)
         vectors += refined[0]
         failed.update(refined[1])
         errors.update(refined[2])
@@ -435,36 +443,44 @@ class Refresher:
         try:
             if not self.process:
                 return await asyncio.get_running_loop().run_in_executor(self.executor, self.rows.refine, rows, books)
-            return await isolate_deaths(rows, lambda part: self._in_process(part, books))
+            return await isolate_deaths(rows, lambda part: self._in_process(part, books), self._probe)
         finally:
             metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
 
     async def _in_process(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
-        """One call in the refiner process; a process that died raises ``BrokenProcessPool`` (counted,
-        logged) and is replaced for the next call."""
-        if self._closed:
-            raise asyncio.CancelledError
-        if self._breaks:
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** (self._breaks - 1)))
-        try:
-            made_by, refined = await asyncio.get_running_loop().run_in_executor(
-                self.executor, _child_refine, rows, books
-            )
-        except BrokenProcessPool:
-            self.executor.shutdown(wait=False)
-            self._breaks += 1
-            metrics.AGENT_ERRORS.labels("refine", "process_died").inc()
-            log.warning("the refiner process died refining %d user(s); a new one is started", len(rows))
-            if not self._closed:
-                self.executor = self._executor()
-            raise
-        self._breaks = 0
+        """One refiner call in the refiner process, checked against this worker's checkpoint."""
+        made_by, refined = await self._submit(len(rows), _child_refine, rows, books)
         if made_by != self.ckpt.fingerprint:
             raise RuntimeError(
                 f"the refiner process loaded checkpoint {made_by}, this worker runs {self.ckpt.fingerprint} "
                 f"(version {self.ckpt.version}): {self.settings.checkpoint} changed; restart the worker"
             )
         return refined
+
+    async def _probe(self) -> None:
+        """A call that refines nobody: raises ``BrokenProcessPool`` when the process dies even so."""
+        await self._submit(0, _child_ready)
+
+    async def _submit(self, users: int, fn: Callable, *args: object):
+        """``fn(*args)`` in the refiner process.  A process that died (in this call, or idle before it)
+        raises ``BrokenProcessPool`` (counted, logged) and is replaced for the next call, after a back-off
+        that doubles with each process lost in a row."""
+        if self._breaks:
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** (self._breaks - 1)))
+        if self._closed:  # the worker is stopping (checked after the back-off too)
+            raise asyncio.CancelledError
+        try:
+            got = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except BrokenProcessPool:
+            self.executor.shutdown(wait=False)
+            self._breaks += 1
+            metrics.AGENT_ERRORS.labels("refine", "process_died").inc()
+            log.warning("the refiner process died (a call for %d user(s), or before it); a new one is started", users)
+            if not self._closed:
+                self.executor = self._executor()
+            raise
+        self._breaks = 0
+        return got
 
     def warm(self) -> None:
         """Starts the refiner process now (it loads torch and the checkpoint: seconds) rather than at the

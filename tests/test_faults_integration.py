@@ -113,7 +113,7 @@ def test_refiner_process_killed_mid_stream(pipeline_settings, ds, tmp_path):
         log = worker.log_text()
     assert second is not None and second != first, "a new refiner process replaced the killed one"
     assert 'mirstream_agent_errors_total{agent="refine",reason="process_died"}' in metrics
-    assert "the refiner process died refining" in log
+    assert "the refiner process died" in log
     assert_matches_offline(settings, ds, expected)
 
 

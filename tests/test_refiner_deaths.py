@@ -31,9 +31,17 @@ def _rows(n: int) -> list[UserRow]:
     return [UserRow(f"u{i}") for i in range(n)]
 
 
+async def _lives() -> None:  # a call that refines nobody, and the process survives it
+    return None
+
+
+async def _dies() -> None:  # the process dies even so: the worker's fault, not a user's
+    raise BrokenProcessPool("died")
+
+
 def test_a_user_that_kills_the_process_fails_alone_and_the_rest_refine() -> None:
     calls: list[list[str]] = []
-    vectors, failed, errors = asyncio.run(isolate_deaths(_rows(8), _dies_on({"u5"}, calls)))
+    vectors, failed, errors = asyncio.run(isolate_deaths(_rows(8), _dies_on({"u5"}, calls), _dies))
     assert [None if v is None else int(v[0, 0, 0]) for v in vectors] == [0, 1, 2, 3, 4, None, 6, 7]
     assert failed == {} and list(errors) == ["u5"] and "died refining this user" in errors["u5"]
     # the whole batch, its halves, then the half of the half that died, then the user alone beside its pair
@@ -42,18 +50,25 @@ def test_a_user_that_kills_the_process_fails_alone_and_the_rest_refine() -> None
 
 
 def test_two_such_users_in_one_half_each_fail_alone() -> None:
-    vectors, _, errors = asyncio.run(isolate_deaths(_rows(8), _dies_on({"u0", "u1"}, [])))
+    vectors, _, errors = asyncio.run(isolate_deaths(_rows(8), _dies_on({"u0", "u1"}, []), _dies))
     assert [v is None for v in vectors] == [True, True] + [False] * 6 and sorted(errors) == ["u0", "u1"]
 
 
-def test_deaths_in_both_halves_or_of_one_user_are_not_pinned_on_a_user() -> None:
-    """Then the fault may be the worker's (every call dies): it raises and the batch stays dirty."""
+def test_such_users_in_both_halves_each_fail_alone_when_an_empty_call_survives() -> None:
+    """Both halves kill the process; a call that refines nobody does not, so the deaths are the users':
+    both halves are split further and the other six users refine."""
+    vectors, _, errors = asyncio.run(isolate_deaths(_rows(8), _dies_on({"u1", "u6"}, []), _lives))
+    assert [v is None for v in vectors] == [i in (1, 6) for i in range(8)] and sorted(errors) == ["u1", "u6"]
+
+
+def test_deaths_the_empty_call_shares_or_of_one_user_are_not_pinned_on_a_user() -> None:
+    """Every call dies (the worker's fault), or a one-user batch dies: it raises and the batch stays dirty."""
     with pytest.raises(BrokenProcessPool):
-        asyncio.run(isolate_deaths(_rows(8), _dies_on({"u1", "u6"}, [])))
+        asyncio.run(isolate_deaths(_rows(8), _dies_on({f"u{i}" for i in range(8)}, []), _dies))
     with pytest.raises(BrokenProcessPool):
-        asyncio.run(isolate_deaths(_rows(1), _dies_on({"u0"}, [])))
+        asyncio.run(isolate_deaths(_rows(1), _dies_on({"u0"}, []), _lives))
     calls: list[list[str]] = []
-    assert asyncio.run(isolate_deaths(_rows(3), _dies_on(set(), calls)))[2] == {} and len(calls) == 1
+    assert asyncio.run(isolate_deaths(_rows(3), _dies_on(set(), calls), _dies))[2] == {} and len(calls) == 1
 
 
 @pytest.fixture(scope="module")
