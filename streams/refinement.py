@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 import torch
@@ -461,7 +462,7 @@ class Refresher:
         """A call that refines nobody: raises ``BrokenProcessPool`` when the process dies even so."""
         await self._submit(0, _child_ready)
 
-    async def _submit(self, users: int, fn: Callable, *args: object):
+    async def _submit(self, users: int, fn: Callable[..., Any], *args: object) -> Any:
         """``fn(*args)`` in the refiner process.  A process that died (in this call, or idle before it)
         raises ``BrokenProcessPool`` (counted, logged) and is replaced for the next call, after a back-off
         that doubles with each process lost in a row."""
