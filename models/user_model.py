@@ -219,6 +219,15 @@ class UserModel(nn.Module):
         return model.eval()
 
 
+def _weights_digest(prefix: str, module: nn.Module) -> str:
+    """sha256 of ``prefix`` and every tensor of ``module``'s state dict (names and bytes, any dtype)."""
+    h = hashlib.sha256(prefix.encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Checkpoint:
     """Everything a worker loads: the model, the codebook and the item table it was trained with."""
@@ -238,21 +247,13 @@ class Checkpoint:
     def state_id(self) -> str:
         """Which coarse states this checkpoint can continue: they depend on the codebook (decoded inputs)
         and on the coarse model's weights; a state of another id is rebuilt from the stored history."""
-        h = hashlib.sha256(self.codebook_id.encode())
-        for name, tensor in sorted(self.model.coarse.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:12]
+        return _weights_digest(self.codebook_id, self.model.coarse)[:12]
 
     @cached_property
     def fingerprint(self) -> str:
         """What computed a result: the version, the codebook and every weight of the model.  A worker and
         its refiner process compare it, so weights retrained under the same ``VERSION`` are told apart."""
-        h = hashlib.sha256(f"{self.version}\n{self.codebook_id}".encode())
-        for name, tensor in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
-        return h.hexdigest()[:16]
+        return _weights_digest(f"{self.version}\n{self.codebook_id}", self.model)[:16]
 
     @cached_property
     def _item_rows(self) -> dict[str, int]:

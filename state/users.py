@@ -220,6 +220,12 @@ def usable_coarse(state: np.ndarray) -> bool:
     return bool(top == top and top != np.inf)
 
 
+def usable_coarse_many(states: np.ndarray) -> np.ndarray:
+    """``usable_coarse`` of each row of ``states`` (rows, size), in one reduction."""
+    top = states.max(axis=1) if len(states) else np.zeros(0)
+    return (top == top) & (top != np.inf)
+
+
 def encode_coarse(state: np.ndarray) -> bytes:
     head = np.ascontiguousarray(state[:COARSE_HEAD], dtype="<f8").tobytes()
     return head + np.ascontiguousarray(state[COARSE_HEAD:], dtype="<f4").tobytes()
@@ -237,8 +243,7 @@ def decode_coarse_many(raws: list[bytes | None], size: int) -> list[np.ndarray |
         states = np.empty((len(fast), size), dtype=np.float64)
         states[:, :COARSE_HEAD] = buf[:, : 8 * COARSE_HEAD].copy().view("<f8")
         states[:, COARSE_HEAD:] = buf[:, 8 * COARSE_HEAD :].copy().view("<f4")
-        top = states.max(axis=1)
-        usable = (top == top) & (top != np.inf)
+        usable = usable_coarse_many(states)
         for n, i in enumerate(fast):
             out[i] = states[n] if usable[n] else CorruptState("coarse state holds NaN or +infinite values")
     for i, raw in enumerate(raws):

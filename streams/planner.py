@@ -41,9 +41,8 @@ from state.users import (
     UserUpdate,
     decode_coarse_many,
     decode_history,
-    encode_coarse,
     encode_coarse_many,
-    usable_coarse,
+    usable_coarse_many,
     watermark,
 )
 from streams.events import Event, Message
@@ -156,7 +155,7 @@ def plan(
         p.park = [a for a in p.waiting if a.origin not in handled]
         p.mark = tuple(a.origin for a in p.waiting if a.origin not in row.parked)
     folded = _fold({u: (starts[u], out[u].applied) for u in starts}, codes, ctx)
-    finite = _usable_rows([state for state, _, _ in folded.values()])
+    finite = usable_coarse_many(np.stack([state for state, _, _ in folded.values()])) if folded else []
     kept: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     for (user, (state, recs, last_ts)), usable in zip(folded.items(), finite, strict=True):
         p = out[user]
@@ -176,14 +175,6 @@ def plan(
     for (user, (_, _, last_ts)), state_bytes in zip(kept.items(), coarse, strict=True):
         out[user].update = _update(rows[user], out[user], state_bytes, writes[user], last_ts, ctx, handled)
     return out
-
-
-def _usable_rows(states: list[np.ndarray]) -> list[bool]:
-    """``usable_coarse`` of each state, in one reduction."""
-    if not states:
-        return []
-    top = np.stack(states).max(axis=1)
-    return ((top == top) & (top != np.inf)).tolist()
 
 
 def _fresh(row: UserRow, batch: list[Accepted]) -> list[Accepted]:
@@ -410,10 +401,11 @@ def plan_new(
     first = np.where(trimmed, ends - ctx.cap, ends - counts)
     kept = ends - first
     blobs = encode_many(recs[np.arange(int(kept.sum())) + np.repeat(first - (np.cumsum(kept) - kept), kept)], kept)
+    usable, coarse_bytes = usable_coarse_many(states), encode_coarse_many(states)
     out: dict[str, UserUpdate | None] = {}
     for i, user in enumerate(users):
         start, end = int(ends[i] - counts[i]), int(ends[i])
-        if not usable_coarse(states[i]) or end == start or bad[i]:
+        if not usable[i] or end == start or bad[i]:
             out[user] = None
             continue
         appended, history = (b"", blobs[i]) if trimmed[i] else (blobs[i], None)
@@ -423,7 +415,7 @@ def plan_new(
             expected_version=0,
             expected_state_id=None,
             n_events=end - start,
-            coarse=encode_coarse(states[i]),
+            coarse=coarse_bytes[i],
             records=appended,
             history=history,
             last_ts=top,
