@@ -158,21 +158,27 @@ class RowRefiner:
         return self.ckpt.model.refine_users(user_inputs(self.ckpt, rows, books, self.cap), self.scenario_ids)
 
 
+#: The error of a user whose call killed the refiner process while a known-good call after it did not.
+DIED_ALONE = "BrokenProcessPool: the refiner process died refining this user"
+
+
 async def isolate_deaths(
     rows: list[UserRow], call: Callable[[list[UserRow]], Awaitable[Refined]], probe: Callable[[], Awaitable[None]]
 ) -> Refined:
     """``call(rows)``; when the call kills the refiner process (``BrokenProcessPool``), each half is called
-    on its own, and a half that kills it again is split again.  A user that kills the process alone while
-    the rest of its batch refines fails alone (an error in ``Refined``: it stays dirty and is retried, and
-    quarantined after ``RETRY_LIMIT`` ticks in a row, as any fault that follows one user).  When both
-    halves kill it too, ``probe`` (a call that refines nobody) tells a fault of the worker, which kills
-    even that (raised: the batch stays dirty), from users in both halves whose data kill it (both are split
-    further).  A one-user batch that kills it cannot be told from a fault of the worker: that raises."""
+    on its own, and a half that kills it again is split again, down to one user.  ``probe`` refines a row
+    known to refine (``Refresher._probe``) and raises ``BrokenProcessPool`` when that kills the process too:
+    the fault is then the worker's (raised: the batch stays dirty), not any user's.  So a user whose call
+    killed the process fails alone (an error in ``Refined``: it stays dirty, is retried, and is quarantined
+    after ``RETRY_LIMIT`` ticks in a row) only when the probe right after its death survived.  The probe also
+    runs when both halves of the batch kill the process, so a worker that dies on every call is told after
+    three deaths, not after a bisection down to one user."""
     try:
         return await call(rows)
     except BrokenProcessPool:
         if len(rows) == 1:
-            raise
+            await probe()
+            return [None], {}, {rows[0].user: DIED_ALONE}
     return await _halves(rows, call, probe, top=True)
 
 
@@ -190,13 +196,14 @@ async def _halves(
         except BrokenProcessPool:
             got.append(None)
     if top and got[0] is None and got[1] is None:
-        await probe()  # raises BrokenProcessPool when the process dies without any user's data
+        await probe()
     vectors: list[np.ndarray | None] = []
     failed: dict[str, str] = {}
     errors: dict[str, str] = {}
     for part, refined in zip(parts, got, strict=True):
-        if refined is None and len(part) == 1:  # it killed the process alone, and some other call did not
-            refined = [None], {}, {part[0].user: "BrokenProcessPool: the refiner process died refining this user"}
+        if refined is None and len(part) == 1:  # it killed the process alone: pinned once a probe survives
+            await probe()
+            refined = [None], {}, {part[0].user: DIED_ALONE}
         elif refined is None:
             refined = await _halves(part, call, probe, top=False)
         vectors += refined[0]
@@ -231,6 +238,10 @@ def _exit_with(parent: int) -> None:
 
 def _child_ready() -> bool:
     return _CHILD is not None
+
+
+#: The probe's row before any call refined a user: nothing stored (the model still runs on it).
+PROBE_ROW = UserRow("\x00probe")  # ids are printable (``models.schema.ident``): no user has this one
 
 
 def _child_refine(rows: list[UserRow], books: dict[str, ResidualCodebook]) -> tuple[str, Refined]:
@@ -273,6 +284,8 @@ class Refresher:
         self._computing = asyncio.Lock()  # one tick at a time reads and refines (see ``_tick``)
         self._held: set[str] = set()  # users in a tick now
         self._breaks = 0  # refiner processes lost in a row (a back-off before the next one)
+        #: The probe's call (``_probe``): the last row a refiner process refined, and the codebooks it used.
+        self._known_good: tuple[list[UserRow], dict[str, ResidualCodebook]] = ([PROBE_ROW], {})
         self._closed = False
         self.failing_since: float | None = None  # monotonic time of the first failed tick in a row
 
@@ -434,33 +447,57 @@ class Refresher:
     async def run(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
         """The refiner's computation for these rows, off the event loop (``RowRefiner.refine``).  In the
         refiner process, a call that kills it (a crash, the OOM killer) is split (``isolate_deaths``), so a
-        user whose data kills the process fails alone; each process lost is replaced, after a back-off that
-        doubles with each one lost in a row (up to 30 s).  A process that loaded another checkpoint than
-        this worker's (its directory changed under it) raises: vectors are stored under this worker's
-        version."""
+        user whose data kills the process fails alone; users that failed alone before (``retries``) are
+        refined each on its own, after the rest, so such a user costs one process per tick, not a
+        bisection.  Each process lost is replaced, after a back-off that doubles with each one lost in a
+        row (up to 30 s).  A process that loaded another checkpoint than this worker's (its directory
+        changed under it) raises: vectors are stored under this worker's version."""
         if self._closed:  # the worker is stopping
             raise asyncio.CancelledError
         t0 = time.perf_counter()
         try:
             if not self.process:
                 return await asyncio.get_running_loop().run_in_executor(self.executor, self.rows.refine, rows, books)
-            return await isolate_deaths(rows, lambda part: self._in_process(part, books), self._probe)
+            return await self._isolated(rows, books)
         finally:
             metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
 
+    async def _isolated(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
+        """``isolate_deaths`` over the rows not suspected, then over each suspected row alone; in rows order."""
+        suspected = [i for i, r in enumerate(rows) if r.user in self.retries]
+        rest = [i for i, r in enumerate(rows) if r.user not in self.retries]
+        vectors: list[np.ndarray | None] = [None] * len(rows)
+        failed: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        for part in ([rest] if rest else []) + [[i] for i in suspected]:
+            got = await isolate_deaths([rows[i] for i in part], lambda p: self._in_process(p, books), self._probe)
+            for i, v in zip(part, got[0], strict=True):
+                vectors[i] = v
+            failed.update(got[1])
+            errors.update(got[2])
+        return vectors, failed, errors
+
     async def _in_process(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
-        """One refiner call in the refiner process, checked against this worker's checkpoint."""
+        """One refiner call in the refiner process, checked against this worker's checkpoint; a row it
+        refined becomes the probe's."""
         made_by, refined = await self._submit(len(rows), _child_refine, rows, books)
         if made_by != self.ckpt.fingerprint:
             raise RuntimeError(
                 f"the refiner process loaded checkpoint {made_by}, this worker runs {self.ckpt.fingerprint} "
                 f"(version {self.ckpt.version}): {self.settings.checkpoint} changed; restart the worker"
             )
+        good = next((r for r, v in zip(rows, refined[0], strict=True) if v is not None), None)
+        if good is not None:
+            self._known_good = [good], books
         return refined
 
     async def _probe(self) -> None:
-        """A call that refines nobody: raises ``BrokenProcessPool`` when the process dies even so."""
-        await self._submit(0, _child_ready)
+        """Refines a row a refiner process refined before (a row with nothing stored, until one has):
+        raises ``BrokenProcessPool`` when the process dies on that too.  A call that refines nobody would
+        not do: a fault that kills every model call (a broken kernel, memory) would pass it, and every user
+        of the batch would be blamed."""
+        rows, books = self._known_good
+        await self._submit(len(rows), _child_refine, rows, books)
 
     async def _submit(self, users: int, fn: Callable[..., Any], *args: object) -> Any:
         """``fn(*args)`` in the refiner process.  A process that died (in this call, or idle before it)

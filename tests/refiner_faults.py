@@ -15,3 +15,11 @@ class DiesOnOneUser(RowRefiner):
         if any(r.user == "bad" for r in rows):
             os._exit(9)
         return super().vectors(rows, books)
+
+
+class DiesOnEveryCall(RowRefiner):
+    """A fault of the worker, not of any user's data: the process dies on every call that runs the model
+    (as a broken kernel would), while a call that only asks whether it is up succeeds."""
+
+    def vectors(self, rows, books):
+        os._exit(9)
