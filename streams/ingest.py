@@ -147,9 +147,9 @@ class Ingestor:
         books = await self.codebooks.loadable({r.codebook for r in rows.values() if r.codebook})
         plans = plan(rows, pending, codes, PlanContext(self.ckpt, books, self.settings.history_cap), handled)
         conflicts: set[str] = set()
+        if first:  # a re-plan sees the same duplicates again
+            metrics.DUPLICATES.labels(scenario).inc(sum(p.duplicates for p in plans.values()))
         for p in plans.values():
-            if first:  # a re-plan sees the same duplicates again
-                metrics.DUPLICATES.labels(scenario).inc(p.duplicates)
             if p.remark_dirty:
                 dirty[pending[p.user][-1].partition][p.user] = rows[p.user].seq
             if p.poison:
@@ -165,17 +165,19 @@ class Ingestor:
                 for a in p.park:
                     await self._park(a, handled)
         updates = {u: p.update for u, p in plans.items() if p.update is not None and u not in conflicts}
+        applied = 0
         for user, result in (await self.store.apply_many(updates)).items() if updates else ():
             if result is None:
                 conflicts.add(user)
                 continue
             p = plans[user]
-            metrics.EVENTS.labels(scenario).inc(len(p.applied))
+            applied += len(p.applied)
             if p.rebuilt:
                 metrics.USERS_REBUILT.inc()
                 log.info("rebuilt user %s for state %s from its stored events", user, self.ckpt.state_id)
             if result.seq > result.refined_seq:
                 dirty[pending[user][-1].partition][user] = result.seq
+        metrics.EVENTS.labels(scenario).inc(applied)
         return conflicts
 
     async def _count_trend(self, plans: dict[str, UserPlan]) -> None:

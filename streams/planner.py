@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class Accepted:
         """Producer time, seconds."""
         return self.msg.timestamp
 
-    @property
+    @cached_property  # read several times per event by the read, the plan and the update
     def mark(self) -> str:
         return watermark(self.msg.topic, self.msg.partition)
 

@@ -31,6 +31,7 @@ import torch
 from models.codebook import ResidualCodebook
 from models.refiner import UserInput, select_recent
 from models.user_model import Checkpoint
+from state.history import encode, records
 from state.store import StreamStore
 from state.users import CorruptState, UserRow, decode_coarse, decode_history
 from streams import metrics
@@ -170,9 +171,9 @@ async def isolate_deaths(
     known to refine (``Refresher._probe``) and raises ``BrokenProcessPool`` when that kills the process too:
     the fault is then the worker's (raised: the batch stays dirty), not any user's.  So a user whose call
     killed the process fails alone (an error in ``Refined``: it stays dirty, is retried, and is quarantined
-    after ``RETRY_LIMIT`` ticks in a row) only when the probe right after its death survived.  The probe also
-    runs when both halves of the batch kill the process, so a worker that dies on every call is told after
-    three deaths, not after a bisection down to one user."""
+    after ``RETRY_LIMIT`` ticks in a row) only when a probe after its death survived.  The probe also runs
+    when both halves of the batch kill the process, so a worker that dies on every call is told after four
+    deaths (the batch, its halves, the probe), not after a bisection down to one user."""
     try:
         return await call(rows)
     except BrokenProcessPool:
@@ -240,14 +241,24 @@ def _child_ready() -> bool:
     return _CHILD is not None
 
 
-#: The probe's row before any call refined a user: nothing stored (the model still runs on it).
-PROBE_ROW = UserRow("\x00probe")  # ids are printable (``models.schema.ident``): no user has this one
+def probe_row(ckpt: Checkpoint, events: int = 8) -> UserRow:
+    """The probe's row before any call refined a user: a few events on items made of the codebook's own
+    codewords, so the probe decodes a history and runs the model over events, as a user's call does.  Its
+    id is not printable, so no user has it (``models.schema.ident``)."""
+    codes = ckpt.codebook.encode(ckpt.codebook.codewords[0][:events]).records()
+    n = len(codes)
+    history = encode(records(codes, np.zeros(n, np.int64), np.zeros(n, np.int64), 1.7e9 + 60.0 * np.arange(n)))
+    return UserRow("\x00probe", history=history, codebook=ckpt.codebook_id, state_id=ckpt.state_id)
 
 
 def _child_refine(rows: list[UserRow], books: dict[str, ResidualCodebook]) -> tuple[str, Refined]:
     """Runs in the refiner process; returns which checkpoint computed the result (``fingerprint``) with it."""
     assert _CHILD is not None, "the refiner process was not initialised"
     return _CHILD.ckpt.fingerprint, _CHILD.refine(rows, books)
+
+
+class CheckpointChanged(RuntimeError):
+    """The refiner process computed with another checkpoint than the worker's: no user's fault."""
 
 
 class Refresher:
@@ -284,8 +295,8 @@ class Refresher:
         self._computing = asyncio.Lock()  # one tick at a time reads and refines (see ``_tick``)
         self._held: set[str] = set()  # users in a tick now
         self._breaks = 0  # refiner processes lost in a row (a back-off before the next one)
-        #: The probe's call (``_probe``): the last row a refiner process refined, and the codebooks it used.
-        self._known_good: tuple[list[UserRow], dict[str, ResidualCodebook]] = ([PROBE_ROW], {})
+        #: The probe's call (``_probe``): the last row a refiner process refined, and the codebook it used.
+        self._known_good: tuple[list[UserRow], dict[str, ResidualCodebook]] = ([probe_row(ckpt)], {})
         self._closed = False
         self.failing_since: float | None = None  # monotonic time of the first failed tick in a row
 
@@ -463,14 +474,25 @@ class Refresher:
             metrics.REFINE_BATCH.observe(time.perf_counter() - t0)
 
     async def _isolated(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
-        """``isolate_deaths`` over the rows not suspected, then over each suspected row alone; in rows order."""
+        """``isolate_deaths`` over the rows not suspected, then over each suspected row alone; in rows order.
+        A suspected row alone that raises is that user's failure once a probe survives (``RowRefiner.refine``
+        raises when every row of a call fails, which one row alone always is): the rest are kept."""
         suspected = [i for i, r in enumerate(rows) if r.user in self.retries]
         rest = [i for i, r in enumerate(rows) if r.user not in self.retries]
         vectors: list[np.ndarray | None] = [None] * len(rows)
         failed: dict[str, str] = {}
         errors: dict[str, str] = {}
         for part in ([rest] if rest else []) + [[i] for i in suspected]:
-            got = await isolate_deaths([rows[i] for i in part], lambda p: self._in_process(p, books), self._probe)
+            batch = [rows[i] for i in part]
+            try:
+                got = await isolate_deaths(batch, lambda b: self._in_process(b, books), self._probe)
+            except (BrokenProcessPool, CheckpointChanged):
+                raise
+            except Exception as exc:
+                if part is rest:
+                    raise
+                await self._probe()  # raises when the worker is at fault: the batch stays dirty
+                got = [None], {}, {batch[0].user: f"{type(exc).__name__}: {exc}"}
             for i, v in zip(part, got[0], strict=True):
                 vectors[i] = v
             failed.update(got[1])
@@ -479,27 +501,29 @@ class Refresher:
 
     async def _in_process(self, rows: list[UserRow], books: dict[str, ResidualCodebook]) -> Refined:
         """One refiner call in the refiner process, checked against this worker's checkpoint; a row it
-        refined becomes the probe's."""
-        made_by, refined = await self._submit(len(rows), _child_refine, rows, books)
+        refined to finite vectors becomes the probe's."""
+        made_by, refined = await self._submit(f"a call for {len(rows)} user(s)", _child_refine, rows, books)
         if made_by != self.ckpt.fingerprint:
-            raise RuntimeError(
+            raise CheckpointChanged(
                 f"the refiner process loaded checkpoint {made_by}, this worker runs {self.ckpt.fingerprint} "
                 f"(version {self.ckpt.version}): {self.settings.checkpoint} changed; restart the worker"
             )
-        good = next((r for r, v in zip(rows, refined[0], strict=True) if v is not None), None)
+        good = next((r for r, v in zip(rows, refined[0], strict=True) if v is not None and np.isfinite(v).all()), None)
         if good is not None:
-            self._known_good = [good], books
+            self._known_good = [good], {k: b for k, b in books.items() if k == good.codebook}
         return refined
 
     async def _probe(self) -> None:
-        """Refines a row a refiner process refined before (a row with nothing stored, until one has):
-        raises ``BrokenProcessPool`` when the process dies on that too.  A call that refines nobody would
-        not do: a fault that kills every model call (a broken kernel, memory) would pass it, and every user
-        of the batch would be blamed."""
+        """Refines a row a refiner process refined before (``probe_row`` until one has): raises
+        ``BrokenProcessPool`` when the process dies on that too.  A call that refines nobody would not do: a
+        fault that kills every model call (a broken kernel, memory) would pass it, and every user of the
+        batch would be blamed.  A stop meanwhile raises ``CancelledError``: nobody is blamed on the way out."""
         rows, books = self._known_good
-        await self._submit(len(rows), _child_refine, rows, books)
+        await self._submit("the probe", _child_refine, rows, books)
+        if self._closed:
+            raise asyncio.CancelledError
 
-    async def _submit(self, users: int, fn: Callable[..., Any], *args: object) -> Any:
+    async def _submit(self, what: str, fn: Callable[..., Any], *args: object) -> Any:
         """``fn(*args)`` in the refiner process.  A process that died (in this call, or idle before it)
         raises ``BrokenProcessPool`` (counted, logged) and is replaced for the next call, after a back-off
         that doubles with each process lost in a row."""
@@ -513,7 +537,7 @@ class Refresher:
             self.executor.shutdown(wait=False)
             self._breaks += 1
             metrics.AGENT_ERRORS.labels("refine", "process_died").inc()
-            log.warning("the refiner process died (a call for %d user(s), or before it); a new one is started", users)
+            log.warning("the refiner process died (%s, or before it); a new one is started", what)
             if not self._closed:
                 self.executor = self._executor()
             raise

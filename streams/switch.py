@@ -86,8 +86,9 @@ class Codebooks:
         missing = [it for it, c in codes.items() if c is None]
         if missing:
             codes.update(await self.recode(missing))
-        for item, code in codes.items():
-            if code is not None and not self.own.valid_record(code):
+        known = [item for item, code in codes.items() if code is not None]
+        for item, ok in zip(known, self.own.valid_records([codes[it] for it in known]), strict=True):
+            if not ok:
                 log.error("item %s has a code this codebook cannot decode; treated as not known", item)
                 codes[item] = None
         return codes

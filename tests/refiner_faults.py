@@ -23,3 +23,12 @@ class DiesOnEveryCall(RowRefiner):
 
     def vectors(self, rows, books):
         os._exit(9)
+
+
+class RaisesOnOneUser(RowRefiner):
+    """A fault that follows user ``bad`` as an exception (not on its data), in a process that survives it."""
+
+    def vectors(self, rows, books):
+        if any(r.user == "bad" for r in rows):
+            raise RuntimeError("a fault that follows user bad")
+        return super().vectors(rows, books)

@@ -106,3 +106,18 @@ def test_transcode_to_a_new_codebook_keeps_the_items(book, pool):
     assert direct - 0.05 < via_old < direct  # a little worse than encoding the raw vector (0.893 vs 0.919)
     again = new.from_bytes(transcode(moved, 200, new, new), 200)  # a second pass moves it little
     assert _cos(again, new.from_bytes(moved, 200)).mean() > 0.98
+
+
+@pytest.mark.parametrize("codewords", [64, 300])  # one byte per code, and two
+def test_the_batch_record_check_equals_the_one_record_check(pool, codewords) -> None:
+    """``valid_records`` (a batch's item codes in one pass) says what ``valid_record`` says of each record:
+    good records, short and long ones, codes past the codebook, an empty one."""
+    book = ResidualCodebook.fit(pool[:1000], CodebookConfig(dim=32, layers=3, codewords=codewords, kmeans_iters=2))
+    good = [r.tobytes() for r in book.encode(pool[:20]).records()]
+    width = book.cfg.code_dtype.itemsize
+    past = bytearray(good[1])
+    past[width * 2 : width * 3] = (codewords + 5).to_bytes(width, "little")  # the third layer's code
+    records = [*good[:5], good[5][:-1], good[6] + b"\x00", bytes(past), b"", *good[7:]]
+    want = [book.valid_record(r) for r in records]
+    assert want.count(False) == 4 and book.valid_records(records) == want
+    assert book.valid_records([]) == [] and book.valid_records([b"x"]) == [False]

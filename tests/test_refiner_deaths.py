@@ -10,7 +10,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import pytest
 import torch
-from refiner_faults import DiesOnEveryCall, DiesOnOneUser
+from refiner_faults import DiesOnEveryCall, DiesOnOneUser, RaisesOnOneUser
 
 from models.user_model import Checkpoint
 from state.users import UserRow
@@ -56,7 +56,7 @@ def test_two_such_users_in_one_half_each_fail_alone() -> None:
     assert [v is None for v in vectors] == [True, True] + [False] * 6 and sorted(errors) == ["u0", "u1"]
 
 
-def test_such_users_in_both_halves_each_fail_alone_when_an_empty_call_survives() -> None:
+def test_such_users_in_both_halves_each_fail_alone_when_the_probe_survives() -> None:
     """Both halves kill the process; the probe does not, so the deaths are the users': both halves are
     split further and the other six users refine."""
     vectors, _, errors = asyncio.run(isolate_deaths(_rows(8), _dies_on({"u1", "u6"}, []), _lives))
@@ -137,3 +137,34 @@ def test_a_refiner_process_with_other_weights_under_the_same_version_is_refused(
     assert ckpt.version == Checkpoint.load(sim_checkpoint).version
     with pytest.raises(RuntimeError, match="changed; restart"):
         asyncio.run(refresher_of(ckpt).run([UserRow("a")], {}))
+
+
+def test_a_suspected_user_whose_call_raises_fails_alone_and_the_rest_are_kept(sim_checkpoint, refresher_of) -> None:
+    """A user that failed alone before and now raises in its call of its own (one row: ``RowRefiner.refine``
+    re-raises) fails alone once the probe survives; the rest of the batch keeps its vectors."""
+    ckpt = Checkpoint.load(sim_checkpoint)
+    refresher = refresher_of(ckpt, RaisesOnOneUser)
+    rows = [UserRow(u) for u in ("a", "bad", "b")]
+    first = asyncio.run(refresher.run(rows, {}))  # the batch fails, each row alone: ``bad`` fails alone
+    assert first[0][1] is None and list(first[2]) == ["bad"]
+    refresher.retries["bad"] = (0, 1)
+    vectors, failed, errors = asyncio.run(refresher.run(rows, {}))
+    assert failed == {} and errors == {"bad": "RuntimeError: a fault that follows user bad"}
+    assert vectors[1] is None and all(v is not None for v in (vectors[0], vectors[2]))
+
+
+def test_a_stop_during_the_probe_blames_nobody(sim_checkpoint, refresher_of) -> None:
+    """The worker stops while the probe runs: the probe's call finishes, but no user is blamed on the way out."""
+    ckpt = Checkpoint.load(sim_checkpoint)
+    refresher = refresher_of(ckpt)
+    submit = refresher._submit
+
+    async def stop_at_the_probe(what, fn, *args):
+        got = await submit(what, fn, *args)
+        if what == "the probe":
+            refresher._closed = True
+        return got
+
+    refresher._submit = stop_at_the_probe
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(refresher.run([UserRow("bad")], {}))
