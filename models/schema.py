@@ -112,10 +112,23 @@ def check_event(
 ) -> EventRecord:
     """A row or message → a valid event, or ``Rejected`` with the reason.  ``scenarios`` / ``actions``: the
     known ones (None: any); ``lenient``: a file row (string numbers, ISO times, empty optional cells)."""
+    return EventRecord(*event_fields(data, scenarios, actions, lenient, require_id))
+
+
+def event_fields(
+    data: dict,
+    scenarios: tuple[str, ...] | None = None,
+    actions: tuple[str, ...] | None = None,
+    lenient: bool = False,
+    require_id: bool = False,
+) -> tuple[str, str, str, str, str, float, str]:
+    """``check_event``'s fields in ``EventRecord`` order, without the record (the Kafka parser builds its
+    own ``Event`` from them, once per message)."""
     needed = ("event_id", *EVENT_FIELDS) if require_id else EVENT_FIELDS
-    missing = [f for f in needed if data.get(f) is None or (lenient and data.get(f) == "")]
-    if missing:
-        raise Rejected(f"missing fields: {', '.join(missing)}")
+    for f in needed:
+        if data.get(f) is None or (lenient and data.get(f) == ""):
+            missing = [f for f in needed if data.get(f) is None or (lenient and data.get(f) == "")]
+            raise Rejected(f"missing fields: {', '.join(missing)}")
     scenario, action = data["scenario"], data["action"]
     if not isinstance(scenario, str) or (scenarios is not None and scenario not in scenarios):
         raise Rejected(f"unknown scenario {scenario!r}; known: {', '.join(scenarios or ())}")
@@ -130,7 +143,7 @@ def check_event(
     event_id = (
         ident(raw_id, "event_id") if raw_id not in (None, "") else derived_event_id(user, item, scenario, action, ts)
     )
-    return EventRecord(event_id, user, item, scenario, action, ts, query)
+    return event_id, user, item, scenario, action, ts, query
 
 
 def check_vector(vector: object, dim: int | None) -> np.ndarray:

@@ -15,6 +15,7 @@ depends on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -46,6 +47,7 @@ MARKS_CAP = 256
 ROW_FIELDS = (VERSION, SEQ, CODEBOOK, STATE_ID, REFINED_SEQ, LAST_TS, KTS, BACKFILL_TS, BACKFILL_IDS)
 
 
+@lru_cache(maxsize=4096)  # a worker meets a few (topic, partition) pairs, once per event each
 def watermark(topic: str, partition: int) -> str:
     """Highest offset of (topic, partition) applied to this user: a redelivery at or below it is skipped."""
     return f"w:{topic}:{partition}"
@@ -161,8 +163,13 @@ def parse_row(user: str, raw: list, watermarks: list[str], origins: list[str]) -
     ver, seq, cb, gen, refined, last_ts, kts, bts, bids = fixed
     n_w, n_o = len(watermarks), len(origins)
     marks = {w: int(float(v)) for w, v in zip(watermarks, extra[:n_w], strict=True) if v is not None}
-    applied = frozenset(o for o, v in zip(origins, extra[n_w : n_w + n_o], strict=True) if v is not None)
-    parked = frozenset(o for o, v in zip(origins, extra[n_w + n_o :], strict=True) if v is not None)
+    if len(extra) - n_w != 2 * n_o:
+        raise ValueError(f"a read of user {user!r} returned {len(extra) - n_w} mark values for {n_o} origins")
+    if extra.count(None) - n_w + len(marks) == 2 * n_o:  # no origin marked: the usual case, checked in C
+        applied = parked = frozenset()
+    else:
+        applied = frozenset(o for o, v in zip(origins, extra[n_w : n_w + n_o], strict=True) if v is not None)
+        parked = frozenset(o for o, v in zip(origins, extra[n_w + n_o :], strict=True) if v is not None)
     return UserRow(
         user,
         int(ver or 0),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from models.schema import MAX_VECTOR_VALUE, Rejected, check_event, check_item
+from models.schema import MAX_VECTOR_VALUE, Rejected, check_item, event_fields
 
 __all__ = [
     "MAX_VECTOR_VALUE",
@@ -113,32 +113,24 @@ def parse_event(
     """A valid event, or ``Rejected`` with the reason.  ``origin_key``: the key re-produced parked events
     are signed with (None: no event may carry ``_origin``); ``now``: the worker's clock."""
     data = _object(raw, limits.max_bytes)
-    rec = check_event(data, scenarios, actions, require_id=True)  # the shared schema (models.schema)
-    if rec.scenario != topic_scenario:
-        raise Rejected(f"scenario {rec.scenario!r} sent to the {topic_scenario!r} topic")
+    # the shared schema (models.schema), its fields as a tuple: one object per message, the Event
+    event_id, user_id, item_id, scenario, action, ts, query = event_fields(data, scenarios, actions, require_id=True)
+    if scenario != topic_scenario:
+        raise Rejected(f"scenario {scenario!r} sent to the {topic_scenario!r} topic")
     now = time.time() if now is None else now
-    if rec.ts > now + limits.max_future_s:
-        raise Rejected(f"field 'ts' ({rec.ts:.6g}) is more than {limits.max_future_s:g} s ahead of the worker's clock")
-    if limits.max_age_s and rec.ts < now - limits.max_age_s:
-        raise Rejected(f"field 'ts' ({rec.ts:.6g}) is more than {limits.max_age_s:g} s old (max_age_s)")
+    if ts > now + limits.max_future_s:
+        raise Rejected(f"field 'ts' ({ts:.6g}) is more than {limits.max_future_s:g} s ahead of the worker's clock")
+    if limits.max_age_s and ts < now - limits.max_age_s:
+        raise Rejected(f"field 'ts' ({ts:.6g}) is more than {limits.max_age_s:g} s old (max_age_s)")
     origin = data.get("_origin")
     if origin is not None:
         if not (isinstance(origin, str) and _ORIGIN.fullmatch(origin)):
             raise Rejected("field '_origin' must be 'topic:partition:offset' (set only by the parking path)")
         sig = data.get("_sig")
-        want = origin_signature(origin_key, origin, rec.event_id, rec.user_id) if origin_key is not None else None
+        want = origin_signature(origin_key, origin, event_id, user_id) if origin_key is not None else None
         if want is None or not (isinstance(sig, str) and hmac.compare_digest(sig, want)):
             raise Rejected("field '_origin' is set only by the parking path (missing or wrong '_sig')")
-    return Event(
-        rec.event_id,
-        rec.user_id,
-        rec.item_id,
-        scenarios.index(rec.scenario),
-        actions.index(rec.action),
-        rec.ts,
-        rec.query,
-        origin,
-    )
+    return Event(event_id, user_id, item_id, scenarios.index(scenario), actions.index(action), ts, query, origin)
 
 
 def parse_item(raw: bytes, dim: int, max_bytes: int) -> Item:

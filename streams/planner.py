@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 
@@ -79,7 +78,7 @@ class Accepted:
         """Producer time, seconds."""
         return self.msg.timestamp
 
-    @cached_property  # read several times per event by the read, the plan and the update
+    @property
     def mark(self) -> str:
         return watermark(self.msg.topic, self.msg.partition)
 
@@ -151,10 +150,11 @@ def plan(
             p.poison, p.dead = f"user {user!r}: {exc}", [a for a in fresh if a.origin not in handled]
             continue
         starts[user] = start
-        p.waiting = [a for a in fresh if codes.get(a.event.item_id) is None]
-        p.applied = [a for a in fresh if codes.get(a.event.item_id) is not None]
-        p.park = [a for a in p.waiting if a.origin not in handled]
-        p.mark = tuple(a.origin for a in p.waiting if a.origin not in row.parked)
+        for a in fresh:
+            (p.applied if codes.get(a.event.item_id) is not None else p.waiting).append(a)
+        if p.waiting:
+            p.park = [a for a in p.waiting if a.origin not in handled]
+            p.mark = tuple(a.origin for a in p.waiting if a.origin not in row.parked)
     folded = _fold({u: (starts[u], out[u].applied) for u in starts}, codes, ctx)
     finite = usable_coarse_many(np.stack([state for state, _, _ in folded.values()])) if folded else []
     kept: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
@@ -335,8 +335,11 @@ def _update(
     for a in p.applied + p.waiting:  # the watermark passes parked events too: their parked copy carries them on
         if not a.backfill:
             marks[a.mark] = max(marks.get(a.mark, -1), a.offset)
-    ever_parked = set(row.parked) | set(p.mark) | set(handled)
-    applied = tuple(a.origin for a in p.applied if a.replayed or a.origin in ever_parked)
+    if row.parked or p.mark or handled:
+        ever_parked = set(row.parked) | set(p.mark) | set(handled)
+        applied = tuple(a.origin for a in p.applied if a.replayed or a.origin in ever_parked)
+    else:  # the same, without building the sets
+        applied = tuple(a.origin for a in p.applied if a.replayed)
     new_state = row.state_id != ctx.ckpt.state_id
     records, history = writes
     changed = bool(p.applied) or p.rebuilt
