@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -171,10 +172,17 @@ def run_naive_baseline(
 
 
 # ---------------------------------------------------------------------------------------------- parts
-def watch_pipeline(settings: Settings, expected: dict[str, int], refine: bool, timeout: float = 900.0) -> dict:
+def watch_pipeline(
+    settings: Settings,
+    expected: dict[str, int],
+    refine: bool,
+    timeout: float = 900.0,
+    cpu: Callable[[], float] | None = None,
+) -> dict:
     """Times a worker over pre-produced events from Redis, like ``ceilings.Span``: from the first poll that
     sees an applied event to the poll that sees every user complete (applied, or with ``refine`` its
-    vectors written), over the events applied after that first poll.  Polls every 50 ms."""
+    vectors written), over the events applied after that first poll.  Polls every 50 ms.  ``cpu``: the
+    worker's CPU seconds now (``WorkerProcess.cpu_seconds``), for its CPU per event over the same span."""
     reader = interest_reader(settings)
     users, total = list(expected), sum(expected.values())
     span = Span()
@@ -184,14 +192,14 @@ def watch_pipeline(settings: Settings, expected: dict[str, int], refine: bool, t
         now = time.perf_counter()
         done = sum(min(a, expected[u]) for u, a in zip(users, applied, strict=True))
         if done and not span.first_at:
-            span.note(done, now)
+            span.note(done, now, cpu() if cpu else float("nan"))
         if refine:
             seqs = reader.seqs(users)
             complete = all((s or 0) >= expected[u] for u, s in zip(users, seqs, strict=True))
         else:
             complete = done >= total
         if complete:
-            span.note(total - span.events, now)
+            span.note(total - span.events, now, cpu() if cpu else float("nan"))
             return span.row(total)
         time.sleep(0.05)
     return {**span.row(total), "complete": False}
@@ -244,14 +252,15 @@ def bench_ingest(
         ):
             got["noop"] = wait_ceiling(noop_s) or {"events_per_s": float("nan"), "complete": False}
         for key, s, refine in (("off", off_s, False), ("on", on_s, True)):
-            with WorkerProcess(s, log=Path(settings.datadir) / f"{s.prefix}.log"):
-                got[key] = watch_pipeline(s, expected, refine)
+            with WorkerProcess(s, log=Path(settings.datadir) / f"{s.prefix}.log") as worker:
+                got[key] = watch_pipeline(s, expected, refine, cpu=worker.cpu_seconds)
         got["naive"] = run_naive_baseline(settings, ckpt, ds, p, prefix=off_s.prefix, timeout=naive_seconds)
         rounds.append(got)
         print("   " + ", ".join(f"{k} {v['events_per_s']:,.0f}" for k, v in got.items()) + " events/s", flush=True)
     rows = []
     for key, name in names.items():
         rates = [g[key]["events_per_s"] for g in rounds]
+        cpus = [g[key].get("cpu_us_per_event", float("nan")) for g in rounds]
         rows.append(
             {
                 "run": name,
@@ -260,6 +269,8 @@ def bench_ingest(
                 "users": len(expected),
                 "events_per_s": float(np.median(rates)),
                 "rounds": rates,
+                "cpu_us_per_event": float(np.median(cpus)),
+                "cpu_rounds": cpus,
                 "complete": all(g[key]["complete"] for g in rounds),
             }
         )
@@ -269,13 +280,25 @@ def bench_ingest(
         f"\ningest: simulator, {n:,} events of {len(expected)} users, {settings.partitions} partitions per topic, "
         f"pre-produced; one reader at a time; median of {repeats} round(s)\n"
     )
+    cpu = {r["key"]: r["cpu_us_per_event"] for r in rows}
     print_table(
-        ["run", "events/s", "vs no-op Faust", "complete"],
-        "lrrl",
+        ["run", "events/s", "vs no-op Faust", "CPU µs/event", "vs no-op Faust, by CPU", "complete"],
+        "lrrrrl",
         [
-            [r["run"], f"{r['events_per_s']:,.0f}", f"{r['events_per_s'] / by['noop']:.2f}", str(r["complete"])]
+            [
+                r["run"],
+                f"{r['events_per_s']:,.0f}",
+                f"{r['events_per_s'] / by['noop']:.2f}",
+                "" if np.isnan(cpu[r["key"]]) else f"{cpu[r['key']]:.1f}",
+                "" if np.isnan(cpu[r["key"]]) else f"{cpu['noop'] / cpu[r['key']]:.2f}",
+                str(r["complete"]),
+            ]
             for r in rows
         ],
+    )
+    print(
+        "\nCPU: the reader's CPU time (every thread; the pipeline's refiner process included) over the timed span, "
+        "per event: steadier than events/s when other jobs share the cores"
     )
     print(
         f"\nno-op Faust / raw aiokafka: {by['noop'] / by['raw']:.3f}; "

@@ -40,19 +40,24 @@ EVENTS_ENV = "MIRSTREAM_CEILING_EVENTS"
 
 @dataclass
 class Span:
-    """Events handled and when: the first batch's end and count, the last event's time."""
+    """Events handled and when: the first batch's end and count, the last event's time, and the reader's
+    CPU time (all its threads) at both."""
 
     events: int = 0
     first_at: float = 0.0
     first_events: int = 0
     last_at: float = 0.0
+    cpu_first: float = 0.0
+    cpu_last: float = 0.0
 
-    def note(self, n: int, now: float | None = None) -> None:
+    def note(self, n: int, now: float | None = None, cpu: float | None = None) -> None:
+        """``cpu``: the reader's CPU seconds now (default: this process's, ``time.process_time``)."""
         now = time.perf_counter() if now is None else now
+        cpu = time.process_time() if cpu is None else cpu
         self.events += n
         if not self.first_at:
-            self.first_at, self.first_events = now, self.events
-        self.last_at = now
+            self.first_at, self.first_events, self.cpu_first = now, self.events, cpu
+        self.last_at, self.cpu_last = now, cpu
 
     @property
     def per_s(self) -> float:
@@ -60,11 +65,18 @@ class Span:
         span = self.last_at - self.first_at
         return (self.events - self.first_events) / span if span > 0 else 0.0
 
+    @property
+    def cpu_us_per_event(self) -> float:
+        """The reader's CPU microseconds per event after the first batch (nan when none came after it)."""
+        n = self.events - self.first_events
+        return (self.cpu_last - self.cpu_first) / n * 1e6 if n > 0 else float("nan")
+
     def row(self, expected: int) -> dict:
         return {
             **asdict(self),
             "wall_s": self.last_at - self.first_at,
             "events_per_s": self.per_s,
+            "cpu_us_per_event": self.cpu_us_per_event,
             "complete": self.events >= expected,
         }
 

@@ -79,6 +79,14 @@ class WorkerProcess:
             return 0
         return sum(_rss(pid) for pid in [self.proc.pid, *self.children()])
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, every thread) the worker and its refiner process used so far (Linux
+        ``/proc``): a cost per event that other jobs on shared cores move less than a rate; nan when it
+        is not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return float("nan")
+        return sum(_cpu(pid) for pid in [self.proc.pid, *self.children()])
+
     def children(self) -> list[int]:
         """Pids of the worker's child processes (the refiner, multiprocessing's resource tracker)."""
         if self.proc is None or self.proc.poll() is not None:
@@ -118,6 +126,14 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of a process, seconds (0 once it is gone)."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def _rss(pid: int) -> int:

@@ -1,15 +1,20 @@
-"""The freshness figures the benchmarks print: the worker's Prometheus histogram (quantiles as bucket
-upper bounds, the share of refreshes within a bucket bound) and the per-event latency (``streams.latency``)."""
+"""The figures the benchmarks print: the worker's Prometheus histogram (quantiles as bucket upper bounds,
+the share of refreshes within a bucket bound), the per-event latency (``streams.latency``), and a reader's
+CPU per event (``streams.ceilings.Span``, ``WorkerProcess.cpu_seconds``)."""
 
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from streams.bench import histogram_quantiles, histogram_share
+from streams.ceilings import Span
 from streams.latency import event_latencies, group, summary
+from streams.workerproc import _cpu
 
 
 def _scrape(values: list[float]) -> str:
@@ -41,3 +46,22 @@ def test_per_event_latency_is_the_first_refinement_that_covers_each_event():
     assert s["within_1s"] == 0.4 and s["p50_s"] == 2.0 and math.isinf(s["p99_s"])
     grouped = group(np.array(["b", "a", "b", "a"]), np.array([1.0, 2.0, 3.0, 4.0]))
     assert {u: t.tolist() for u, t in grouped.items()} == {"a": [2.0, 4.0], "b": [1.0, 3.0]}
+
+
+def test_cpu_per_event_counts_the_events_after_the_first_batch() -> None:
+    """As events/s: the first batch (its start-up) is left out, the CPU from its end to the last event's."""
+    span = Span()
+    span.note(100, now=1.0, cpu=2.0)  # the first batch, whatever it cost
+    span.note(300, now=2.0, cpu=2.5)
+    span.note(200, now=3.0, cpu=3.0)
+    assert span.per_s == 250 and math.isclose(span.cpu_us_per_event, 1e6 / 500)
+    assert math.isnan(Span().cpu_us_per_event)
+
+
+def test_a_process_cpu_time_read_from_proc_is_its_own() -> None:
+    """``/proc/<pid>/stat`` user + system time of this process tracks ``time.process_time`` (clock ticks apart)."""
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert abs(_cpu(os.getpid()) - time.process_time()) < 3 * tick + 0.05 and _cpu(2**22 + 7) == 0.0
