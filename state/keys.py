@@ -71,8 +71,10 @@ class Keys:
         return f"{self.prefix}:{{u:{user}}}:h"
 
     def user_row(self, user: str) -> list[str]:
-        """KEYS of ``READ_USER`` and ``APPLY_USER``: state hash, history, coarse state (one hash tag)."""
-        return [self.user_state(user), self.user_history(user), self.user_coarse(user)]
+        """KEYS of ``READ_USER`` and ``APPLY_USER``: state hash, history, coarse state (one hash tag); the
+        same strings as ``user_state``, ``user_history`` and ``user_coarse``, built once per user."""
+        base = f"{self.prefix}:{{u:{user}}}:"
+        return [base + "s", base + "h", base + "c"]
 
     def user_vectors(self, user: str) -> str:
         return f"{self.prefix}:{{u:{user}}}:v"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,9 +50,8 @@ from streams.events import Event, Message
 from streams.switch import built_elsewhere, rebuild_user
 
 
-@dataclass(frozen=True)
-class Accepted:
-    """A parsed event with the message it came in."""
+class Accepted(NamedTuple):
+    """A parsed event with the message it came in (a named tuple: one is built per event)."""
 
     event: Event
     msg: Message
