@@ -73,10 +73,11 @@ class Settings:
     version_ttl_s: float = 7 * 86400.0
     #: Kafka consumer session timeout: a crashed worker's partitions move after this many seconds.
     session_timeout_s: float = 10.0
-    #: Max events a scenario agent takes from its stream per batch, and how long it waits to fill one.  A
-    #: batch costs a few Redis round trips whatever its size, so under a backlog larger ones go faster
-    #: (3,000 users, refinement off: ~7,800 events/s at 256, ~8,700 at 1,024; README, Performance); at a
-    #: steady rate the wait closes a batch first.
+    #: Max events a scenario agent takes from its stream per batch, and how long it waits to fill one.  The
+    #: wait closes most batches, even under a backlog (Faust hands an agent its events at its own pace:
+    #: ~440 / ~220 a batch at 50 ms, 3,000 users).  A longer wait makes larger batches, which hold fewer
+    #: users per event and go faster under a backlog (200 ms: +16 %), and holds each event that much longer
+    #: at a steady rate (README, Performance, ingest).
     batch_size: int = 1024
     batch_wait_ms: int = 50
     #: Max items the item agent takes per batch: a text item costs milliseconds of the item tower, so its
