@@ -125,10 +125,9 @@ def event_fields(
     """``check_event``'s fields in ``EventRecord`` order, without the record (the Kafka parser builds its
     own ``Event`` from them, once per message)."""
     needed = ("event_id", *EVENT_FIELDS) if require_id else EVENT_FIELDS
-    for f in needed:
-        if data.get(f) is None or (lenient and data.get(f) == ""):
-            missing = [f for f in needed if data.get(f) is None or (lenient and data.get(f) == "")]
-            raise Rejected(f"missing fields: {', '.join(missing)}")
+    missing = [f for f in needed if data.get(f) is None or (lenient and data.get(f) == "")]
+    if missing:
+        raise Rejected(f"missing fields: {', '.join(missing)}")
     scenario, action = data["scenario"], data["action"]
     if not isinstance(scenario, str) or (scenarios is not None and scenario not in scenarios):
         raise Rejected(f"unknown scenario {scenario!r}; known: {', '.join(scenarios or ())}")

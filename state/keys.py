@@ -61,32 +61,36 @@ from dataclasses import dataclass
 class Keys:
     prefix: str
 
+    def _user(self, user: str) -> str:
+        """What every key of a user starts with: the prefix and the user's hash tag (one cluster slot)."""
+        return f"{self.prefix}:{{u:{user}}}:"
+
     def user_state(self, user: str) -> str:
-        return f"{self.prefix}:{{u:{user}}}:s"
+        return self._user(user) + "s"
 
     def user_coarse(self, user: str) -> str:
-        return f"{self.prefix}:{{u:{user}}}:c"
+        return self._user(user) + "c"
 
     def user_history(self, user: str) -> str:
-        return f"{self.prefix}:{{u:{user}}}:h"
+        return self._user(user) + "h"
 
     def user_row(self, user: str) -> list[str]:
-        """KEYS of ``READ_USER`` and ``APPLY_USER``: state hash, history, coarse state (one hash tag); the
-        same strings as ``user_state``, ``user_history`` and ``user_coarse``, built once per user."""
-        base = f"{self.prefix}:{{u:{user}}}:"
+        """KEYS of ``READ_USER`` and ``APPLY_USER``: state hash, history, coarse state (one hash tag), the
+        user's prefix built once."""
+        base = self._user(user)
         return [base + "s", base + "h", base + "c"]
 
     def user_vectors(self, user: str) -> str:
-        return f"{self.prefix}:{{u:{user}}}:v"
+        return self._user(user) + "v"
 
     def baseline_history(self, user: str) -> str:
-        return f"{self.prefix}:{{u:{user}}}:raw"
+        return self._user(user) + "raw"
 
     def baseline_interests(self, user: str) -> str:
-        return f"{self.prefix}:{{u:{user}}}:rawv"
+        return self._user(user) + "rawv"
 
     def user_vectors_at(self, user: str, version: str) -> str:
-        return f"{self.prefix}:{{u:{user}}}:v@{version}"
+        return f"{self._user(user)}v@{version}"
 
     def item(self, item: str) -> str:
         return f"{self.prefix}:{{i:{item}}}"

@@ -335,11 +335,9 @@ def _update(
     for a in p.applied + p.waiting:  # the watermark passes parked events too: their parked copy carries them on
         if not a.backfill:
             marks[a.mark] = max(marks.get(a.mark, -1), a.offset)
-    if row.parked or p.mark or handled:
-        ever_parked = set(row.parked) | set(p.mark) | set(handled)
-        applied = tuple(a.origin for a in p.applied if a.replayed or a.origin in ever_parked)
-    else:  # the same, without building the sets
-        applied = tuple(a.origin for a in p.applied if a.replayed)
+    # the sets are built only for a user with parked origins (the usual user has none)
+    ever_parked = set(row.parked) | set(p.mark) | set(handled) if row.parked or p.mark or handled else ()
+    applied = tuple(a.origin for a in p.applied if a.replayed or a.origin in ever_parked)
     new_state = row.state_id != ctx.ckpt.state_id
     records, history = writes
     changed = bool(p.applied) or p.rebuilt
