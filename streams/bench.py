@@ -232,7 +232,10 @@ def bench_ingest(
     n = len(p.events)
     names = {
         "raw": "raw aiokafka consumer: getmany + orjson (ceiling of the client)",
-        "noop": f"no-op Faust agents: take_events({settings.batch_size}, {settings.batch_wait_ms} ms) + orjson",
+        "noop": (
+            f"no-op Faust agents: the pipeline's batches ({settings.batch_size}, "
+            f"{settings.batch_wait_ms}–{settings.batch_wait_max_ms} ms) + orjson"
+        ),
         "off": "pipeline, refinement off",
         "on": "pipeline, refinement on",
         "naive": "naive: per event fetch raw history, recompute, write",

@@ -8,7 +8,7 @@ scenario topics as the pipeline:
   without a consumer group (every partition from the beginning): what the client library and the
   broker give on this machine.
 - ``build_noop_app``: a Faust app with the pipeline's shape (one agent per scenario topic, the same
-  ``make_faust_app`` options, ``take_events(batch_size, within=batch_wait)``) whose agents only parse
+  ``make_faust_app`` options, the same batches: ``streams.batching.take_batches``) whose agents only parse
   each value: what Faust's stream machinery costs, and so the most the pipeline can reach as written
   (``mirstream worker --app noop``).  It writes its figures to ``<datadir>/<app_id>.ceiling.json``
   once it has read ``MIRSTREAM_CEILING_EVENTS`` events.
@@ -31,6 +31,7 @@ import faust
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from streams.batching import event_pace, take_batches
 from streams.faust_app import make_faust_app
 from streams.security import kafka_python_config
 from streams.settings import Settings
@@ -124,7 +125,7 @@ def build_noop_app(settings: Settings) -> faust.App:
 
     def agent_for(scenario: str):
         async def agent(stream):
-            async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
+            async for events in take_batches(stream, event_pace(settings)):
                 for e in events:
                     orjson.loads(e.message.value or b"null")
                 span.note(len(events))

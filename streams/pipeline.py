@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.user_model import Checkpoint
 from state.store import StreamStore
 from streams import metrics
+from streams.batching import event_pace, item_pace, take_batches
 from streams.events import Message
 from streams.faust_app import make_faust_app
 from streams.ingest import Ingestor, owner_partition, release_parked
@@ -176,7 +177,7 @@ def build_app(settings: Settings) -> faust.App:
 
     def scenario_agent(scenario: str):
         async def agent(stream):
-            async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_ms / 1000):
+            async for events in take_batches(stream, event_pace(settings)):
                 batch = messages(events)
                 await gate.run(f"events-{scenario}", lambda batch=batch: ingestor.handle(scenario, batch))
                 done(batch)
@@ -189,7 +190,7 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.agent(items_topic, name="items")
     async def items_agent(stream):
-        async for events in stream.take_events(settings.item_batch_size, within=settings.batch_wait_ms / 1000):
+        async for events in take_batches(stream, item_pace(settings)):
             batch = messages(events)
             await gate.run("items", lambda batch=batch: item_handler.handle(batch))
             done(batch)

@@ -73,13 +73,17 @@ class Settings:
     version_ttl_s: float = 7 * 86400.0
     #: Kafka consumer session timeout: a crashed worker's partitions move after this many seconds.
     session_timeout_s: float = 10.0
-    #: Max events a scenario agent takes from its stream per batch, and how long it waits to fill one.  The
-    #: wait closes most batches, even under a backlog (Faust hands an agent its events at its own pace:
-    #: ~440 / ~220 a batch at 50 ms, 3,000 users).  A longer wait makes larger batches, which hold fewer
-    #: users per event and go faster under a backlog (200 ms: +16 %), and holds each event that much longer
-    #: at a steady rate (README, Performance, ingest).
-    batch_size: int = 1024
+    #: Max events a scenario agent takes from its stream per batch, and how long a batch waits for more
+    #: after its first event.  Faust hands an agent its events at its own pace, so under a backlog the
+    #: wait, not the size, closes a batch: a batch that holds ``batch_grow_at`` events when its
+    #: ``batch_wait_ms`` ends (events arrive faster than a steady stream sends them) waits up to
+    #: ``batch_wait_max_ms``.  Larger batches hold fewer users per event and go faster; at a steady rate
+    #: each event waits only ``batch_wait_ms`` (``streams.batching``; README, Performance, ingest).
+    #: ``batch_wait_max_ms`` = ``batch_wait_ms``: a fixed wait.
+    batch_size: int = 2048
     batch_wait_ms: int = 50
+    batch_wait_max_ms: int = 500
+    batch_grow_at: int = 128
     #: Max items the item agent takes per batch: a text item costs milliseconds of the item tower, so its
     #: batches stay small enough to be applied (and committed) within a few seconds.
     item_batch_size: int = 256
@@ -187,9 +191,22 @@ class Settings:
         for name in self.scenarios:
             if not name.isidentifier():
                 raise ValueError(f"scenario name {name!r} must be a simple identifier")
-        for name in ("partitions", "replication", "history_cap", "batch_size", "item_batch_size", "refine_batch"):
+        for name in (
+            "partitions",
+            "replication",
+            "history_cap",
+            "batch_size",
+            "batch_wait_ms",
+            "batch_grow_at",
+            "item_batch_size",
+            "refine_batch",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_wait_max_ms < self.batch_wait_ms:
+            raise ValueError(
+                f"batch_wait_max_ms ({self.batch_wait_max_ms}) must be >= batch_wait_ms ({self.batch_wait_ms})"
+            )
         if self.kafka_security_protocol not in KAFKA_PROTOCOLS:
             raise ValueError(
                 f"kafka_security_protocol must be one of {', '.join(KAFKA_PROTOCOLS)}, "
