@@ -1,8 +1,9 @@
 """How an agent runs a batch so that Faust never acks one that was not applied.
 
-Faust's ``take_events`` acks a batch in a ``finally``: whatever leaves the agent's loop — an exception,
-a cancellation at shutdown — acks the events, and the next commit moves the group past them.  So a
-batch is run by ``run_batch``, which returns only once the batch is applied:
+The agents' batches (``streams.batching.take_batches``) are acked only when the agent asks for the next
+one, so an exception or a cancel that leaves the loop acks nothing (Faust's own ``take_events`` acks
+in a ``finally``).  A batch is still run by ``run_batch``, which returns only once the batch is applied,
+so that no error reaches Faust, whose handling of a crashed agent this code does not rely on:
 
 - a **transient** error (a connection or timeout of Redis or Kafka, a retriable Kafka error, a cluster
   fail-over) is retried with back-off, for as long as it lasts;
@@ -11,8 +12,9 @@ batch is run by ``run_batch``, which returns only once the batch is applied:
   can reach Faust, so no offset of the batch is committed and the partitions move to a healthy worker;
 - a stop request (``BatchGate.drain``, hooked to Faust's ``on_before_shutdown``, which runs after the
   fetcher stopped and before the agents do) waits for the running batches to finish, up to
-  ``FINISH_ON_STOP_S``; a batch that reaches an agent after that point is not started: the process exits
-  at once without committing it (the next owner re-reads it; re-reading applied events is a no-op).
+  ``FINISH_ON_STOP_S``; a batch that reaches an agent after that point is not started: once the other
+  agents' running batches are done, the process exits without committing it (the next owner re-reads
+  it; re-reading applied events is a no-op).
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ class BatchGate:
 
     async def run(self, agent: str, step: Callable[[], Awaitable[T]]) -> T:
         if self.stopping:  # the batch was handed over after the stop drained: do not start it
+            deadline = time.monotonic() + FINISH_ON_STOP_S
+            while self.running and time.monotonic() < deadline:  # other agents' batches finish first
+                await asyncio.sleep(0.02)
             log.warning("%s: stop requested; exiting without starting (or committing) a new batch", agent)
             exit_now(0)
         self.running += 1

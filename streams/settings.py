@@ -75,15 +75,15 @@ class Settings:
     session_timeout_s: float = 10.0
     #: Max events a scenario agent takes from its stream per batch, and how long a batch waits for more
     #: after its first event.  Faust hands an agent its events at its own pace, so under a backlog the
-    #: wait, not the size, closes a batch: a batch that holds ``batch_grow_at`` events when its
-    #: ``batch_wait_ms`` ends (events arrive faster than a steady stream sends them) waits up to
-    #: ``batch_wait_max_ms``.  Larger batches hold fewer users per event and go faster; at a steady rate
-    #: each event waits only ``batch_wait_ms`` (``streams.batching``; README, Performance, ingest).
+    #: wait, not the size, closes a batch.  A batch that received ``batch_grow_at`` events in its last
+    #: ``batch_wait_ms`` (faster than a steady stream sends them) waits another ``batch_wait_ms``, up to
+    #: ``batch_wait_max_ms``: larger batches hold fewer users per event and go faster, and at a steady
+    #: rate each event waits only ``batch_wait_ms`` (``streams.batching``; README, Performance, ingest).
     #: ``batch_wait_max_ms`` = ``batch_wait_ms``: a fixed wait.
     batch_size: int = 2048
     batch_wait_ms: int = 50
     batch_wait_max_ms: int = 500
-    batch_grow_at: int = 128
+    batch_grow_at: int = 64
     #: Max items the item agent takes per batch: a text item costs milliseconds of the item tower, so its
     #: batches stay small enough to be applied (and committed) within a few seconds.
     item_batch_size: int = 256

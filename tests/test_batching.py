@@ -20,13 +20,15 @@ from streams.batching import Pace, event_pace, item_pace, take_batches
 from streams.settings import Settings
 
 
-def test_pace_grows_only_for_a_batch_that_fills_fast():
+def test_pace_grows_a_step_at_a_time_while_events_keep_coming_fast():
     pace = Pace(max_events=100, wait_s=0.05, max_wait_s=0.5, grow_at=10)
-    assert pace.close_after(0) == 0.05
-    assert pace.close_after(9) == 0.05
-    assert pace.close_after(10) == 0.5
+    assert pace.more_wait(0.05, 9) == 0.0  # a steady stream: the batch closes at the short wait
+    assert pace.more_wait(0.05, 10) == 0.05  # a backlog: one more step
+    assert pace.more_wait(0.10, 3) == 0.0  # the hold-up is over: close, not wait to max_wait_s
+    assert pace.more_wait(0.48, 50) == pytest.approx(0.02)  # never past max_wait_s
+    assert pace.more_wait(0.50, 50) == 0.0
     fixed = Pace(max_events=100, wait_s=0.05, max_wait_s=0.05, grow_at=1)
-    assert fixed.close_after(50) == 0.05
+    assert fixed.more_wait(0.05, 50) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -52,16 +54,29 @@ def test_paces_from_settings():
 
 
 @dataclass(frozen=True)
+class Message:
+    generation_id: int
+
+
+@dataclass(frozen=True)
 class Event:
     value: int
+    message: Message
+
+
+@dataclass
+class App:
+    consumer_generation_id: int = 1
 
 
 class Stream(Service):
-    """What ``take_batches`` uses of a Faust stream: processors run on each value read by a passive
-    drainer, ``current_event``, ``enable_acks``, ``ack``; acked values are recorded."""
+    """What ``take_batches`` uses of a Faust stream, as Faust's reader does it: per value a yield to the
+    loop, ``current_event`` set, the processors run (an awaitable they return is awaited), and the event
+    acked when ``enable_acks`` was on as it was read; acked values are recorded."""
 
     def __init__(self, source: asyncio.Queue) -> None:
         super().__init__()
+        self.app = App()
         self.channel = _Channel(source)
         self.enable_acks = True
         self.current_event: Event | None = None
@@ -76,13 +91,20 @@ class Stream(Service):
         self.add_future(self._drain(channel))
 
     async def _drain(self, channel: Any) -> None:
-        async for value in channel:
-            self.current_event = Event(value)
+        while True:
+            do_ack = self.enable_acks
+            await asyncio.sleep(0)
+            value, generation = await channel.__anext__()
+            event = Event(value, Message(generation))
+            self.current_event = event
             self.read.append(value)
-            for processor in self._processors:
+            for processor in list(self._processors):
                 out = processor(value)
                 if asyncio.iscoroutine(out):
                     await out
+            self.current_event = None
+            if do_ack:
+                await self.ack(event)
 
     async def ack(self, event: Event) -> bool:
         self.acked.append(event.value)
@@ -96,8 +118,9 @@ class _Channel:
     def __aiter__(self) -> _Channel:
         return self
 
-    async def __anext__(self) -> int:
-        return await self.source.get()
+    async def __anext__(self) -> tuple[int, int]:
+        item = await self.source.get()
+        return item if isinstance(item, tuple) else (item, 1)  # (value, consumer generation)
 
 
 async def _started() -> tuple[Stream, asyncio.Queue]:
@@ -126,47 +149,55 @@ def test_a_trickle_closes_at_the_short_wait_and_acks_after_the_next_ask():
         assert [e.value for e in second] == [4]
         await batches.aclose()
         assert stream.acked == [1, 2, 3]  # leaving the loop acks nothing it holds
-        assert stream.enable_acks is True and stream._processors == []
+        assert stream.enable_acks is False and stream._processors == []  # nor does the stream after it
         await stream.stop()
 
     asyncio.run(run())
 
 
-def test_a_fast_filling_batch_waits_longer_and_a_full_one_closes_at_once():
+def test_a_batch_grows_while_events_come_fast_then_closes_and_a_full_one_closes_at_once():
     async def run() -> None:
         stream, source = await _started()
-        batches = take_batches(stream, Pace(max_events=50, wait_s=0.05, max_wait_s=0.4, grow_at=5))
-        for v in range(10):  # a backlog: grow_at events already there at the short wait
-            source.put_nowait(v)
+        batches = take_batches(stream, Pace(max_events=1000, wait_s=0.2, max_wait_s=5.0, grow_at=3))
 
-        async def trickle() -> None:
-            await asyncio.sleep(0.2)  # after the short wait, before the long one
-            source.put_nowait(10)
+        async def backlog() -> None:  # 5 events every 20 ms for 0.6 s: far more than 3 a 0.2 s step
+            for burst in range(30):
+                for v in range(5 * burst, 5 * burst + 5):
+                    source.put_nowait(v)
+                await asyncio.sleep(0.02)
 
-        feeder = asyncio.ensure_future(trickle())
+        feeder = asyncio.ensure_future(backlog())
         t0 = time.monotonic()
         grown = await batches.__anext__()
         took = time.monotonic() - t0
         await feeder
-        assert [e.value for e in grown] == list(range(11))  # the event at 0.2 s made it in
-        assert 0.35 <= took < 2.0
-        for v in range(100, 200):  # more than a batch: it closes full, without waiting
+        assert [e.value for e in grown] == list(range(150))  # it grew past its first step, to the last burst
+        assert 0.6 <= took < 4.0  # and closed a step or so after the bursts stopped, not at max_wait_s
+
+        for v in range(200, 210):  # a hold-up, then nothing: one more step, then it closes
+            source.put_nowait(v)
+        t0 = time.monotonic()
+        short = await batches.__anext__()
+        assert [e.value for e in short] == list(range(200, 210))
+        assert time.monotonic() - t0 < 2.5
+
+        for v in range(1000, 2500):  # more than a batch: it closes full, without waiting
             source.put_nowait(v)
         t0 = time.monotonic()
         full = await batches.__anext__()
-        assert [e.value for e in full] == list(range(100, 150))
-        assert time.monotonic() - t0 < 0.35  # at max_events, long before max_wait_s
-        assert stream.read[-1] == 149  # reading paused at the full batch: none read past it yet
+        assert [e.value for e in full] == list(range(1000, 2000))
+        assert time.monotonic() - t0 < 4.0  # at max_events, not max_wait_s
+        assert stream.read[-1] == 1999  # reading paused at the full batch: none read past it yet
         rest = await batches.__anext__()
-        assert [e.value for e in rest] == list(range(150, 200))
-        assert stream.acked == list(range(11)) + list(range(100, 150))
+        assert [e.value for e in rest] == list(range(2000, 2500))
+        assert stream.acked == list(range(150)) + list(range(200, 210)) + list(range(1000, 2000))
         await batches.aclose()
         await stream.stop()
 
     asyncio.run(run())
 
 
-def test_an_error_in_the_agent_acks_nothing_it_was_handed():
+def test_an_error_in_the_agent_acks_nothing_it_was_handed_nor_what_is_read_after():
     async def run() -> None:
         stream, source = await _started()
         for v in (1, 2):
@@ -181,8 +212,32 @@ def test_an_error_in_the_agent_acks_nothing_it_was_handed():
             await agent()
         for _ in range(5):  # the abandoned generator is closed by the loop's finalizer
             await asyncio.sleep(0)
-        assert stream.acked == []
-        assert stream._processors == [] and stream.enable_acks is True
+        assert stream._processors == []
+        source.put_nowait(3)  # the stream's reader goes on after the agent's loop is gone
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert stream.read == [1, 2, 3]
+        assert stream.acked == []  # neither the batch handed over nor what was read after it
+        await stream.stop()
+
+    asyncio.run(run())
+
+
+def test_events_read_before_a_rebalance_are_dropped_unacked():
+    async def run() -> None:
+        stream, source = await _started()
+        batches = take_batches(stream, Pace(max_events=10, wait_s=0.05, max_wait_s=0.05, grow_at=10))
+        for item in ((1, 1), (2, 1), (3, 2)):  # (value, consumer generation)
+            source.put_nowait(item)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        stream.app.consumer_generation_id = 2  # a rebalance while they waited in the batch
+        batch = await batches.__anext__()
+        assert [e.value for e in batch] == [3]
+        source.put_nowait((4, 2))
+        await batches.__anext__()
+        assert stream.acked == [3]  # 1 and 2: read again from the committed offset by their owner
+        await batches.aclose()
         await stream.stop()
 
     asyncio.run(run())
