@@ -101,9 +101,7 @@ class BatchGate:
 
     async def run(self, agent: str, step: Callable[[], Awaitable[T]]) -> T:
         if self.stopping:  # the batch was handed over after the stop drained: do not start it
-            deadline = time.monotonic() + FINISH_ON_STOP_S
-            while self.running and time.monotonic() < deadline:  # other agents' batches finish first
-                await asyncio.sleep(0.02)
+            await self._idle(FINISH_ON_STOP_S)  # other agents' batches finish first
             log.warning("%s: stop requested; exiting without starting (or committing) a new batch", agent)
             exit_now(0)
         self.running += 1
@@ -115,11 +113,17 @@ class BatchGate:
     async def drain(self, timeout: float = FINISH_ON_STOP_S) -> None:
         """Waits for the batches in flight; from now on no new batch starts."""
         self.stopping = True
+        if not await self._idle(timeout):
+            fatal("stop", TimeoutError(f"{self.running} batches not finished {timeout:.0f}s after the stop"))
+
+    async def _idle(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` for no batch to be running; False: some still are."""
         deadline = time.monotonic() + timeout
         while self.running:
             if time.monotonic() > deadline:
-                fatal("stop", TimeoutError(f"{self.running} batches not finished {timeout:.0f}s after the stop"))
+                return False
             await asyncio.sleep(0.02)
+        return True
 
 
 async def run_batch(agent: str, step: Callable[[], Awaitable[T]]) -> T:

@@ -262,3 +262,50 @@ def test_a_stop_while_waiting_ends_the_batches_without_acking():
         assert stream.acked == []
 
     asyncio.run(run())
+
+
+def test_a_batch_handed_over_after_a_stop_waits_for_running_batches_then_exits(monkeypatch):
+    """``BatchGate``: after ``drain`` a new batch is not started, and the process exits only once the
+    other agents' running batches are done (the exit itself is recorded here instead of taken)."""
+    from streams import retry
+
+    exits: list[tuple[int, int]] = []
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code: int) -> None:
+        exits.append((code, gate.running))
+        raise Exited
+
+    monkeypatch.setattr(retry, "exit_now", exit_now)
+    gate = retry.BatchGate()
+
+    async def run() -> None:
+        release = asyncio.Event()
+        started: list[str] = []
+
+        async def slow() -> str:
+            started.append("slow")
+            await release.wait()
+            return "applied"
+
+        async def late() -> str:
+            started.append("late")
+            return "applied"
+
+        running = asyncio.ensure_future(gate.run("a", slow))
+        await asyncio.sleep(0.01)
+        drained = asyncio.ensure_future(gate.drain(timeout=5.0))
+        await asyncio.sleep(0.01)
+        handed = asyncio.ensure_future(gate.run("b", late))
+        await asyncio.sleep(0.1)
+        assert not drained.done() and not handed.done() and exits == []  # both wait for the running batch
+        release.set()
+        assert await running == "applied"
+        await drained
+        with pytest.raises(Exited):
+            await handed
+        assert exits == [(0, 0)] and started == ["slow"]  # exit 0, nothing running, the late batch not run
+
+    asyncio.run(run())
