@@ -2,21 +2,23 @@
 
 Raw codecs only (we parse JSON ourselves with orjson, so a malformed message reaches our
 validation instead of crashing Faust's decoder), no Tables (state lives in Redis), earliest
-offset for new groups.  The web server binds to ``settings.web_bind`` (loopback by default) and asks for
-``settings.web_token`` on every page but ``/metrics`` and ``/health`` when one is set.
+offset for new groups, the cheaper per-message hand-off of ``streams.consumer`` (``eager_handoff``).
+The web server binds to ``settings.web_bind`` (loopback by default) and asks for ``settings.web_token``
+on every page but ``/metrics`` and ``/health`` when one is set.
 """
 
 from __future__ import annotations
 
 import faust
 
+from streams.consumer import EagerTransport
 from streams.security import faust_credentials
 from streams.settings import Settings
 from streams.web.auth import token_middlewares
 
 
 def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
-    return faust.App(
+    app = faust.App(
         app_id or settings.app_id,
         broker=settings.kafka_url,
         broker_credentials=faust_credentials(settings),
@@ -45,3 +47,6 @@ def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(1.0, settings.session_timeout_s / 4),
     )
+    if settings.eager_handoff:  # before anything asks for the transport (``app.topic`` does)
+        app.transport = EagerTransport(app.conf.broker_consumer, app)
+    return app

@@ -84,6 +84,9 @@ class Settings:
     batch_wait_ms: int = 50
     batch_wait_max_ms: int = 500
     batch_grow_at: int = 64
+    #: Hand each fetched message to the streams eagerly (``streams.consumer``): Faust's own hand-off races
+    #: every message against the rebalance flag with four tasks; off brings Faust's back unchanged.
+    eager_handoff: bool = True
     #: Max items the item agent takes per batch: a text item costs milliseconds of the item tower, so its
     #: batches stay small enough to be applied (and committed) within a few seconds.
     item_batch_size: int = 256

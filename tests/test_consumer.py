@@ -1,0 +1,241 @@
+"""The eager hand-off (``streams.consumer``) against its reference, mode's ``Service.wait_first``.
+
+Each case runs the same callback through both on a real mode ``Service`` with a ``suspend_flow`` event,
+as Faust's fetch loop calls it (``wait_first(callback(message), suspend_flow.wait())``), and compares
+what the caller and the callback see: the result, the exception, what reached the queue, whether the
+callback saw a cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from mode import Service
+
+from streams.consumer import EagerHandoff, resume
+
+
+class Reference(Service):
+    """Faust's consumer as far as the hand-off goes: a service with a ``suspend_flow`` event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.suspend_flow = asyncio.Event()
+
+
+class Eager(EagerHandoff, Reference):
+    pass
+
+
+KINDS = (Reference, Eager)
+
+
+class Boom(Exception):
+    pass
+
+
+async def handoff(kind: type[Reference], make_callback, after=None):
+    """``wait_first(callback, suspend_flow.wait())`` on a fresh service of ``kind``; ``after(service,
+    log)`` runs beside it (to unblock the callback or raise the flag).  Returns (outcome, log)."""
+    svc = kind()
+    log: list = []
+    beside = asyncio.ensure_future(after(svc, log)) if after else None
+    try:
+        res = await svc.wait_first(make_callback(log), svc.suspend_flow.wait())
+        outcome = ("ok", res.results if not res.stopped else "stopped")
+    except Boom as exc:
+        outcome = ("raised", str(exc))
+    if beside:
+        await beside
+    await asyncio.sleep(0.01)  # let a cancelled callback finish unwinding
+    return outcome, log
+
+
+def both(make_callback, after=None):
+    async def run():
+        return [await handoff(k, make_callback, after) for k in KINDS]
+
+    ref, eager = asyncio.run(run())
+    return ref, eager
+
+
+def test_returns_at_once_runs_in_the_callers_task():
+    def make(log):
+        async def cb():
+            log.append(("task", asyncio.current_task()))
+            return 7
+
+        return cb()
+
+    async def run():
+        outs = []
+        for kind in KINDS:
+            me = asyncio.current_task()
+            (outcome, log) = await handoff(kind, make)
+            outs.append((outcome, log[0][1] is me))
+        return outs
+
+    (ref, ref_inline), (eager, eager_inline) = asyncio.run(run())
+    assert ref == eager
+    assert ref[1][0] == 7  # the winner's result comes first
+    assert (ref_inline, eager_inline) == (False, True)  # the eager path made no task
+
+
+def test_raises_at_once():
+    def make(log):
+        async def cb():
+            raise Boom("at once")
+
+        return cb()
+
+    ref, eager = both(make)
+    assert ref == eager == (("raised", "at once"), [])
+
+
+def test_blocks_on_a_full_queue_then_delivers():
+    q: dict[str, asyncio.Queue] = {}
+
+    def make(log):
+        async def cb():
+            q["q"] = queue = asyncio.Queue(maxsize=1)
+            queue.put_nowait("old")
+            await queue.put("new")  # blocks until the reader below takes "old"
+            log.append("put")
+            return "delivered"
+
+        return cb()
+
+    async def reader(svc, log):
+        await asyncio.sleep(0.02)
+        log.append(q["q"].get_nowait())
+        await asyncio.sleep(0.02)
+        log.append(q["q"].get_nowait())
+
+    ref, eager = both(make, reader)
+    assert ref == eager
+    assert ref[1] == ["old", "put", "new"]
+
+
+def test_blocks_then_raises():
+    def make(log):
+        async def cb():
+            await asyncio.sleep(0.01)
+            raise Boom("after a wait")
+
+        return cb()
+
+    ref, eager = both(make)
+    assert ref == eager == (("raised", "after a wait"), [])
+
+
+def test_bare_yields_then_returns():
+    def make(log):
+        async def cb():
+            for i in range(3):
+                await asyncio.sleep(0)  # a bare yield each
+                log.append(i)
+            return "done"
+
+        return cb()
+
+    ref, eager = both(make)
+    assert ref == eager
+    assert ref[1] == [0, 1, 2]
+
+
+def test_flag_raised_while_blocked_cancels_the_callback():
+    def make(log):
+        async def cb():
+            queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+            queue.put_nowait("full")
+            try:
+                await queue.put("never")
+                log.append("put")
+            except asyncio.CancelledError:
+                log.append("cancelled")
+                raise
+            return "x"
+
+        return cb()
+
+    async def raise_flag(svc, log):
+        await asyncio.sleep(0.02)
+        svc.suspend_flow.set()  # a rebalance stops the flow
+
+    ref, eager = both(make, raise_flag)
+    assert ref == eager
+    assert ref[1] == ["cancelled"]
+
+
+def test_flag_already_raised_takes_the_reference_path():
+    def make(log):
+        async def cb():
+            log.append(asyncio.current_task())
+            return 1
+
+        return cb()
+
+    async def run():
+        svc = Eager()
+        svc.suspend_flow.set()
+        log: list = []
+        await svc.wait_first(make(log), svc.suspend_flow.wait())
+        return log[0] is asyncio.current_task()
+
+    assert asyncio.run(run()) is False  # the callback ran in a task of its own, as mode's does
+
+
+def test_caller_cancelled_while_blocked_cancels_the_callback():
+    def make(log):
+        async def cb():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                log.append("cancelled")
+                raise
+
+        return cb()
+
+    async def run(kind):
+        svc = kind()
+        log: list = []
+        caller = asyncio.ensure_future(svc.wait_first(make(log), svc.suspend_flow.wait()))
+        await asyncio.sleep(0.02)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.sleep(0.01)
+        return log, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    for kind in KINDS:
+        log, left = asyncio.run(run(kind))
+        assert log == ["cancelled"], kind
+        assert left == [], kind
+
+
+def test_resume_passes_a_future_failure_and_a_cancel_through():
+    async def waits_on(fut):
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            return "saw cancel"
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        failed = loop.create_future()
+        coro = waits_on(failed)
+        yielded = coro.send(None)
+        assert yielded is failed
+        failed.set_exception(Boom("future failed"))
+        with pytest.raises(Boom, match="future failed"):
+            await resume(coro, yielded)
+
+        pending = loop.create_future()
+        coro = waits_on(pending)
+        task = asyncio.ensure_future(resume(coro, coro.send(None)))
+        await asyncio.sleep(0)
+        task.cancel()
+        return await task  # the coroutine caught the cancel and returned
+
+    assert asyncio.run(run()) == "saw cancel"
