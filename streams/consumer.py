@@ -43,7 +43,7 @@ async def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
             else:
                 yielded._asyncio_future_blocking = False  # what Task.__step does before waiting on it
                 await yielded
-        except BaseException as exc:  # noqa: BLE001 - passed into coro, which decides
+        except BaseException as exc:  # passed into coro, which decides
             if yielded is not None and yielded.done():
                 step = coro.send  # its result() raises the future's exception or CancelledError itself
                 arg: Any = None
