@@ -61,6 +61,10 @@ from dataclasses import dataclass
 class Keys:
     prefix: str
 
+    def pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every key of this prefix (each starts ``<prefix>:``)."""
+        return f"{self.prefix}:*"
+
     def _user(self, user: str) -> str:
         """What every key of a user starts with: the prefix and the user's hash tag (one cluster slot)."""
         return f"{self.prefix}:{{u:{user}}}:"

@@ -493,6 +493,20 @@ def user_memory(client: redis.Redis, prefix: str, user: str, version: str | None
     return {name: int(client.memory_usage(key, samples=0) or 0) for name, key in named.items()}
 
 
+def drop_prefix(client: redis.Redis, prefix: str, chunk: int = 1000) -> int:
+    """Deletes every key of ``prefix`` (a benchmark run's, when it ends); returns how many.  One key per
+    ``UNLINK`` in a pipeline, so it works on Redis Cluster, where a key's slot is its own."""
+    dropped = 0
+    pipe = client.pipeline(transaction=False)
+    for key in client.scan_iter(match=Keys(prefix).pattern(), count=chunk):
+        pipe.unlink(key)
+        dropped += 1
+        if dropped % chunk == 0:
+            pipe.execute()
+    pipe.execute()
+    return dropped
+
+
 class InterestReader:
     """Synchronous lookups for services: ``get_user_interests(user, scenario) -> (K, d)`` + metadata."""
 

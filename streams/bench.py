@@ -27,7 +27,7 @@ from models.train import TrainConfig, run_train
 from models.user_model import Checkpoint
 from state.baseline import BaselineStore
 from state.keys import Keys
-from state.store import user_memory
+from state.store import drop_prefix, user_memory
 from streams import latency
 from streams.ceilings import EVENTS_ENV, Span, raw_consumer, wait_ceiling
 from streams.naive import run_naive
@@ -42,7 +42,7 @@ from streams.replay import (
 )
 from streams.security import interest_reader, redis_sync
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import delete_run_topics, ensure_topics
 from streams.workerproc import WorkerProcess
 
 
@@ -79,9 +79,31 @@ def ensure_checkpoint(settings: Settings) -> Checkpoint:
     return Checkpoint.load(settings.checkpoint)
 
 
+#: Every run (prefix + app id) a bench made in this process: ``drop_runs`` deletes their topics and keys.
+_runs: list[Settings] = []
+
+
 def _fresh_prefix(settings: Settings, tag: str, **changes: object) -> Settings:
     run = f"bench{tag}{int(time.time() * 1000) % 10**8}"
-    return settings.with_(prefix=run, app_id=f"mirstream-{run}", **changes)
+    s = settings.with_(prefix=run, app_id=f"mirstream-{run}", **changes)
+    _runs.append(s)
+    return s
+
+
+def drop_runs(settings: Settings) -> tuple[int, int]:
+    """Deletes the Kafka topics and Redis keys of every run the benches of this process made (``mirstream
+    bench`` does at its end unless ``--keep``): a broker that runs the benches again and again would keep
+    every run's topics, hundreds of MB each.  Returns (topics, keys) deleted."""
+    runs, _runs[:] = list(_runs), []
+    if not runs:
+        return 0, 0
+    topics = delete_run_topics(settings, runs)  # the no-op app's id starts with its run's: its topic goes too
+    client = redis_sync(settings)
+    try:
+        keys = sum(drop_prefix(client, r.prefix) for r in runs)
+    finally:
+        client.close()
+    return len(topics), keys
 
 
 def sim_users(users: int) -> Dataset:

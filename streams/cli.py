@@ -305,11 +305,24 @@ BENCH_PARTS = (
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from models import bench as offline
     from streams import bench as online
 
     parts = BENCH_PARTS if args.part == "all" else (args.part,)
     settings = _settings(args, checkpoint=args.checkpoint)
+    try:
+        _bench_parts(args, parts, settings)
+    finally:
+        if not args.keep:
+            topics, keys = online.drop_runs(settings)
+            if topics or keys:
+                print(f"\nbench: deleted the runs' {topics} topics and {keys:,} Redis keys (--keep keeps them)")
+    return 0
+
+
+def _bench_parts(args: argparse.Namespace, parts: tuple[str, ...], settings: Settings) -> None:
+    from models import bench as offline
+    from streams import bench as online
+
     users = args.users or 100
     for part in parts:
         print(f"\n## bench {part}\n", flush=True)
@@ -354,7 +367,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 stream_users=args.stream_users,
                 out=args.out,
             )
-    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -589,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="items, ingest: repeats (medians are reported)")
     p.add_argument("--soak-events", type=int, default=100_000, help="events of the memory soak")
     p.add_argument("--naive-seconds", type=float, default=900.0, help="ingest: stop the naive baseline after this long")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the runs' topics and Redis keys (deleted at the end by default)"
+    )
     p.add_argument(
         "--backbones",
         nargs="*",

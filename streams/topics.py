@@ -52,3 +52,17 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
     if wrong:
         raise TopicMismatch(f"topics exist with another partition count than {partitions}: {wrong}")
     return counts
+
+
+def delete_run_topics(settings: Settings, runs: list[Settings]) -> list[str]:
+    """Deletes the topics of each run (``<prefix>.*``) and the ones Faust made for its app id
+    (``<app_id>-*``, the assignor's); returns their names.  For benchmark runs on their own prefix."""
+    starts = tuple(s for r in runs for s in (f"{r.prefix}.", f"{r.app_id}-"))
+    admin = KafkaAdminClient(**kafka_python_config(settings), client_id=f"{settings.app_id}-admin")
+    try:
+        names = sorted(n for n in admin.list_topics() if n.startswith(starts))
+        if names:
+            admin.delete_topics(names, timeout_ms=30_000)
+    finally:
+        admin.close()
+    return names

@@ -65,3 +65,34 @@ def test_kafka_python_to_faust_agent_to_redis(kafka_bootstrap, redis_url, prefix
     assert {k: rec["value"] if rec else None for k, rec in records.items()} == sent
     partitions = {rec["partition"] for rec in records.values()}
     assert partitions <= {0, 1, 2} and len(partitions) > 1, "keys should spread over partitions"
+
+
+def test_bench_runs_are_dropped_and_nothing_else(kafka_bootstrap, redis_url, prefix, tmp_path):
+    from streams import bench
+
+    base = _settings(kafka_bootstrap, redis_url, prefix, tmp_path, partitions=1)
+    keep = base.with_(prefix=f"{prefix}keep", app_id=f"{prefix}keep-app")  # not a bench run: must stay
+    run = bench._fresh_prefix(base, "drop")
+    faust_topic = f"{run.app_id}-noop-__assignor-__leader"  # what Faust makes for the no-op app of the run
+    ensure_topics(keep)
+    ensure_topics(run)
+    ensure_topics(run, [faust_topic])
+    r = redis.Redis.from_url(redis_url)
+    for s in (keep, run):
+        keys = Keys(s.prefix)
+        r.set(keys.user_state("7"), b"x")
+        r.set(keys.item("a"), b"y")
+    assert bench.drop_runs(base) == (len(all_topics(run)) + 1, 2)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        deadline = time.monotonic() + 30
+        while (left := {n for n in admin.list_topics() if n.startswith(run.prefix)}) and time.monotonic() < deadline:
+            time.sleep(0.2)  # deletion is asynchronous on the broker
+        names = set(admin.list_topics())
+    finally:
+        admin.close()
+    assert not left and faust_topic not in names
+    assert set(all_topics(keep)) <= names
+    assert sorted(r.scan_iter(match=f"{run.prefix}:*")) == []
+    assert len(list(r.scan_iter(match=Keys(keep.prefix).pattern()))) == 2
+    assert bench.drop_runs(base) == (0, 0)  # each run is dropped once
