@@ -43,6 +43,8 @@ def make_faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
         # Refinement runs in an executor; give slow batches room before Faust calls the worker stuck.
         broker_commit_livelock_soft_timeout=120.0,
         stream_wait_empty=False,
+        broker_max_poll_records=settings.max_poll_records or None,
+        stream_buffer_maxsize=settings.stream_buffer,
         # How long the group waits for a member that vanished (a crash) before giving its partitions away.
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(1.0, settings.session_timeout_s / 4),

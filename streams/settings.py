@@ -87,6 +87,14 @@ class Settings:
     #: Hand each fetched message to the streams eagerly (``streams.consumer``): Faust's own hand-off races
     #: every message against the rebalance flag with four tasks; off brings Faust's back unchanged.
     eager_handoff: bool = True
+    #: Records one fetch hands the streams at most (Faust's ``broker_max_poll_records``; 0: no limit, its
+    #: default).  A partition whose stream buffer fills is left out of the *next* fetch, but what one fetch
+    #: returned is handed over whatever it holds: unbounded, a backlog's fetch filled the buffer and then
+    #: waited for room one message at a time.
+    max_poll_records: int = 500
+    #: Events a stream buffers ahead of its agent (Faust's ``stream_buffer_maxsize``); past 80 % of it the
+    #: partitions are left out of the next fetches until it is down to 40 %.
+    stream_buffer: int = 4096
     #: Max items the item agent takes per batch: a text item costs milliseconds of the item tower, so its
     #: batches stay small enough to be applied (and committed) within a few seconds.
     item_batch_size: int = 256
@@ -201,11 +209,14 @@ class Settings:
             "batch_size",
             "batch_wait_ms",
             "batch_grow_at",
+            "stream_buffer",
             "item_batch_size",
             "refine_batch",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_poll_records < 0:
+            raise ValueError(f"max_poll_records must be >= 0 (0: no limit), got {self.max_poll_records}")
         if self.batch_wait_max_ms < self.batch_wait_ms:
             raise ValueError(
                 f"batch_wait_max_ms ({self.batch_wait_max_ms}) must be >= batch_wait_ms ({self.batch_wait_ms})"

@@ -239,3 +239,101 @@ def test_resume_passes_a_future_failure_and_a_cancel_through():
         return await task  # the coroutine caught the cancel and returned
 
     assert asyncio.run(run()) == "saw cancel"
+
+
+def test_flag_raised_after_the_wait_ended_still_cancels_the_callback():
+    """The race a Task gets right: the putter is woken (its future done) and the flag wins before the
+    callback's task runs again; the cancel must reach the callback, not the put."""
+    q: dict[str, asyncio.Queue] = {}
+
+    def make(log):
+        async def cb():
+            q["q"] = queue = asyncio.Queue(maxsize=1)
+            queue.put_nowait("old")
+            try:
+                await queue.put("new")
+                log.append("put")
+            except asyncio.CancelledError:
+                log.append("cancelled")
+                raise
+
+        return cb()
+
+    async def flag_then_room(svc, log):
+        await asyncio.sleep(0.02)
+        svc.suspend_flow.set()  # the flag's task wins the race at the next turns of the loop...
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        log.append(q["q"].get_nowait())  # ...and only then is there room for the blocked put
+        await asyncio.sleep(0.02)
+        log.append(list(q["q"]._queue))
+
+    ref, eager = both(make, flag_then_room)
+    assert ref == eager
+    assert "put" not in ref[1] and ref[1][-1] == []  # nothing was put after the flag
+
+
+def test_a_task_cancelled_before_it_started_closes_the_callback():
+    async def run():
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        queue.put_nowait("full")
+        log: list = []
+
+        async def cb():
+            try:
+                await queue.put("never")
+            finally:
+                log.append("closed")
+
+        coro = cb()
+        yielded = coro.send(None)  # suspended in put: one putter registered
+        from streams.consumer import _close_unstarted
+
+        task = asyncio.get_running_loop().create_task(resume(coro, yielded))
+        task.add_done_callback(_close_unstarted(coro))
+        task.cancel()  # before its first step
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return log, len(queue._putters)
+
+    assert asyncio.run(run()) == (["closed"], 0)
+
+
+def test_context_variables_set_by_the_callback_stay_its_own():
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="fetch loop")
+
+    def make(log):
+        async def cb():
+            var.set("callback")
+            await asyncio.sleep(0)  # and the value survives the suspension
+            log.append(var.get())
+
+        return cb()
+
+    async def run():
+        out = []
+        for kind in KINDS:
+            outcome, log = await handoff(kind, make)
+            out.append((outcome, log, var.get()))
+        return out
+
+    ref, eager = asyncio.run(run())
+    assert ref == eager
+    assert ref[1:] == (["callback"], "fetch loop")
+
+
+def test_the_apps_consumer_is_eager_unless_turned_off():
+    from faust.transport.drivers.aiokafka import Consumer
+
+    from streams.consumer import EagerConsumer
+    from streams.faust_app import make_faust_app
+    from streams.settings import Settings
+
+    app = make_faust_app(Settings(max_poll_records=700, stream_buffer=9000))
+    assert app.transport.Consumer is EagerConsumer
+    assert (app.conf.broker_max_poll_records, app.conf.stream_buffer_maxsize) == (700, 9000)
+    plain = make_faust_app(Settings(eager_handoff=False, max_poll_records=0))
+    assert plain.transport.Consumer is Consumer
+    assert plain.conf.broker_max_poll_records is None

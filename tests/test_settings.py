@@ -34,6 +34,8 @@ def test_settings_env_round_trips():
         ({"MIRSTREAM_PARTITIONS": "0"}, "partitions"),
         ({"MIRSTREAM_SCENARIOS": "feed,bad name"}, "scenario"),
         ({"MIRSTREAM_REFINE_THREADS": "-1"}, "refine_threads"),
+        ({"MIRSTREAM_MAX_POLL_RECORDS": "-1"}, "max_poll_records"),
+        ({"MIRSTREAM_STREAM_BUFFER": "0"}, "stream_buffer"),
     ],
 )
 def test_bad_settings_are_clear(env, message):
