@@ -40,9 +40,12 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.services import WaitArgT, WaitResults
 from mode.utils.times import Seconds
 
+from streams.metrics import HANDOFFS
+
 #: The suspended rest of a callback runs in a task with the first step's context (``create_task(context=)``,
 #: Python 3.11); on 3.10 mode's ``wait_first`` runs unchanged.
 EAGER_SUPPORTED = sys.version_info >= (3, 11)
+AT_ONCE, WAITED = HANDOFFS.labels("at_once"), HANDOFFS.labels("waited")
 
 
 async def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
@@ -110,12 +113,14 @@ class EagerHandoff:
             yielded = ctx.run(first.send, None)
         except StopIteration as stop:  # finished without waiting: nothing to race
             _close(coros[1:])
+            AT_ONCE.inc()
             return WaitResults([first], [stop.value], False)
         except BaseException:
             _close(coros[1:])
             raise
         # suspended: the rest in one task, raced as before (mode's wait_first cancels it when a flag wins,
         # or when this call itself is cancelled)
+        WAITED.inc()
         task = asyncio.get_running_loop().create_task(resume(first, yielded), context=ctx)
         task.add_done_callback(_close_unstarted(first))
         return await super().wait_first(task, *coros[1:])

@@ -24,6 +24,12 @@ USERS_REBUILT = Counter(
 )
 REFINEMENTS = Counter("mirstream_refinements_total", "user refinements written", registry=REGISTRY)
 CONFLICTS = Counter("mirstream_cas_conflicts_total", "per-user compare-and-set retries", registry=REGISTRY)
+HANDOFFS = Counter(
+    "mirstream_handoffs_total",
+    "fetched messages handed to the streams (streams.consumer): at once, or after waiting (a full stream buffer)",
+    ["path"],
+    registry=REGISTRY,
+)
 FRESHNESS = Histogram(
     "mirstream_freshness_seconds",
     "event produced to Kafka → its user's vectors written",

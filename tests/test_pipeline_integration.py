@@ -3,6 +3,7 @@ redelivery, crash/restart and bad input."""
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 
@@ -206,3 +207,23 @@ def test_bad_input_goes_to_deadletter_and_good_events_still_apply(pipeline_setti
     assert any("has no key" in reason for reason in reasons)
     assert f'mirstream_deadletter_total{{source="event"}} {len(BAD) + 2}.0' in metrics_text
     assert f'mirstream_deadletter_total{{source="item"}} {len(BAD_ITEMS)}.0' in metrics_text
+
+
+def test_backlog_through_a_tiny_stream_buffer(pipeline_settings, ds, tmp_path):
+    # A stream buffer of 8 events and unbounded fetches: most hand-offs of the backlog wait for room, so
+    # streams.consumer's waiting path (resume, raced against the rebalance flag) runs inside Faust's own
+    # fetch loop thousands of times; every event must still apply exactly once, with offline parity.
+    settings = pipeline_settings.with_(stream_buffer=8, max_poll_records=0, batch_size=16)
+    expected = replay(settings, ds, USERS)  # the whole stream is there before the worker starts
+    with WorkerProcess(settings, log=tmp_path / "worker.log") as w:
+        assert wait_for_vectors(settings, expected, timeout=180, progress=False) == {}
+        metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics").read().decode()
+        assert lagging(settings) == {}
+        log = w.log_text()
+    handoffs = {
+        path: float(n) for path, n in re.findall(r'mirstream_handoffs_total\{path="(\w+)"\} (\S+)', metrics_text)
+    }
+    assert handoffs["waited"] > 100, handoffs
+    assert handoffs["at_once"] + handoffs["waited"] >= sum(expected.values())
+    assert_matches_offline(settings, ds, expected, scenarios=tuple(ds.scenarios))
+    assert "Traceback" not in log
