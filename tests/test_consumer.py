@@ -52,6 +52,16 @@ async def handoff(kind: type[Reference], make_callback, after=None):
     return outcome, log
 
 
+async def put_into_full(log: list, queue: asyncio.Queue, item: str) -> None:
+    """A put that waits for room; logs whether it was made or cancelled."""
+    try:
+        await queue.put(item)
+        log.append("put")
+    except asyncio.CancelledError:
+        log.append("cancelled")
+        raise
+
+
 def both(make_callback, after=None):
     async def run():
         return [await handoff(k, make_callback, after) for k in KINDS]
@@ -149,12 +159,7 @@ def test_flag_raised_while_blocked_cancels_the_callback():
         async def cb():
             queue: asyncio.Queue = asyncio.Queue(maxsize=1)
             queue.put_nowait("full")
-            try:
-                await queue.put("never")
-                log.append("put")
-            except asyncio.CancelledError:
-                log.append("cancelled")
-                raise
+            await put_into_full(log, queue, "never")
             return "x"
 
         return cb()
@@ -250,12 +255,7 @@ def test_flag_raised_after_the_wait_ended_still_cancels_the_callback():
         async def cb():
             q["q"] = queue = asyncio.Queue(maxsize=1)
             queue.put_nowait("old")
-            try:
-                await queue.put("new")
-                log.append("put")
-            except asyncio.CancelledError:
-                log.append("cancelled")
-                raise
+            await put_into_full(log, queue, "new")
 
         return cb()
 
