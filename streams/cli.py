@@ -313,9 +313,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _bench_parts(args, parts, settings)
     finally:
         if not args.keep:
-            topics, keys = online.drop_runs(settings)
-            if topics or keys:
-                print(f"\nbench: deleted the runs' {topics} topics and {keys:,} Redis keys (--keep keeps them)")
+            try:
+                topics, keys = online.drop_runs(settings)
+            except Exception as exc:  # a failed clean-up must not hide the bench's own error
+                print(f"bench: could not delete the runs' topics and keys: {exc!r}", file=sys.stderr)
+            else:
+                if topics or keys:
+                    print(f"\nbench: deleted the runs' {topics} topics and {keys:,} Redis keys (--keep keeps them)")
     return 0
 
 
