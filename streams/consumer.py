@@ -100,12 +100,13 @@ class EagerHandoff:
 
     async def wait_first(self, *coros: WaitArgT, timeout: Seconds | None = None) -> WaitResults:
         first = coros[0] if coros else None
-        flags = (self.suspend_flow, self._stopped, self._crashed)
-        if (
+        if (  # once per message: plain tests, no tuple or generator
             not EAGER_SUPPORTED
             or timeout is not None
             or not asyncio.iscoroutine(first)
-            or any(f.is_set() for f in flags)
+            or self.suspend_flow.is_set()
+            or self._stopped.is_set()
+            or self._crashed.is_set()
         ):
             return await super().wait_first(*coros, timeout=timeout)
         ctx = contextvars.copy_context()  # the callback's context variables stay its own, as in a task

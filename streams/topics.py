@@ -7,6 +7,7 @@ partition count: co-partitioning by user_id is what lets several workers split u
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -28,6 +29,16 @@ def all_topics(settings: Settings) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def _admin(settings: Settings) -> Iterator[KafkaAdminClient]:
+    """kafka-python's admin client with the settings' security, closed after use."""
+    admin = KafkaAdminClient(**kafka_python_config(settings), client_id=f"{settings.app_id}-admin")
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
 def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
     described = admin.describe_topics(names)
     return {t.get("name", t.get("topic")): len(t["partitions"]) for t in described if not t.get("error_code")}
@@ -37,8 +48,7 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
     """Creates missing topics; raises TopicMismatch when an existing one has another partition count."""
     names = names or all_topics(settings)
     partitions = partitions or settings.partitions
-    admin = KafkaAdminClient(**kafka_python_config(settings), client_id=f"{settings.app_id}-admin")
-    try:
+    with _admin(settings) as admin:
         existing = set(admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
@@ -46,8 +56,6 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker created it in between
                 admin.create_topics(new, timeout_ms=30_000, wait_for_metadata=True)
         counts = partition_counts(admin, names)
-    finally:
-        admin.close()
     wrong = {n: c for n, c in counts.items() if c != partitions}
     if wrong:
         raise TopicMismatch(f"topics exist with another partition count than {partitions}: {wrong}")
@@ -58,11 +66,8 @@ def delete_run_topics(settings: Settings, runs: list[Settings]) -> list[str]:
     """Deletes the topics of each run (``<prefix>.*``) and the ones Faust made for its app id
     (``<app_id>-*``, the assignor's); returns their names.  For benchmark runs on their own prefix."""
     starts = tuple(s for r in runs for s in (f"{r.prefix}.", f"{r.app_id}-"))
-    admin = KafkaAdminClient(**kafka_python_config(settings), client_id=f"{settings.app_id}-admin")
-    try:
+    with _admin(settings) as admin:
         names = sorted(n for n in admin.list_topics() if n.startswith(starts))
         if names:
             admin.delete_topics(names, timeout_ms=30_000)
-    finally:
-        admin.close()
     return names
